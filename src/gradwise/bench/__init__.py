@@ -1,0 +1,78 @@
+"""`gradwise bench`: benchmarks whose every figure is a ratio measured side by side in one run.
+
+Each benchmark is a function `run(steps, repeats) -> dict` with a `rows` list
+for the markdown table; `run_benchmarks` adds the machine description and
+writes JSON when asked.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any, Callable
+
+import torch
+
+from gradwise.errors import UserInputError
+from gradwise.io import write_json
+
+
+def _benchmarks() -> dict[str, Callable[..., dict[str, Any]]]:
+    from gradwise.bench import overhead
+
+    return {"overhead": overhead.run}
+
+
+def describe_machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_benchmarks(names: list[str], json_out: str | None = None, steps: int = 300, repeats: int = 5) -> int:
+    available = _benchmarks()
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise UserInputError(f"usage error: unknown benchmark {unknown} (available: {', '.join(available)})")
+    if steps < 1 or repeats < 1:
+        raise UserInputError(f"usage error: --steps={steps} and --repeats={repeats} must be positive")
+    machine = describe_machine()
+    print(f"machine: {machine}", flush=True)
+    results: dict[str, Any] = {"machine": machine, "benchmarks": {}}
+    for name in names or list(available):
+        print(f"\n## {name}", flush=True)
+        result = available[name](steps=steps, repeats=repeats)
+        results["benchmarks"][name] = result
+        print(markdown_table(result["rows"]))
+        for line in result.get("notes", []):
+            print(line)
+    if json_out:
+        write_json(json_out, results)
+        print(f"\nwrote {json_out}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["run_benchmarks", "describe_machine", "markdown_table"]

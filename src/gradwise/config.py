@@ -1,0 +1,268 @@
+"""The validated config tree: defaults, YAML loading, `key.sub=value` overrides.
+
+One pydantic model per section; unknown keys are errors. `load_config` is the
+single entry point used by the CLI and by tests:
+
+    cfg = load_config("run.yaml", ["optim.lr=0.01", "train.steps=200"])
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gradwise.errors import ConfigError
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false, so `off`, `no`, `on` stay strings."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which data set to train on; see docs/data.md."""
+
+    name: Literal["mnist1d", "digits", "text", "npz", "csv"] = "mnist1d"
+    path: Optional[str] = Field(
+        None, description="npz/csv file, or a text file or folder (text; default: the Python stdlib sources)"
+    )
+    num_samples: int = Field(5000, gt=0, description="mnist1d: samples generated (train+test)")
+    train_split: float = Field(0.8, gt=0, lt=1, description="mnist1d: fraction used for training")
+    generator_seed: int = Field(42, description="mnist1d: generator seed (42 is the standard split)")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="digits/text/npz/csv: held-out fraction")
+    label_column: int = Field(-1, description="csv: index of the label column")
+    max_chars: int = Field(2_000_000, gt=0, description="text: characters read from the corpus")
+    cache_dir: Optional[str] = Field(None, description="where generated data is cached (default ~/.cache/gradwise)")
+
+
+class ModelConfig(_Section):
+    """Built-in model and its shape; see docs/models.md."""
+
+    name: Literal["cnn", "mlp", "transformer"] = "cnn"
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1, description="transformer: dropout probability")
+    # MLP
+    depth: int = Field(2, ge=1, description="mlp: hidden layers")
+    width: int = Field(256, ge=1, description="mlp: hidden units per layer")
+    # 1-D CNN (MNIST-1D reference family: stride-2 convs then a linear head)
+    channels: list[int] = Field(default_factory=lambda: [96, 96, 96, 96], min_length=1)
+    kernel_sizes: list[int] = Field(default_factory=lambda: [5, 3, 3, 3], min_length=1)
+    # character transformer
+    n_layer: int = Field(4, ge=1)
+    d_model: int = Field(128, ge=1)
+    n_head: int = Field(4, ge=1)
+    context: int = Field(128, ge=2, description="transformer: tokens per window")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if len(self.channels) != len(self.kernel_sizes):
+            raise ValueError(
+                f"model.channels has {len(self.channels)} entries but model.kernel_sizes has "
+                f"{len(self.kernel_sizes)}; they must be the same length"
+            )
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
+        return self
+
+
+class OptimConfig(_Section):
+    """Optimizer; see docs/optim.md."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    nesterov: bool = Field(False, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("optim.nesterov=true needs optim.name=sgd and optim.momentum > 0")
+        return self
+
+
+class ScheduleConfig(_Section):
+    """Learning-rate schedule as a multiplier of optim.lr."""
+
+    name: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many updates")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of optim.lr")
+    total_steps: Optional[int] = Field(
+        None, gt=0, description="cosine horizon; default: the run's length, fixed when the run starts"
+    )
+
+
+class TrainConfig(_Section):
+    """Loop length, batch size, evaluation, checkpoints."""
+
+    batch_size: int = Field(128, gt=0)
+    steps: Optional[int] = Field(None, gt=0, description="optimizer updates; or set epochs")
+    epochs: Optional[int] = Field(None, gt=0, description="passes over the training set; or set steps")
+    drop_last: bool = Field(False, description="drop each epoch's last partial batch")
+    eval_every: int = Field(500, gt=0, description="evaluate on the test split every N steps (and at the end)")
+    eval_batch_size: int = Field(1000, gt=0)
+    checkpoint_every: int = Field(1000, gt=0, description="write checkpoints/last.pt every N steps (and at the end)")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainConfig":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(
+                f"train.steps={self.steps} and train.epochs={self.epochs} are both set; set only one"
+            )
+        if self.steps is None and self.epochs is None:
+            self.__dict__["steps"] = 3000
+        return self
+
+
+class MemoryConfig(_Section):
+    """Memory-saving techniques. Activation checkpointing policies other than `none` are not built yet."""
+
+    checkpoint: Literal["none"] = "none"
+
+
+class LogConfig(_Section):
+    """Progress output and plots."""
+
+    progress: Literal["auto", "bar", "plain", "off"] = Field(
+        "auto", description="auto: a bar on a terminal, plain lines otherwise"
+    )
+    every: int = Field(50, gt=0, description="log train metrics every N steps")
+    plots: bool = True
+
+
+class Config(_Section):
+    """The whole run: every key gradwise reads."""
+
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    precision: Literal["fp32"] = "fp32"
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """The keys allowed at `path` inside `model` (for error messages)."""
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(Config, loc[:-1]))
+            parts.append(f"unknown key '{key}' (allowed: {allowed})")
+        elif e["type"] == "value_error" and not loc:
+            parts.append(e["msg"].removeprefix("Value error, "))
+        elif e["type"] == "value_error":
+            parts.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            parts.append(f"{key}={e.get('input')!r}: {e['msg']}")
+    return "config error: " + "; ".join(parts)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict into a Config, raising ConfigError with a one-line message."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: the config must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (['a', 'b'], value); the value is read as YAML (so 3, 0.1, true, [1,2] work)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"config error: override '{text}' must look like key.sub=value")
+    try:
+        parsed = yaml_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `key.sub=value` override set."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                prefix = ".".join(path[: i + 1])
+                raise ConfigError(f"config error: '{prefix}' is a value, not a section, so '{text}' cannot set under it")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (empty file -> {})."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"config error: cannot read config file '{path}': {err.strerror}") from None
+    try:
+        raw = yaml_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config error: '{path}' is not valid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: '{path}' must hold a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then the overrides, validated once."""
+    raw = read_yaml(path) if path is not None else {}
+    return validate(apply_overrides(raw, overrides or []))

@@ -1,0 +1,68 @@
+"""`DataBundle` and the dispatcher from `data.name` to a loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.utils.data import TensorDataset
+
+from gradwise.config import DataConfig
+
+Task = Literal["classification", "language_model"]
+
+
+@dataclass
+class DataBundle:
+    """Train/test splits and the facts a model needs about them."""
+
+    train: TensorDataset
+    test: TensorDataset
+    task: Task
+    num_classes: int  # classes, or vocabulary size for a language model
+    input_shape: tuple[int, ...]  # one sample's input shape
+    info: dict = field(default_factory=dict)  # e.g. the vocabulary, source files
+
+
+def classification_bundle(
+    x_train, y_train, x_test, y_test, info: dict | None = None
+) -> DataBundle:
+    """Wrap arrays as float32 inputs and int64 labels."""
+    xs = [torch.as_tensor(a, dtype=torch.float32) for a in (x_train, x_test)]
+    ys = [torch.as_tensor(a, dtype=torch.int64) for a in (y_train, y_test)]
+    num_classes = int(max(int(ys[0].max()), int(ys[1].max()) if len(ys[1]) else 0)) + 1
+    return DataBundle(
+        train=TensorDataset(xs[0], ys[0]),
+        test=TensorDataset(xs[1], ys[1]),
+        task="classification",
+        num_classes=num_classes,
+        input_shape=tuple(xs[0].shape[1:]),
+        info=info or {},
+    )
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded shuffle of range(n) cut into (train, test) index tensors."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(round(n * test_fraction)))
+    return order[n_test:], order[:n_test]
+
+
+def build_data(cfg: DataConfig, context: int = 128) -> DataBundle:
+    """Build the data set named by `cfg.name`. `context` is the LM window length."""
+    if cfg.name == "mnist1d":
+        from gradwise.data.mnist1d import load_mnist1d
+
+        return load_mnist1d(cfg)
+    if cfg.name == "digits":
+        from gradwise.data.digits import load_digits
+
+        return load_digits(cfg)
+    if cfg.name == "text":
+        from gradwise.data.text import load_text
+
+        return load_text(cfg, context)
+    from gradwise.data.files import load_file
+
+    return load_file(cfg)

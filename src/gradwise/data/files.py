@@ -1,0 +1,112 @@
+"""User data files: `.npz` with arrays `x`, `y` (optionally `x_test`, `y_test`) and numeric `.csv`.
+
+A CSV has one sample per row, an optional header row, and the integer label in
+column `data.label_column` (default: the last). Without an explicit test split,
+`data.test_fraction` of the rows (seeded by `data.generator_seed`) is held out.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from gradwise.config import DataConfig
+from gradwise.data.bundle import DataBundle, classification_bundle, split_indices
+from gradwise.errors import DataError
+
+
+def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
+    if y.ndim != 1:
+        raise DataError(f"data error: {where} labels must be 1-D, got shape {tuple(y.shape)}")
+    if y.size and (not np.all(np.isfinite(y)) or np.any(y < 0) or np.any(y != np.round(y))):
+        raise DataError(f"data error: {where} labels must be non-negative integers (class indices)")
+    return y.astype(np.int64)
+
+
+def _check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
+    if x.ndim < 2:
+        raise DataError(f"data error: {where} 'x' must have a sample axis and features, got shape {tuple(x.shape)}")
+    if len(x) != len(y):
+        raise DataError(f"data error: {where} has {len(x)} inputs but {len(y)} labels")
+    if len(x) < 2:
+        raise DataError(f"data error: {where} needs at least 2 samples, got {len(x)}")
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+        raise DataError(f"data error: {where} 'x' must be finite numbers")
+
+
+def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str) -> DataBundle:
+    train, test = split_indices(len(y), cfg.test_fraction, cfg.generator_seed)
+    tr, te = train.numpy(), test.numpy()
+    return classification_bundle(x[tr], y[tr], x[te], y[te], info={"source": source})
+
+
+def load_npz(path: Path, cfg: DataConfig) -> DataBundle:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"data error: data.path='{path}' is not a readable .npz file ({type(err).__name__})") from None
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DataError(
+            f"data error: data.path='{path}' lacks array(s) {missing}; a .npz needs 'x' and 'y' "
+            f"(optionally 'x_test', 'y_test'); found {sorted(arrays)}"
+        )
+    x, y = arrays["x"], _check_labels(arrays["y"], f"'{path}'")
+    _check_pair(x, y, f"'{path}'")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(f"data error: data.path='{path}' has only one of 'x_test'/'y_test'; give both or neither")
+    if "x_test" in arrays:
+        xt, yt = arrays["x_test"], _check_labels(arrays["y_test"], f"'{path}' test")
+        _check_pair(xt, yt, f"'{path}' test")
+        if xt.shape[1:] != x.shape[1:]:
+            raise DataError(f"data error: '{path}' x_test shape {xt.shape[1:]} differs from x shape {x.shape[1:]}")
+        return classification_bundle(x, y, xt, yt, info={"source": str(path)})
+    return _split(x, y, cfg, str(path))
+
+
+def load_csv(path: Path, cfg: DataConfig) -> DataBundle:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"data error: data.path='{path}' is not a readable text file ({type(err).__name__})") from None
+    rows = [line for line in lines if line.strip()]
+    if rows:
+        try:
+            [float(v) for v in rows[0].split(",")]
+        except ValueError:
+            rows = rows[1:]  # a header row
+    if not rows:
+        raise DataError(f"data error: data.path='{path}' has no data rows")
+    width = len(rows[0].split(","))
+    values = []
+    for lineno, line in enumerate(rows, start=1):
+        cells = line.split(",")
+        if len(cells) != width:
+            raise DataError(f"data error: '{path}' data row {lineno} has {len(cells)} columns, expected {width}")
+        try:
+            values.append([float(c) for c in cells])
+        except ValueError:
+            raise DataError(f"data error: '{path}' data row {lineno} has a non-numeric value: {line[:60]!r}") from None
+    table = np.asarray(values, dtype=np.float64)
+    if width < 2:
+        raise DataError(f"data error: '{path}' needs at least one feature column and a label column")
+    col = cfg.label_column
+    if not -width <= col < width:
+        raise DataError(f"data error: data.label_column={col} is out of range for {width} columns")
+    col %= width
+    y = _check_labels(table[:, col], f"'{path}' column {col}")
+    x = np.delete(table, col, axis=1).astype(np.float32)
+    _check_pair(x, y, f"'{path}'")
+    return _split(x, y, cfg, str(path))
+
+
+def load_file(cfg: DataConfig) -> DataBundle:
+    if not cfg.path:
+        raise DataError(f"data error: data.name={cfg.name} needs data.path=FILE.{cfg.name}")
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DataError(f"data error: data.path='{path}' does not exist or is not a file")
+    return load_npz(path, cfg) if cfg.name == "npz" else load_csv(path, cfg)

@@ -1,0 +1,160 @@
+"""MLP, 1-D CNN (MNIST-1D reference family) and a GPT-style character transformer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradwise.config import ModelConfig
+from gradwise.errors import ConfigError
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class MLP(nn.Module):
+    """Flatten -> Linear(in, width) -> act -> (depth-1) x [Linear(width, width) -> act] -> Linear(width, classes)."""
+
+    def __init__(self, in_features: int, num_classes: int, depth: int = 2, width: int = 256, activation: str = "relu"):
+        super().__init__()
+        act = ACTIVATIONS[activation]
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), act())
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), act()) for _ in range(depth - 1))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def conv_out_length(length: int, kernel: int, stride: int = 2, padding: int = 1) -> int:
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+class CNN1D(nn.Module):
+    """Stride-2 Conv1d+act blocks, then a linear head on the flattened features.
+
+    With channels=[25, 25, 25] and kernel_sizes=[5, 3, 3] this is the MNIST-1D
+    paper's reference CNN (Greydanus 2020).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        channels: list[int],
+        kernel_sizes: list[int],
+        activation: str = "relu",
+    ):
+        super().__init__()
+        in_channels, length = (1, input_shape[0]) if len(input_shape) == 1 else input_shape
+        act = ACTIVATIONS[activation]
+        blocks = []
+        for out_channels, kernel in zip(channels, kernel_sizes):
+            new_length = conv_out_length(length, kernel)
+            if new_length < 1:
+                raise ConfigError(
+                    f"config error: model.kernel_sizes={kernel_sizes} shrink an input of length "
+                    f"{input_shape[-1]} to nothing; use fewer or smaller kernels"
+                )
+            blocks.append(nn.Sequential(nn.Conv1d(in_channels, out_channels, kernel, stride=2, padding=1), act()))
+            in_channels, length = out_channels, new_length
+        self.in_channels = 1 if len(input_shape) == 1 else input_shape[0]
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * length, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(x.shape[0], self.in_channels, x.shape[-1])
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, activation: str = "gelu"):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), ACTIVATIONS[activation](), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharTransformer(nn.Module):
+    """GPT-style decoder over characters: token + position embeddings, pre-LN blocks, final LN, linear head."""
+
+    def __init__(
+        self, vocab_size: int, context: int, n_layer: int = 4, d_model: int = 128, n_head: int = 4,
+        dropout: float = 0.0, activation: str = "gelu",
+    ):
+        super().__init__()
+        self.context = context
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(context, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, n_head, dropout, activation) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.context:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's context of {self.context}")
+        pos = torch.arange(t, device=idx.device)
+        h = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, task: str) -> nn.Module:
+    """Build `cfg.name` for data with the given sample shape and classes (or vocabulary)."""
+    if task == "language_model" and cfg.name != "transformer":
+        raise ConfigError(f"config error: model.name={cfg.name} cannot model text; use model.name=transformer")
+    if task != "language_model" and cfg.name == "transformer":
+        raise ConfigError("config error: model.name=transformer needs data.name=text (a character corpus)")
+    if cfg.name == "mlp":
+        return MLP(math.prod(input_shape), num_classes, cfg.depth, cfg.width, cfg.activation)
+    if cfg.name == "cnn":
+        if len(input_shape) not in (1, 2):
+            raise ConfigError(
+                f"config error: model.name=cnn needs samples shaped (length,) or (channels, length), got {input_shape}"
+            )
+        return CNN1D(input_shape, num_classes, cfg.channels, cfg.kernel_sizes, cfg.activation)
+    return CharTransformer(num_classes, cfg.context, cfg.n_layer, cfg.d_model, cfg.n_head, cfg.dropout, cfg.activation)

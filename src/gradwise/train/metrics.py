@@ -1,0 +1,111 @@
+"""Run output while training: `metrics.jsonl` records and progress on the terminal.
+
+`MetricsLog` appends one JSON object per line; on resume it first rewrites the
+file (atomically) without records past the checkpoint's step, so a resumed run
+never repeats steps. `Progress` draws a tqdm bar on a terminal and prints plain
+lines otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from gradwise.io import write_text
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All complete records of a metrics.jsonl (a torn last line is skipped)."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; `None` path keeps records in memory only."""
+
+    def __init__(self, path: str | Path | None, resume_step: int | None = None):
+        self.path = Path(path) if path is not None else None
+        self.records: list[dict[str, Any]] = []
+        self._handle: TextIO | None = None
+        if self.path is None:
+            return
+        if resume_step is not None:
+            self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self._handle = open(self.path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def _fmt(record: dict[str, Any]) -> str:
+    parts = []
+    for key, value in record.items():
+        if key in ("step", "kind", "time"):
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(parts)
+
+
+class Progress:
+    """A tqdm bar (terminal) or plain periodic lines (pipes, CI); mode from `log.progress`."""
+
+    def __init__(self, mode: str, total: int, initial: int = 0, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bar" if self.stream.isatty() else "plain"
+        self.mode, self.total = mode, total
+        self._bar = None
+        self._postfix: dict[str, str] = {}
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def show(self, record: dict[str, Any]) -> None:
+        if self.mode == "off":
+            return
+        if self._bar is not None:
+            for key in ("train_loss", "lr", "test_accuracy", "test_bpc"):
+                if key in record:
+                    self._postfix[key] = f"{record[key]:.4g}"
+            self._bar.set_postfix(self._postfix, refresh=False)
+            if record.get("kind") == "eval":
+                self._bar.write(f"eval step {record['step']}/{self.total}: {_fmt(record)}", file=self.stream)
+            return
+        label = "eval" if record.get("kind") == "eval" else "step"
+        print(f"{label} {record['step']}/{self.total}: {_fmt(record)}", file=sys.stdout, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.mode == "off":
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,104 @@
+"""Checkpoint contents and I/O: model, optimizer, scheduler, data position, RNG states, config.
+
+`last.pt` loads with `torch.load(path, weights_only=True)`; every value is a
+tensor or a plain Python container of numbers and strings. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradwise.errors import CheckpointError
+from gradwise.io import write_with
+
+FORMAT = "gradwise-checkpoint"
+VERSION = 1
+
+
+def capture_rng() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _as_tuple(obj: Any) -> Any:
+    return tuple(_as_tuple(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    write_with(path, lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and sanity-check a checkpoint, raising CheckpointError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint error: no checkpoint at '{path}'")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise CheckpointError(f"checkpoint error: '{path}' is unreadable or corrupt ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint error: '{path}' is not a gradwise checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint error: '{path}' has format version {payload.get('version')}; this gradwise reads {VERSION}"
+        )
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "position", "rng", "config") if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint error: '{path}' lacks {missing}")
+    return payload
+
+
+def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointError if `state` does not fit `model` key for key and shape for shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint error: '{where}' does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"checkpoint error: '{where}' does not match the model: {k} has shape "
+                f"{tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+            )
+
+
+def params_sha256(model: nn.Module) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every parameter in `named_parameters()` order."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

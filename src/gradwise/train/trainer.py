@@ -1,0 +1,342 @@
+"""The training loop: data order, the step, evaluation, metrics, checkpoints and the run directory.
+
+A step is the same three moves everywhere (see DESIGN.md): compute gradients,
+synchronise them (nothing, for one process), apply the update. `Trainer` only
+composes the pieces; the math lives in `gradwise.optim` and friends.
+
+    trainer = Trainer(model, train_set, test_data=test_set, loss_fn=F.cross_entropy, out_dir="runs/a")
+    summary = trainer.fit()
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from gradwise.config import Config, apply_overrides, read_yaml, validate
+from gradwise.errors import CheckpointError, ConfigError
+from gradwise.io import write_json, write_text
+from gradwise.optim import build_optimizer, build_scheduler
+from gradwise.train.metrics import MetricsLog, Progress
+from gradwise.train.sampler import EpochBatches, Position, batches_per_epoch
+from gradwise.train.state import (
+    capture_rng,
+    check_model_state,
+    load_checkpoint,
+    params_sha256,
+    restore_rng,
+    save_checkpoint,
+)
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+# Keys a resumed run may change: they alter how long it runs and what it reports, never its trajectory.
+RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
+                  "train.checkpoint_every", "log.")
+
+
+def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position: (B, C) logits for classification, (B, T, V) for a language model."""
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fetch_batch(dataset: Dataset, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gather samples `idx`: one indexing op per tensor for a TensorDataset, else collate item by item."""
+    if isinstance(dataset, TensorDataset):
+        return tuple(t[idx] for t in dataset.tensors)
+    return tuple(default_collate([dataset[i] for i in idx.tolist()]))
+
+
+def holds_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
+
+
+class Trainer:
+    """Trains `model` on `train_data` (a Dataset of (input, target) pairs) as the config says.
+
+    `optimizer` and `scheduler` default to the ones `config.optim` and
+    `config.schedule` describe. `out_dir=None` trains without writing files.
+    `task` selects the reported metric: accuracy for "classification",
+    bits-per-char for "language_model".
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Dataset,
+        *,
+        test_data: Dataset | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        config: Config | None = None,
+        out_dir: str | Path | None = None,
+        task: str = "classification",
+    ):
+        self.cfg = (config or Config()).model_copy(deep=True)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
+        self.train_data, self.test_data = train_data, test_data
+        self.loss_fn = loss_fn or default_loss
+        self.task = task
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+
+        tc = self.cfg.train
+        if len(train_data) < 1:
+            raise ConfigError("config error: the training set is empty")
+        if tc.drop_last and tc.batch_size > len(train_data):
+            raise ConfigError(
+                f"config error: train.batch_size={tc.batch_size} exceeds the {len(train_data)} training samples "
+                f"with train.drop_last=true; use a batch of at most {len(train_data)}"
+            )
+        self.steps_per_epoch = batches_per_epoch(len(train_data), tc.batch_size, tc.drop_last)
+        self.total_steps = tc.steps if tc.steps is not None else tc.epochs * self.steps_per_epoch
+        if self.cfg.schedule.total_steps is None:
+            self.cfg.schedule.total_steps = self.total_steps  # the horizon is fixed for the life of the run
+
+        self.optimizer = optimizer or build_optimizer(self.cfg.optim, self.model)
+        self.scheduler = scheduler or build_scheduler(self.cfg.schedule, self.optimizer, self.total_steps)
+
+        self.step = 0
+        self.position = Position()
+        self.elapsed_seconds = 0.0  # wall time of earlier sessions of this run
+        self.samples_seen = 0
+        self.window_loss = torch.zeros((), device=self.device)  # sum of losses since the last log record
+        self.window_steps = 0
+        self.last_train_loss = float("nan")
+        self.resumed_from: int | None = None
+
+    # -- construction from config / run directory ---------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: Config, out_dir: str | Path | None = None) -> "Trainer":
+        """Build data and model from the config (seeded by `cfg.seed`) and return a ready Trainer."""
+        from gradwise.data import build_data
+        from gradwise.nn import build_model
+
+        seed_everything(cfg.seed)
+        data = build_data(cfg.data, context=cfg.model.context)
+        model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
+        return cls(model, data.train, test_data=data.test, config=cfg, out_dir=out_dir, task=data.task)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None) -> "Trainer":
+        """Rebuild the run in `run_dir` from its config.yaml and checkpoints/last.pt, ready to continue."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"checkpoint error: '{run_dir}' is not a run directory (no config.yaml)")
+        overrides = list(overrides or [])
+        for text in overrides:
+            key = text.partition("=")[0]
+            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+                raise ConfigError(
+                    f"config error: '{key}' cannot change on --resume (allowed: {', '.join(RESUMABLE_KEYS)}*)"
+                )
+        raw = read_yaml(run_dir / "config.yaml")
+        keys = {text.partition("=")[0] for text in overrides}
+        if "train.steps" in keys:
+            raw.setdefault("train", {})["epochs"] = None
+        if "train.epochs" in keys:
+            raw.setdefault("train", {})["steps"] = None
+        cfg = validate(apply_overrides(raw, overrides))
+        payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        trainer = cls.from_config(cfg, out_dir=run_dir)
+        trainer.load_state_dict(payload, where=str(run_dir / "checkpoints" / "last.pt"))
+        if trainer.step >= trainer.total_steps:
+            raise ConfigError(
+                f"config error: the checkpoint is at step {trainer.step} and the run is {trainer.total_steps} "
+                f"steps long; pass train.steps=M with M > {trainer.step} to train further"
+            )
+        return trainer
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "position": {"epoch": self.position.epoch, "batch": self.position.batch},
+            "rng": capture_rng(),
+            "config": self.cfg.to_dict(),
+            "progress": {
+                "elapsed_seconds": self.elapsed_seconds,
+                "samples_seen": self.samples_seen,
+                "window_loss": float(self.window_loss),
+                "window_steps": self.window_steps,
+                "last_train_loss": self.last_train_loss,
+            },
+        }
+
+    def load_state_dict(self, payload: dict[str, Any], where: str = "checkpoint") -> None:
+        check_model_state(self.model, payload["model"], where)
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint error: '{where}' optimizer/scheduler state does not fit: {err}") from None
+        self.model.load_state_dict(payload["model"])
+        self.step = int(payload["step"])
+        self.position = Position(int(payload["position"]["epoch"]), int(payload["position"]["batch"]))
+        progress = payload.get("progress", {})
+        self.elapsed_seconds = float(progress.get("elapsed_seconds", 0.0))
+        self.samples_seen = int(progress.get("samples_seen", 0))
+        self.window_loss = torch.tensor(float(progress.get("window_loss", 0.0)), device=self.device)
+        self.window_steps = int(progress.get("window_steps", 0))
+        self.last_train_loss = float(progress.get("last_train_loss", float("nan")))
+        restore_rng(payload["rng"])
+        self.resumed_from = self.step
+
+    # -- the step --------------------------------------------------------------------------------------------
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One update on one batch; returns the detached loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(inputs), targets)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    def grad_norm(self) -> float:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
+        """Mean loss (and accuracy or bits-per-char) over `dataset` (default: the test set)."""
+        dataset = dataset if dataset is not None else self.test_data
+        if dataset is None or len(dataset) == 0:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        n, bs = len(dataset), self.cfg.train.eval_batch_size
+        classify = self.task == "classification"
+        for start in range(0, n, bs):
+            inputs, targets = (t.to(self.device) for t in fetch_batch(dataset, torch.arange(start, min(n, start + bs))))
+            outputs = self.model(inputs)
+            total_loss += self.loss_fn(outputs, targets) * len(targets)
+            if classify and outputs.ndim == 2 and targets.ndim == 1:
+                correct += (outputs.argmax(dim=-1) == targets).sum()
+        self.model.train(was_training)
+        result = {"test_loss": float(total_loss) / n}
+        if self.task == "language_model":
+            result["test_bpc"] = result["test_loss"] / math.log(2)
+        elif classify:
+            result["test_accuracy"] = float(correct) / n
+        return result
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def _prepare_out_dir(self) -> None:
+        if self.out_dir is None:
+            return
+        if self.resumed_from is None and holds_run(self.out_dir):
+            raise CheckpointError(
+                f"checkpoint error: '{self.out_dir}' already holds a run; pass --resume {self.out_dir} "
+                f"to continue it or choose another --out"
+            )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
+
+    def save_checkpoint(self) -> None:
+        if self.out_dir is not None:
+            save_checkpoint(self.out_dir / "checkpoints" / "last.pt", self.state_dict())
+
+    def fit(self) -> dict[str, Any]:
+        """Train until `total_steps` updates; returns the summary (also written to summary.json)."""
+        self._prepare_out_dir()
+        out = self.out_dir
+        cfg = self.cfg
+        metrics = MetricsLog(out / "metrics.jsonl" if out else None, resume_step=self.resumed_from)
+        progress = Progress(cfg.log.progress, self.total_steps, initial=self.step)
+        if self.resumed_from is not None:
+            progress.message(f"resuming from step {self.step} of {self.total_steps}")
+        batches = EpochBatches(len(self.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last, self.position)
+        session_start = time.perf_counter()
+        window_start, window_samples = session_start, 0
+        last_eval: dict[str, float] = {}
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                idx = batches.next()
+                inputs, targets = (t.to(self.device, non_blocking=True) for t in fetch_batch(self.train_data, idx))
+                loss = self.train_step(inputs, targets)
+                self.step += 1
+                self.window_loss += loss
+                self.window_steps += 1
+                self.samples_seen += len(idx)
+                window_samples += len(idx)
+                progress.advance()
+                last = self.step == self.total_steps
+                if self.step % cfg.log.every == 0 or last:
+                    now = time.perf_counter()
+                    self.last_train_loss = float(self.window_loss) / self.window_steps
+                    record = {
+                        "kind": "train", "step": self.step,
+                        "epoch": round(self.samples_seen / len(self.train_data), 4),
+                        "train_loss": self.last_train_loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": self.grad_norm(),
+                        "samples_per_s": window_samples / max(now - window_start, 1e-9),
+                        "time": round(self.elapsed_seconds + now - session_start, 3),
+                    }
+                    self.window_loss.zero_()
+                    self.window_steps, window_start, window_samples = 0, now, 0
+                    metrics.write(record)
+                    progress.show(record)
+                if self.step % cfg.train.eval_every == 0 or last:
+                    last_eval = self.evaluate()
+                    if last_eval:
+                        record = {"kind": "eval", "step": self.step, **last_eval}
+                        metrics.write(record)
+                        progress.show(record)
+                if self.step % cfg.train.checkpoint_every == 0 or last:
+                    self.elapsed_seconds += time.perf_counter() - session_start
+                    session_start = time.perf_counter()
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            metrics.close()
+        self.elapsed_seconds += time.perf_counter() - session_start
+        summary = self.summary(last_eval)
+        if out is not None:
+            write_json(out / "summary.json", summary)
+            if cfg.log.plots:
+                from gradwise.train.plots import plot_run
+
+                plot_run(metrics.records, out / "plots")
+        return summary
+
+    def summary(self, last_eval: dict[str, float]) -> dict[str, Any]:
+        return {
+            "final_train_loss": self.last_train_loss,
+            **last_eval,
+            "steps": self.step,
+            "epochs": round(self.samples_seen / len(self.train_data), 4),
+            "wall_seconds": round(self.elapsed_seconds, 3),
+            "samples_per_second": self.samples_seen / max(self.elapsed_seconds, 1e-9),
+            "params_sha256": params_sha256(self.model),
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "task": self.task,
+            "resumed_from": self.resumed_from,
+        }

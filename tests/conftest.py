@@ -1,0 +1,36 @@
+"""Shared fixtures: a per-session data cache and small configs that train in a second."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gradwise import load_config
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    os.environ["GRADWISE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["MPLBACKEND"] = "Agg"
+    yield
+
+
+# 400 train / 100 test MNIST-1D samples, a small CNN: a step takes about a millisecond.
+SMALL = [
+    "data.num_samples=500",
+    "model.channels=[8,8]",
+    "model.kernel_sizes=[5,3]",
+    "train.batch_size=64",
+    "log.progress=off",
+    "log.plots=false",
+]
+
+
+@pytest.fixture
+def small_overrides():
+    return list(SMALL)
+
+
+def small_config(*extra: str):
+    return load_config(None, [*SMALL, *extra])
