@@ -1,6 +1,7 @@
 """Exit codes and messages of the command line, and that bad input never damages a run."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -116,5 +117,8 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["schedule"]["total_steps"] == 20  # the horizon is fixed when the run starts
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "train"] == [5, 10, 15, 20]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    for r in train:  # the lr logged is the one the update at that step used (default: cosine over 20 steps)
+        assert r["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * (r["step"] - 1) / 20)))
     assert not list(run.rglob("*.tmp"))

@@ -115,8 +115,8 @@ class Trainer:
         self.position = Position()
         self.elapsed_seconds = 0.0  # wall time of earlier sessions of this run
         self.samples_seen = 0
-        self.window_loss = torch.zeros((), device=self.device)  # sum of losses since the last log record
-        self.window_steps = 0
+        self.window_losses: list[torch.Tensor] = []  # detached losses since the last log record
+        self.window_carry = (0.0, 0)  # (sum, count) of a window that a resume split
         self.last_train_loss = float("nan")
         self.resumed_from: int | None = None
 
@@ -166,6 +166,7 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        window_total, window_count = self._window()
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -177,8 +178,8 @@ class Trainer:
             "progress": {
                 "elapsed_seconds": self.elapsed_seconds,
                 "samples_seen": self.samples_seen,
-                "window_loss": float(self.window_loss),
-                "window_steps": self.window_steps,
+                "window_loss": window_total,
+                "window_steps": window_count,
                 "last_train_loss": self.last_train_loss,
             },
         }
@@ -196,8 +197,8 @@ class Trainer:
         progress = payload.get("progress", {})
         self.elapsed_seconds = float(progress.get("elapsed_seconds", 0.0))
         self.samples_seen = int(progress.get("samples_seen", 0))
-        self.window_loss = torch.tensor(float(progress.get("window_loss", 0.0)), device=self.device)
-        self.window_steps = int(progress.get("window_steps", 0))
+        self.window_losses = []
+        self.window_carry = (float(progress.get("window_loss", 0.0)), int(progress.get("window_steps", 0)))
         self.last_train_loss = float(progress.get("last_train_loss", float("nan")))
         restore_rng(payload["rng"])
         self.resumed_from = self.step
@@ -212,6 +213,13 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return loss.detach()
+
+    def _window(self) -> tuple[float, int]:
+        """(sum, count) of the training losses since the last log record."""
+        total, count = self.window_carry
+        if self.window_losses:
+            total += float(torch.stack(self.window_losses).sum())
+        return total, count + len(self.window_losses)
 
     def grad_norm(self) -> float:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -280,28 +288,29 @@ class Trainer:
             while self.step < self.total_steps:
                 idx = batches.next()
                 inputs, targets = (t.to(self.device, non_blocking=True) for t in fetch_batch(self.train_data, idx))
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
                 loss = self.train_step(inputs, targets)
                 self.step += 1
-                self.window_loss += loss
-                self.window_steps += 1
+                self.window_losses.append(loss)
                 self.samples_seen += len(idx)
                 window_samples += len(idx)
                 progress.advance()
                 last = self.step == self.total_steps
                 if self.step % cfg.log.every == 0 or last:
                     now = time.perf_counter()
-                    self.last_train_loss = float(self.window_loss) / self.window_steps
+                    total, count = self._window()
+                    self.last_train_loss = total / count
                     record = {
                         "kind": "train", "step": self.step,
                         "epoch": round(self.samples_seen / len(self.train_data), 4),
                         "train_loss": self.last_train_loss,
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": lr,
                         "grad_norm": self.grad_norm(),
                         "samples_per_s": window_samples / max(now - window_start, 1e-9),
                         "time": round(self.elapsed_seconds + now - session_start, 3),
                     }
-                    self.window_loss.zero_()
-                    self.window_steps, window_start, window_samples = 0, now, 0
+                    self.window_losses, self.window_carry = [], (0.0, 0)
+                    window_start, window_samples = now, 0
                     metrics.write(record)
                     progress.show(record)
                 if self.step % cfg.train.eval_every == 0 or last:
