@@ -43,7 +43,7 @@ def test_scientific_notation_and_round_trip():
         (["train.steps=10", "train.epochs=2"], ["train.steps=10", "train.epochs=2", "only one"]),
         (["model.channels=[8,8]"], ["model.channels", "model.kernel_sizes"]),
         (["model.d_model=10", "model.n_head=4"], ["d_model=10", "n_head=4"]),
-        (["precision=bf16"], ["precision='bf16'", "'fp32'"]),
+        (["precision=fp8"], ["precision='fp8'", "'fp32'", "'bf16'"]),
         (["optim.lr.x=1"], ["optim.lr={'x': 1}", "valid number"]),
         (["seed=1", "seed.x=2"], ["'seed' is a value"]),
         (["optim.lr"], ["must look like key.sub=value"]),

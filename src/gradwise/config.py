@@ -124,6 +124,10 @@ class TrainConfig(_Section):
     eval_every: int = Field(500, gt=0, description="evaluate on the test split every N steps (and at the end)")
     eval_batch_size: int = Field(1000, gt=0)
     checkpoint_every: int = Field(1000, gt=0, description="write checkpoints/last.pt every N steps (and at the end)")
+    accumulate: int = Field(1, gt=0, description="micro-batches per update (micro-batch = batch_size / accumulate)")
+    micro_batch_size: Optional[int] = Field(None, gt=0, description="or: samples per micro-batch")
+    clip_norm: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this, once per update")
+    clip_value: Optional[float] = Field(None, gt=0, description="clip each gradient element to [-v, v], once per update")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -133,13 +137,73 @@ class TrainConfig(_Section):
             )
         if self.steps is None and self.epochs is None:
             self.__dict__["steps"] = 3000
+        if self.micro_batch_size is not None and self.accumulate != 1:
+            raise ValueError(
+                f"train.accumulate={self.accumulate} and train.micro_batch_size={self.micro_batch_size} "
+                "are both set; set only one"
+            )
+        if self.accumulate > self.batch_size:
+            raise ValueError(f"train.accumulate={self.accumulate} exceeds train.batch_size={self.batch_size}")
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"train.micro_batch_size={self.micro_batch_size} exceeds train.batch_size={self.batch_size}"
+            )
         return self
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per full batch."""
+        if self.micro_batch_size is not None:
+            return -(-self.batch_size // self.micro_batch_size)
+        return self.accumulate
+
+
+CHECKPOINT_POLICY = re.compile(r"^(none|all|sqrt|every:[1-9][0-9]*)$")
 
 
 class MemoryConfig(_Section):
-    """Memory-saving techniques. Activation checkpointing policies other than `none` are not built yet."""
+    """Activation checkpointing and the memory planner; see docs/memory.md."""
 
-    checkpoint: Literal["none"] = "none"
+    checkpoint: str = Field("none", description="none | all | sqrt | every:K (segments of K blocks)")
+    modules: list[str] = Field(
+        default_factory=list, description="class names of modules to checkpoint (a user's own model)"
+    )
+    auto: bool = Field(False, description="let the planner pick micro-batch, checkpointing and precision")
+    budget: Optional[str] = Field(None, description="memory budget for memory.auto, e.g. 2GiB, 500MB")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MemoryConfig":
+        if not CHECKPOINT_POLICY.match(self.checkpoint):
+            raise ValueError(
+                f"memory.checkpoint={self.checkpoint!r} is not a policy (allowed: none, all, sqrt, every:K with K >= 1)"
+            )
+        if self.auto and self.budget is None:
+            raise ValueError("memory.auto=true needs memory.budget (e.g. memory.budget=2GiB)")
+        if self.budget is not None:
+            parse_bytes(self.budget, "memory.budget")
+        return self
+
+
+class ScalerConfig(_Section):
+    """Dynamic loss scaling for precision=fp16 (ignored otherwise)."""
+
+    enabled: bool = True
+    init_scale: float = Field(2.0**16, gt=0)
+    backoff_factor: float = Field(0.5, gt=0, lt=1)
+    growth_factor: float = Field(2.0, gt=1)
+    growth_interval: int = Field(2000, gt=0, description="clean updates before the scale grows")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str | int, key: str = "budget") -> int:
+    """'2GiB' -> 2147483648; '500MB' -> 500000000; a bare number is bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{key}={text!r} is not a size (e.g. 2GiB, 512MiB, 500MB, or bytes)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 class LogConfig(_Section):
@@ -161,7 +225,8 @@ class Config(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    precision: Literal["fp32"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    scaler: ScalerConfig = Field(default_factory=ScalerConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
@@ -191,10 +256,8 @@ def _format_validation_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(_allowed_keys(Config, loc[:-1]))
             parts.append(f"unknown key '{key}' (allowed: {allowed})")
-        elif e["type"] == "value_error" and not loc:
+        elif e["type"] == "value_error":  # our validators name their keys themselves
             parts.append(e["msg"].removeprefix("Value error, "))
-        elif e["type"] == "value_error":
-            parts.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             parts.append(f"{key}={e.get('input')!r}: {e['msg']}")
     return "config error: " + "; ".join(parts)

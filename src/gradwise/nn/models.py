@@ -10,6 +10,7 @@ from torch import nn
 
 from gradwise.config import ModelConfig
 from gradwise.errors import ConfigError
+from gradwise.memory.checkpointing import BlockStack
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -21,14 +22,11 @@ class MLP(nn.Module):
         super().__init__()
         act = ACTIVATIONS[activation]
         self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), act())
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), act()) for _ in range(depth - 1))
+        self.blocks = BlockStack(nn.Sequential(nn.Linear(width, width), act()) for _ in range(depth - 1))
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        for block in self.blocks:
-            h = block(h)
-        return self.head(h)
+        return self.head(self.blocks(self.stem(x)))
 
 
 def conv_out_length(length: int, kernel: int, stride: int = 2, padding: int = 1) -> int:
@@ -64,14 +62,11 @@ class CNN1D(nn.Module):
             blocks.append(nn.Sequential(nn.Conv1d(in_channels, out_channels, kernel, stride=2, padding=1), act()))
             in_channels, length = out_channels, new_length
         self.in_channels = 1 if len(input_shape) == 1 else input_shape[0]
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = BlockStack(blocks)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * length, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.view(x.shape[0], self.in_channels, x.shape[-1])
-        for block in self.blocks:
-            h = block(h)
-        return self.head(h)
+        return self.head(self.blocks(x.view(x.shape[0], self.in_channels, x.shape[-1])))
 
 
 class CausalSelfAttention(nn.Module):
@@ -120,7 +115,7 @@ class CharTransformer(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(context, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(d_model, n_head, dropout, activation) for _ in range(n_layer))
+        self.blocks = BlockStack(TransformerBlock(d_model, n_head, dropout, activation) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
         self.apply(self._init)
@@ -138,9 +133,7 @@ class CharTransformer(nn.Module):
             raise ValueError(f"sequence of {t} tokens exceeds the model's context of {self.context}")
         pos = torch.arange(t, device=idx.device)
         h = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.ln_f(h))
+        return self.head(self.ln_f(self.blocks(h)))
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, task: str) -> nn.Module:

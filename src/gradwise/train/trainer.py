@@ -25,6 +25,9 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 from gradwise.config import Config, apply_overrides, read_yaml, validate
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_json, write_text
+from gradwise.memory.accumulation import item_count, loss_weights, micro_batch_slices
+from gradwise.memory.checkpointing import apply_checkpointing
+from gradwise.memory.precision import LossScaler, autocast
 from gradwise.optim import build_optimizer, build_scheduler
 from gradwise.train.metrics import MetricsLog, Progress
 from gradwise.train.sampler import EpochBatches, Position, batches_per_epoch
@@ -71,7 +74,9 @@ class Trainer:
     `optimizer` and `scheduler` default to the ones `config.optim` and
     `config.schedule` describe. `out_dir=None` trains without writing files.
     `task` selects the reported metric: accuracy for "classification",
-    bits-per-char for "language_model".
+    bits-per-char for "language_model". `count_fn(targets)` counts a batch's
+    loss-bearing items, which weight micro-batches under accumulation (default:
+    integer targets other than -100, else every target element).
     """
 
     def __init__(
@@ -86,12 +91,14 @@ class Trainer:
         config: Config | None = None,
         out_dir: str | Path | None = None,
         task: str = "classification",
+        count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.cfg = (config or Config()).model_copy(deep=True)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
         self.train_data, self.test_data = train_data, test_data
         self.loss_fn = loss_fn or default_loss
+        self.count_fn = count_fn or item_count
         self.task = task
         self.out_dir = Path(out_dir) if out_dir is not None else None
 
@@ -108,6 +115,9 @@ class Trainer:
         if self.cfg.schedule.total_steps is None:
             self.cfg.schedule.total_steps = self.total_steps  # the horizon is fixed for the life of the run
 
+        apply_checkpointing(self.model, self.cfg.memory.checkpoint, self.cfg.memory.modules)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler = LossScaler(self.cfg.scaler) if self.cfg.precision == "fp16" and self.cfg.scaler.enabled else None
         self.optimizer = optimizer or build_optimizer(self.cfg.optim, self.model)
         self.scheduler = scheduler or build_scheduler(self.cfg.schedule, self.optimizer, self.total_steps)
 
@@ -174,6 +184,7 @@ class Trainer:
             "step": self.step,
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
             "rng": capture_rng(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "config": self.cfg.to_dict(),
             "progress": {
                 "elapsed_seconds": self.elapsed_seconds,
@@ -192,6 +203,8 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint error: '{where}' optimizer/scheduler state does not fit: {err}") from None
         self.model.load_state_dict(payload["model"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
         self.step = int(payload["step"])
         self.position = Position(int(payload["position"]["epoch"]), int(payload["position"]["batch"]))
         progress = payload.get("progress", {})
@@ -205,14 +218,57 @@ class Trainer:
 
     # -- the step --------------------------------------------------------------------------------------------
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One update on one batch; returns the detached loss."""
+    def micro_batches(self, inputs, targets) -> list[tuple[Any, torch.Tensor, torch.Tensor | None]]:
+        """(inputs, targets, loss weight) per micro-batch; weight None when the batch is not split."""
+        tc = self.cfg.train
+        slices = micro_batch_slices(len(targets), tc.micro_batches, tc.micro_batch_size)
+        if len(slices) == 1:
+            return [(inputs, targets, None)]
+        weights = loss_weights([self.count_fn(targets[s]) for s in slices])
+        return [(inputs[s], targets[s], w) for s, w in zip(slices, weights)]
+
+    def compute_gradients(self, inputs, targets) -> torch.Tensor:
+        """Forward and backward over the batch's micro-batches; returns the batch's mean loss (detached).
+
+        Each micro-batch's mean loss is weighted by its share of the batch's
+        loss-bearing items, so the accumulated gradient equals the full batch's.
+        """
+        total = None
+        for x, y, weight in self.micro_batches(inputs, targets):
+            with autocast(self.cfg.precision, self.device):
+                loss = self.loss_fn(self.model(x), y)
+            if weight is not None:
+                loss = loss * weight
+            (self.scaler.scale_loss(loss) if self.scaler else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    def apply_update(self) -> bool:
+        """Unscale, clip, step optimizer and scheduler; returns False when fp16 overflow skipped the update."""
+        found_inf = self.scaler is not None and not self.scaler.unscale_(self.params)
+        if not found_inf:
+            tc = self.cfg.train
+            if tc.clip_value is not None:
+                torch.nn.utils.clip_grad_value_(self.params, tc.clip_value)
+            if tc.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, tc.clip_norm, foreach=True)
+            self.optimizer.step()
+            self.scheduler.step()
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+        return not found_inf
+
+    def train_step(self, inputs, targets) -> torch.Tensor:
+        """One update on one batch: compute gradients, (synchronise: nothing here), apply. Returns the loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(inputs), targets)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return loss.detach()
+        loss = self.compute_gradients(inputs, targets)
+        self.apply_update()
+        return loss
+
+    def _scaler_metrics(self) -> dict[str, float]:
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": self.scaler.scale, "skipped_steps": self.scaler.skipped_steps}
 
     def _window(self) -> tuple[float, int]:
         """(sum, count) of the training losses since the last log record."""
@@ -306,6 +362,7 @@ class Trainer:
                         "train_loss": self.last_train_loss,
                         "lr": lr,
                         "grad_norm": self.grad_norm(),
+                        **self._scaler_metrics(),
                         "samples_per_s": window_samples / max(now - window_start, 1e-9),
                         "time": round(self.elapsed_seconds + now - session_start, 3),
                     }
@@ -341,6 +398,8 @@ class Trainer:
             "final_train_loss": self.last_train_loss,
             **last_eval,
             "steps": self.step,
+            "skipped_steps": self.scaler.skipped_steps if self.scaler else 0,
+            **({"loss_scale": self.scaler.scale} if self.scaler else {}),
             "epochs": round(self.samples_seen / len(self.train_data), 4),
             "wall_seconds": round(self.elapsed_seconds, 3),
             "samples_per_second": self.samples_seen / max(self.elapsed_seconds, 1e-9),
