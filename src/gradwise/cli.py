@@ -1,4 +1,4 @@
-"""The `gradwise` command line: `train` and `bench`.
+"""The `gradwise` command line: `train`, `plan`, `repro` and `bench`.
 
 Exit status: 0 ok; 2 bad input (config, CLI, data, checkpoint) with a one-line
 message and no traceback; 1 any other failure.
@@ -55,6 +55,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from gradwise.config import load_config, parse_bytes
+    from gradwise.io import write_json
+    from gradwise.memory.planner import format_table, no_fit_error, plan
+
+    try:
+        budget = parse_bytes(args.budget, "--budget")
+    except ValueError as err:
+        raise UserInputError(f"usage error: {err}") from None
+    if args.trial_steps < 1:
+        raise UserInputError(f"usage error: --trial-steps={args.trial_steps} must be at least 1")
+    cfg = load_config(args.config, args.overrides)
+    print(f"planning global batch {cfg.train.batch_size} for {cfg.model.name} on {cfg.data.name} "
+          f"within {args.budget} ({budget} bytes)", file=sys.stderr, flush=True)
+    rows, best = plan(cfg, budget, args.trial_steps,
+                      progress=lambda r: print(".", end="", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
+    print(format_table(rows, best))
+    if args.json:
+        write_json(args.json, {"budget_bytes": budget, "rows": rows, "best": best})
+    if best is None:
+        raise no_fit_error(rows, args.budget)
+    print(f"\nfastest that fits: train.accumulate={best['accumulate']} memory.checkpoint={best['checkpoint']} "
+          f"precision={best['precision']}  (or train with memory.auto=true memory.budget={args.budget})")
+    return 0
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    from gradwise.experiments import run_experiment
+
+    return run_experiment(args.name, args.out or f"results/{args.name}", quick=args.quick)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gradwise.bench import run_benchmarks
 
@@ -72,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly; train.steps=M extends it")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(func=cmd_train)
+
+    planner = sub.add_parser("plan", help="find the fastest micro-batch/checkpoint/precision setting within a memory budget")
+    planner.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    planner.add_argument("--budget", required=True, help="memory budget, e.g. 2GiB, 512MiB, 500MB")
+    planner.add_argument("--config", help="YAML config file")
+    planner.add_argument("--trial-steps", type=int, default=3, help="timed steps per candidate (default 3)")
+    planner.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    planner.set_defaults(func=cmd_plan)
+
+    repro = sub.add_parser("repro", help="reproduce a claim of the seeds; writes results.json, results.md, plots")
+    repro.add_argument("name", help="experiment: memory")
+    repro.add_argument("--out", help="output folder (default results/NAME)")
+    repro.add_argument("--quick", action="store_true", help="smaller models and fewer steps (a smoke run)")
+    repro.set_defaults(func=cmd_repro)
 
     bench = sub.add_parser("bench", help="benchmarks, as ratios measured side by side in one run")
     bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all): overhead")

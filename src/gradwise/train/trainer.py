@@ -10,6 +10,7 @@ composes the pieces; the math lives in `gradwise.optim` and friends.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -99,6 +100,7 @@ class Trainer:
         self.train_data, self.test_data = train_data, test_data
         self.loss_fn = loss_fn or default_loss
         self.count_fn = count_fn or item_count
+        self.forward_context: Callable[[], Any] = contextlib.nullcontext  # e.g. an ActivationMeter's track()
         self.task = task
         self.out_dir = Path(out_dir) if out_dir is not None else None
 
@@ -138,6 +140,10 @@ class Trainer:
         from gradwise.data import build_data
         from gradwise.nn import build_model
 
+        if cfg.memory.auto:
+            from gradwise.memory.planner import plan_config
+
+            cfg = plan_config(cfg)
         seed_everything(cfg.seed)
         data = build_data(cfg.data, context=cfg.model.context)
         model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
@@ -235,7 +241,7 @@ class Trainer:
         """
         total = None
         for x, y, weight in self.micro_batches(inputs, targets):
-            with autocast(self.cfg.precision, self.device):
+            with self.forward_context(), autocast(self.cfg.precision, self.device):
                 loss = self.loss_fn(self.model(x), y)
             if weight is not None:
                 loss = loss * weight

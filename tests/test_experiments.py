@@ -1,0 +1,24 @@
+"""`gradwise repro` writes its results; figures themselves are measured by running it, not asserted."""
+
+import json
+
+from gradwise.cli import main
+
+
+def test_repro_memory_quick_writes_results(tmp_path, capsys):
+    out = tmp_path / "memory"
+    assert main(["repro", "memory", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for name in ("results.md", "policies.png", "memory_vs_depth.png"):
+        assert (out / name).stat().st_size > 100
+    mlp = {r["policy"]: r for r in results["mlp_policies"]}
+    assert mlp["sqrt"]["activation_bytes"] < mlp["none"]["activation_bytes"]
+    depth = results["depth_curve"]
+    assert depth[-1]["none_bytes"] / depth[0]["none_bytes"] > depth[-1]["sqrt_bytes"] / depth[0]["sqrt_bytes"]
+    assert [r["precision"] for r in results["precisions"]] == ["fp32", "bf16", "fp16"]
+    assert "Headline" in (out / "results.md").read_text()
+
+
+def test_unknown_experiment_exits_2(capsys):
+    assert main(["repro", "nosuch"]) == 2
+    assert "unknown experiment 'nosuch'" in capsys.readouterr().err
