@@ -227,6 +227,8 @@ class Trainer:
     def micro_batches(self, inputs, targets) -> list[tuple[Any, torch.Tensor, torch.Tensor | None]]:
         """(inputs, targets, loss weight) per micro-batch; weight None when the batch is not split."""
         tc = self.cfg.train
+        if tc.micro_batches == 1:
+            return [(inputs, targets, None)]
         slices = micro_batch_slices(len(targets), tc.micro_batches, tc.micro_batch_size)
         if len(slices) == 1:
             return [(inputs, targets, None)]
