@@ -150,6 +150,14 @@ def test_checkpointing_a_users_own_modules_by_class_name():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # a deep copy computes with its own parameters
+    twin = copy.deepcopy(ckpt)
+    twin.zero_grad(set_to_none=True)
+    ckpt.zero_grad(set_to_none=True)
+    F.cross_entropy(twin(x), y).backward()
+    assert all(p.grad is not None for p in twin.parameters())
+    assert all(p.grad is None for p in ckpt.parameters())
+    assert type(twin[1]).__name__ == "Residual" and isinstance(twin[1], Residual)
     from gradwise.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"memory.modules=\['Nope'\] match no module"):
