@@ -24,11 +24,13 @@ def plain_loop(cfg, steps):
     model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
     x, y = data.train.tensors
     o = cfg.optim
+    # the usual hand-written split: no weight decay on biases (1-D tensors)
+    groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": o.weight_decay},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
     if o.name == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                              weight_decay=o.weight_decay)
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
     warm, total = cfg.schedule.warmup_steps, steps
 
     def factor(s):

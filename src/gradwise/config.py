@@ -88,13 +88,18 @@ class ModelConfig(_Section):
 class OptimConfig(_Section):
     """Optimizer; see docs/optim.md."""
 
-    name: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    name: Literal["sgd", "adam", "adamw", "lars", "lamb"] = "adamw"
+    lr: float = Field(0.01, gt=0, description="base lr (scaled by schedule.scale_rule)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd and lars")
     nesterov: bool = Field(False, description="sgd only")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="not applied to excluded tensors (see exclude)")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
+    trust_coefficient: float = Field(0.001, gt=0, description="lars: eta in eta*||w||/(||g||+wd*||w||)")
+    trust_clip: Optional[float] = Field(None, gt=0, description="lars/lamb: cap on the trust ratio")
+    exclude: Optional[list[str]] = Field(
+        None, description="name patterns kept out of weight decay and layer adaptation (default: 1-D tensors)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
@@ -106,12 +111,31 @@ class OptimConfig(_Section):
 class ScheduleConfig(_Section):
     """Learning-rate schedule as a multiplier of optim.lr."""
 
-    name: Literal["constant", "cosine"] = "cosine"
+    name: Literal["constant", "cosine", "poly", "step"] = "cosine"
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many updates")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of optim.lr")
+    warmup_epochs: Optional[float] = Field(None, gt=0, description="or: warmup over this many epochs")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/poly: final lr as a fraction of the peak")
     total_steps: Optional[int] = Field(
-        None, gt=0, description="cosine horizon; default: the run's length, fixed when the run starts"
+        None, gt=0, description="decay horizon; default: the run's length, fixed when the run starts"
     )
+    power: float = Field(2.0, gt=0, description="poly: (1 - progress) ** power")
+    step_every: Optional[int] = Field(None, gt=0, description="step: decay every N updates after warmup")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: multiply the lr by gamma at each decay")
+    scale_rule: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="scale optim.lr by batch/base_batch (linear) or its square root (sqrt)"
+    )
+    base_batch: int = Field(256, gt=0, description="the batch size optim.lr is meant for")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if self.warmup_epochs is not None and self.warmup_steps:
+            raise ValueError(
+                f"schedule.warmup_steps={self.warmup_steps} and schedule.warmup_epochs={self.warmup_epochs} "
+                "are both set; set only one"
+            )
+        if self.name == "step" and self.step_every is None:
+            raise ValueError("schedule.name=step needs schedule.step_every=N")
+        return self
 
 
 class TrainConfig(_Section):

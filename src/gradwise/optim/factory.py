@@ -1,4 +1,4 @@
-"""`optim.name` -> a torch optimizer over the model's parameters."""
+"""`optim.name` -> an optimizer over automatic parameter groups (see `gradwise.optim.groups`)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,25 @@ import torch
 from torch import nn
 
 from gradwise.config import OptimConfig
+from gradwise.optim.groups import param_groups
+from gradwise.optim.lamb import LAMB
+from gradwise.optim.lars import LARS
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer `cfg` names, at learning rate `lr` (default `cfg.lr`).
+
+    Weight decay and layer-wise adaptation apply to the first group only;
+    biases and normalisation weights (or `cfg.exclude` patterns) go to the second.
+    """
+    lr = cfg.lr if lr is None else lr
+    groups = param_groups(model, cfg.weight_decay, cfg.exclude)
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient,
+                    trust_clip=cfg.trust_clip)
+    if cfg.name == "lamb":
+        return LAMB(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, trust_clip=cfg.trust_clip)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return cls(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)

@@ -29,7 +29,7 @@ from gradwise.io import write_json, write_text
 from gradwise.memory.accumulation import item_count, loss_weights, micro_batch_slices
 from gradwise.memory.checkpointing import apply_checkpointing
 from gradwise.memory.precision import LossScaler, autocast
-from gradwise.optim import build_optimizer, build_scheduler
+from gradwise.optim import build_optimizer, build_scheduler, scaled_lr
 from gradwise.train.metrics import MetricsLog, Progress
 from gradwise.train.sampler import EpochBatches, Position, batches_per_epoch
 from gradwise.train.state import (
@@ -114,13 +114,17 @@ class Trainer:
             )
         self.steps_per_epoch = batches_per_epoch(len(train_data), tc.batch_size, tc.drop_last)
         self.total_steps = tc.steps if tc.steps is not None else tc.epochs * self.steps_per_epoch
-        if self.cfg.schedule.total_steps is None:
-            self.cfg.schedule.total_steps = self.total_steps  # the horizon is fixed for the life of the run
+        sc = self.cfg.schedule
+        if sc.total_steps is None:
+            sc.total_steps = self.total_steps  # the horizon is fixed for the life of the run
+        if sc.warmup_epochs is not None:  # resolved once, like the horizon
+            sc.warmup_epochs, sc.warmup_steps = None, round(sc.warmup_epochs * self.steps_per_epoch)
+        self.lr = scaled_lr(self.cfg.optim.lr, tc.batch_size, sc.base_batch, sc.scale_rule)
 
         apply_checkpointing(self.model, self.cfg.memory.checkpoint, self.cfg.memory.modules)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler = LossScaler(self.cfg.scaler) if self.cfg.precision == "fp16" and self.cfg.scaler.enabled else None
-        self.optimizer = optimizer or build_optimizer(self.cfg.optim, self.model)
+        self.optimizer = optimizer or build_optimizer(self.cfg.optim, self.model, self.lr)
         self.scheduler = scheduler or build_scheduler(self.cfg.schedule, self.optimizer, self.total_steps)
 
         self.step = 0

@@ -1,0 +1,64 @@
+"""LARS (You et al. 2017, arXiv 1708.03888) with momentum, vectorised with torch._foreach_*.
+
+Per tensor w with gradient g:
+
+    local_lr = eta ||w|| / (||g|| + wd ||w||)   (1 if ||w|| or ||g|| is 0; min(., trust_clip) if set;
+                                                  1 if the group has adapt=False)
+    v = momentum v + lr local_lr (g + wd w)
+    w = w - v
+
+`eta` is the trust coefficient. The momentum buffer is fp32 whatever the
+parameter dtype; `p.grad` is never modified and nothing is read back to the
+host. The last local lr of each tensor is kept in `state["trust_ratio"]`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradwise.optim.layerwise import as_fp32, norms, trust_ratios, write_back
+
+
+class LARS(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, trust_clip: float | None = None, adapt: bool = True):
+        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or trust_coefficient <= 0:
+            raise ValueError(f"invalid LARS hyperparameters lr={lr} momentum={momentum} "
+                             f"weight_decay={weight_decay} trust_coefficient={trust_coefficient}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        trust_clip=trust_clip, adapt=adapt)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            wd = group["weight_decay"]
+            grads = as_fp32([p.grad for p in params])
+            params32 = as_fp32(params)
+            if group["adapt"]:
+                w_norms = norms(params32)
+                local = trust_ratios(w_norms, norms(grads) + wd * w_norms, group["trust_coefficient"],
+                                     group["trust_clip"]).unbind(0)
+            direction = torch._foreach_add(grads, params32, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
+            if group["adapt"]:
+                torch._foreach_mul_(direction, list(local))
+            bufs = []
+            for i, p in enumerate(params):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                if group["adapt"]:
+                    state["trust_ratio"] = local[i]
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, direction, alpha=group["lr"])
+            torch._foreach_sub_(params32, bufs)
+            write_back(params, params32)
+        return loss
