@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     repro.set_defaults(func=cmd_repro)
 
     bench = sub.add_parser("bench", help="benchmarks, as ratios measured side by side in one run")
-    bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all): overhead")
+    bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all): overhead, optimizers")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     bench.add_argument("--steps", type=int, default=300, help="timed steps per measurement (default 300)")
     bench.add_argument("--repeats", type=int, default=5, help="alternating repeats per measurement (default 5)")

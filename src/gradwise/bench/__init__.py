@@ -19,9 +19,9 @@ from gradwise.io import write_json
 
 
 def _benchmarks() -> dict[str, Callable[..., dict[str, Any]]]:
-    from gradwise.bench import overhead
+    from gradwise.bench import optimizers, overhead
 
-    return {"overhead": overhead.run}
+    return {"overhead": overhead.run, "optimizers": optimizers.run}
 
 
 def describe_machine() -> dict[str, Any]:

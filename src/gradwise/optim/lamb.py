@@ -8,16 +8,27 @@ Per tensor w with gradient g, at step t:
     r  = ||w|| / ||u||  (1 if either norm is 0; min(r, trust_clip) if set; 1 if the group has adapt=False)
     w  = w - lr r u
 
-State (m, v) is fp32 whatever the parameter dtype; `p.grad` is never modified and
-nothing is read back to the host. The last trust ratio of each tensor is kept
-in `state["trust_ratio"]` (a 0-dim tensor) for diagnostics.
+Computed as u = c * (m / (sqrt(v) + eps sqrt(bc2)) + (wd / c) w) with
+c = sqrt(bc2) / bc1, which is the same quantity with one division instead of
+three. Groups with adapt=False (biases, norm weights: many tiny tensors) keep
+their moments as views into one flat buffer and update it with a handful of
+whole-buffer ops, instead of paying a kernel dispatch per tensor per op. State (m, v) is fp32 whatever the parameter dtype; `p.grad` is never
+modified and nothing is read back to the host. The last trust ratio of each
+tensor is kept in `state["trust_ratio"]` (a 0-dim tensor) for diagnostics.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from gradwise.optim.layerwise import as_fp32, norms, trust_ratios, write_back
+from gradwise.optim.layerwise import as_fp32, chunk_bytes, chunks, norms, trust_ratios, write_back
+
+
+def _per_tensor(values: list[float]) -> float | list[float]:
+    """One scalar when all tensors share it (the usual case), else a list."""
+    return values[0] if all(v == values[0] for v in values) else values
 
 
 class LAMB(torch.optim.Optimizer):
@@ -28,6 +39,11 @@ class LAMB(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, trust_clip=trust_clip,
                         adapt=adapt)
         super().__init__(params, defaults)
+        self._flat: dict[int, dict] = {}  # id(group) -> flat moments of a non-adapted group
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._flat.clear()  # loaded moments are new tensors; rebuild the flat views from them
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -39,8 +55,6 @@ class LAMB(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
-            exp_avgs, exp_avg_sqs, steps = [], [], []
             for p in params:
                 state = self.state[p]
                 if not state:
@@ -48,29 +62,77 @@ class LAMB(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            grads = as_fp32([p.grad for p in params])
-            params32 = as_fp32(params)
-
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-
-            m_hat = torch._foreach_div(exp_avgs, [1 - beta1**t for t in steps])
-            denom = torch._foreach_div(exp_avg_sqs, [1 - beta2**t for t in steps])
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, group["eps"])
-            update = torch._foreach_div(m_hat, denom)
-            if group["weight_decay"]:
-                torch._foreach_add_(update, params32, alpha=group["weight_decay"])
-
-            if group["adapt"]:
-                ratios = trust_ratios(norms(params32), norms(update), clip=group["trust_clip"]).unbind(0)
-                torch._foreach_mul_(update, list(ratios))
-                for p, r in zip(params, ratios):
-                    self.state[p]["trust_ratio"] = r
-            torch._foreach_add_(params32, update, alpha=-group["lr"])
-            write_back(params, params32)
+            if not group["adapt"] and len({self.state[p]["step"] for p in params}) == 1:
+                self._update_flat(params, group)
+                continue
+            for run in chunks(params, chunk_bytes(params[0].device)):
+                self._update(run, group)
         return loss
+
+    def _flat_moments(self, params: list[torch.Tensor], group: dict) -> dict:
+        """One fp32 buffer each for m and v of `params`; the per-tensor state becomes views into it."""
+        key = tuple(id(p) for p in params)
+        flat = self._flat.get(id(group))
+        if flat is not None and flat["key"] == key:
+            return flat
+        sizes = [p.numel() for p in params]
+        m = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device)
+        v = torch.zeros_like(m)
+        for p, m_i, v_i in zip(params, m.split(sizes), v.split(sizes)):
+            state = self.state[p]
+            m_i.copy_(state["exp_avg"].reshape(-1))
+            v_i.copy_(state["exp_avg_sq"].reshape(-1))
+            state["exp_avg"], state["exp_avg_sq"] = m_i.view_as(p), v_i.view_as(p)
+        flat = self._flat[id(group)] = {"key": key, "sizes": sizes, "m": m, "v": v}
+        return flat
+
+    def _update_flat(self, params: list[torch.Tensor], group: dict) -> None:
+        """The same update for a non-adapted group (trust ratio 1), on one flat buffer."""
+        beta1, beta2 = group["betas"]
+        flat = self._flat_moments(params, group)
+        t = self.state[params[0]]["step"]
+        m, v = flat["m"], flat["v"]
+        g = torch.cat([p.grad.reshape(-1) for p in params]).float()
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        sqrt_bc2 = math.sqrt(1 - beta2**t)
+        c = sqrt_bc2 / (1 - beta1**t)
+        update = m / v.sqrt().add_(group["eps"] * sqrt_bc2)
+        if group["weight_decay"]:
+            update.add_(torch.cat([p.reshape(-1) for p in params]).float(), alpha=group["weight_decay"] / c)
+        pieces = [u.view_as(p) for u, p in zip(update.split(flat["sizes"]), params)]
+        torch._foreach_add_(params, pieces, alpha=-group["lr"] * c)
+
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        steps = [s["step"] for s in states]
+        grads = as_fp32([p.grad for p in params])
+        params32 = as_fp32(params)
+
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+        sqrt_bc2 = [math.sqrt(1 - beta2**t) for t in steps]
+        scale = [s / (1 - beta1**t) for s, t in zip(sqrt_bc2, steps)]  # c = sqrt(bc2) / bc1
+        update = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(update, _per_tensor([group["eps"] * s for s in sqrt_bc2]))
+        update = torch._foreach_div(exp_avgs, update)  # u / c, before decay
+        if group["weight_decay"]:
+            decay = [group["weight_decay"] / c for c in scale]
+            if isinstance(_per_tensor(decay), float):
+                torch._foreach_add_(update, params32, alpha=decay[0])
+            else:
+                torch._foreach_add_(update, torch._foreach_mul(params32, decay))
+        # w -= lr * r * u with u = c * update; for an adapted tensor r * c = ||w|| / ||update||
+        c = torch.tensor(scale, dtype=torch.float32, device=params[0].device)
+        if group["adapt"]:
+            ratios = trust_ratios(norms(params32), norms(update) * c, clip=group["trust_clip"])
+            for s, r in zip(states, ratios.unbind(0)):
+                s["trust_ratio"] = r
+            c = ratios * c
+        torch._foreach_addcmul_(params32, update, list(c.unbind(0)), value=-group["lr"])
+        write_back(params, params32)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gradwise.optim.layerwise import as_fp32, norms, trust_ratios, write_back
+from gradwise.optim.layerwise import as_fp32, chunk_bytes, chunks, norms, trust_ratios, write_back
 
 
 class LARS(torch.optim.Optimizer):
@@ -37,28 +37,30 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            wd = group["weight_decay"]
-            grads = as_fp32([p.grad for p in params])
-            params32 = as_fp32(params)
-            if group["adapt"]:
-                w_norms = norms(params32)
-                local = trust_ratios(w_norms, norms(grads) + wd * w_norms, group["trust_coefficient"],
-                                     group["trust_clip"]).unbind(0)
-            direction = torch._foreach_add(grads, params32, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
-            if group["adapt"]:
-                torch._foreach_mul_(direction, list(local))
-            bufs = []
-            for i, p in enumerate(params):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                if group["adapt"]:
-                    state["trust_ratio"] = local[i]
-                bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, direction, alpha=group["lr"])
-            torch._foreach_sub_(params32, bufs)
-            write_back(params, params32)
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+            if params:
+                for run in chunks(params, chunk_bytes(params[0].device)):
+                    self._update(run, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        wd = group["weight_decay"]
+        states = [self.state[p] for p in params]
+        bufs = [s["momentum_buffer"] for s in states]
+        grads = as_fp32([p.grad for p in params])
+        params32 = as_fp32(params)
+        direction = torch._foreach_add(grads, params32, alpha=wd) if wd else grads
+        torch._foreach_mul_(bufs, group["momentum"])
+        if group["adapt"]:
+            w_norms = norms(params32)
+            local = trust_ratios(w_norms, norms(grads) + wd * w_norms, group["trust_coefficient"],
+                                 group["trust_clip"]).unbind(0)
+            for s, r in zip(states, local):
+                s["trust_ratio"] = r
+            torch._foreach_addcmul_(bufs, direction, list(local), value=group["lr"])  # v = m v + lr local (g + wd w)
+        else:
+            torch._foreach_add_(bufs, direction, alpha=group["lr"])
+        torch._foreach_sub_(params32, bufs)
+        write_back(params, params32)

@@ -1,5 +1,13 @@
 """Shared pieces of the layer-wise adaptive optimizers (LARS, LAMB): the trust ratio
-as a pure, vectorised function, and fp32 views of possibly low-precision tensors."""
+as a pure, vectorised function, fp32 views of possibly low-precision tensors, and
+cache-sized chunking.
+
+On CPU, `torch._foreach_*` runs one kernel per tensor without fusion, so an
+op-at-a-time sweep over all tensors streams the whole state through memory once
+per op. Running the op sequence over chunks of tensors that fit in cache keeps
+the vectorised dispatch and gains the locality of a per-tensor loop. On CUDA
+the fused multi-tensor kernels want one chunk.
+"""
 
 from __future__ import annotations
 
@@ -40,3 +48,27 @@ def write_back(params: list[torch.Tensor], params32: list[torch.Tensor]) -> None
     for p, p32 in zip(params, params32):
         if p is not p32:
             p.copy_(p32)
+
+
+CPU_CHUNK_BYTES = 2 << 20  # measured best of 1, 2, 4 MiB and no chunking on this 2-core EPYC (bench optimizers)
+
+
+def chunks(tensors: list[torch.Tensor], max_bytes: int | None) -> list[list[torch.Tensor]]:
+    """Split `tensors` into consecutive runs of at most `max_bytes` of fp32 data (None: one run)."""
+    if max_bytes is None:
+        return [tensors]
+    runs, current, size = [], [], 0
+    for t in tensors:
+        nbytes = t.numel() * 4
+        if current and size + nbytes > max_bytes:
+            runs.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += nbytes
+    if current:
+        runs.append(current)
+    return runs
+
+
+def chunk_bytes(device: torch.device) -> int | None:
+    return CPU_CHUNK_BYTES if device.type == "cpu" else None
