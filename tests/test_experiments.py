@@ -22,3 +22,18 @@ def test_repro_memory_quick_writes_results(tmp_path, capsys):
 def test_unknown_experiment_exits_2(capsys):
     assert main(["repro", "nosuch"]) == 2
     assert "unknown experiment 'nosuch'" in capsys.readouterr().err
+
+
+def test_repro_large_batch_quick_writes_results(tmp_path, capsys):
+    out = tmp_path / "lb"
+    assert main(["repro", "large-batch", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "accuracy_vs_batch.png").stat().st_size > 100
+    batches = results["settings"]["batches"]
+    assert {(r["optimizer"], r["batch_size"]) for r in results["best"]} == {
+        (o, b) for o in ("sgd+momentum", "adam", "lars", "lamb") for b in batches}
+    # the layer-wise optimizers report a trust ratio per adapted (2-D+) tensor, none for biases
+    lamb = next(r for r in results["runs"] if r["optimizer"] == "lamb")
+    assert lamb["trust_ratios"] and all(name.endswith("weight") for name in lamb["trust_ratios"])
+    md = (out / "results.md").read_text()
+    assert "| batch | sgd+momentum | adam | lars | lamb |" in md

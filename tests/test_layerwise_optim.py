@@ -157,12 +157,15 @@ def test_state_dict_round_trip_resumes_exactly(cls, kwargs):
 @pytest.mark.parametrize("cls, kwargs", [(LAMB, {"lr": 0.01}), (LARS, {"lr": 1.0})])
 def test_low_precision_params_keep_fp32_state(cls, kwargs):
     w = nn.Parameter(torch.randn(8, 8).to(torch.bfloat16))
+    b = nn.Parameter(torch.randn(8).to(torch.bfloat16))  # a non-adapted group (LAMB's flat path)
     w.grad = torch.randn(8, 8).to(torch.bfloat16)
-    before = w.detach().clone()
-    opt = cls([w], **kwargs)
+    b.grad = torch.randn(8).to(torch.bfloat16)
+    before = [w.detach().clone(), b.detach().clone()]
+    opt = cls([{"params": [w]}, {"params": [b], "adapt": False}], **kwargs)
     opt.step()
-    assert w.dtype == torch.bfloat16 and not torch.equal(before, w)
-    assert all(v.dtype == torch.float32 for v in opt.state[w].values() if isinstance(v, torch.Tensor) and v.ndim)
+    for p, old in zip((w, b), before):
+        assert p.dtype == torch.bfloat16 and not torch.equal(old, p)
+        assert all(v.dtype == torch.float32 for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.ndim)
 
 
 def test_param_groups_default_and_patterns():

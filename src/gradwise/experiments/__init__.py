@@ -9,9 +9,9 @@ from gradwise.errors import UserInputError
 
 
 def experiments() -> dict[str, Callable]:
-    from gradwise.experiments import memory
+    from gradwise.experiments import large_batch, memory
 
-    return {"memory": memory.run}
+    return {"memory": memory.run, "large-batch": large_batch.run}
 
 
 def run_experiment(name: str, out_dir: str, quick: bool = False) -> int:

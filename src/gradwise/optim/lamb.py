@@ -23,7 +23,15 @@ import math
 
 import torch
 
-from gradwise.optim.layerwise import as_fp32, chunk_bytes, chunks, norms, trust_ratios, write_back
+from gradwise.optim.layerwise import (
+    LayerwiseOptimizer,
+    as_fp32,
+    chunk_bytes,
+    chunks,
+    norms,
+    trust_ratios,
+    write_back,
+)
 
 
 def _per_tensor(values: list[float]) -> float | list[float]:
@@ -31,7 +39,7 @@ def _per_tensor(values: list[float]) -> float | list[float]:
     return values[0] if all(v == values[0] for v in values) else values
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(LayerwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, trust_clip: float | None = None, adapt: bool = True):
         if lr <= 0 or eps <= 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -45,29 +53,19 @@ class LAMB(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._flat.clear()  # loaded moments are new tensors; rebuild the flat views from them
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-            if not group["adapt"] and len({self.state[p]["step"] for p in params}) == 1:
-                self._update_flat(params, group)
-                continue
-            for run in chunks(params, chunk_bytes(params[0].device)):
-                self._update(run, group)
-        return loss
+    def _step_group(self, params: list[torch.Tensor], group: dict) -> None:
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1
+        if not group["adapt"] and len({self.state[p]["step"] for p in params}) == 1:
+            self._update_flat(params, group)
+            return
+        for run in chunks(params, chunk_bytes(params[0].device)):
+            self._update(run, group)
 
     def _flat_moments(self, params: list[torch.Tensor], group: dict) -> dict:
         """One fp32 buffer each for m and v of `params`; the per-tensor state becomes views into it."""

@@ -16,10 +16,18 @@ from __future__ import annotations
 
 import torch
 
-from gradwise.optim.layerwise import as_fp32, chunk_bytes, chunks, norms, trust_ratios, write_back
+from gradwise.optim.layerwise import (
+    LayerwiseOptimizer,
+    as_fp32,
+    chunk_bytes,
+    chunks,
+    norms,
+    trust_ratios,
+    write_back,
+)
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(LayerwiseOptimizer):
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, trust_clip: float | None = None, adapt: bool = True):
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or trust_coefficient <= 0:
@@ -29,21 +37,12 @@ class LARS(torch.optim.Optimizer):
                         trust_clip=trust_clip, adapt=adapt)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-            if params:
-                for run in chunks(params, chunk_bytes(params[0].device)):
-                    self._update(run, group)
-        return loss
+    def _step_group(self, params: list[torch.Tensor], group: dict) -> None:
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+        for run in chunks(params, chunk_bytes(params[0].device)):
+            self._update(run, group)
 
     def _update(self, params: list[torch.Tensor], group: dict) -> None:
         wd = group["weight_decay"]

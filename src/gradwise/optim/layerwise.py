@@ -72,3 +72,22 @@ def chunks(tensors: list[torch.Tensor], max_bytes: int | None) -> list[list[torc
 
 def chunk_bytes(device: torch.device) -> int | None:
     return CPU_CHUNK_BYTES if device.type == "cpu" else None
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """What LARS and LAMB share: closure handling and the walk over groups with gradients."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(params, group)
+        return loss
+
+    def _step_group(self, params: list[torch.Tensor], group: dict) -> None:
+        raise NotImplementedError
