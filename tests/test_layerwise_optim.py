@@ -7,7 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gradwise.optim.layerwise as layerwise
 from gradwise.optim import LAMB, LARS, param_groups
+
+
+@pytest.fixture(autouse=True)
+def many_chunks(monkeypatch):
+    """Every tensor its own chunk and two threads, so the concurrent chunk path is what gets tested."""
+    monkeypatch.setattr(layerwise, "CPU_CHUNK_BYTES", 512)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_model():
@@ -175,3 +186,19 @@ def test_param_groups_default_and_patterns():
     groups = param_groups(model, 0.1, exclude=["0.*", "*.bias"])
     names = dict((id(p), n) for n, p in model.named_parameters())
     assert sorted(names[id(p)] for p in groups[1]["params"]) == ["0.bias", "0.weight", "1.bias", "3.bias", "5.bias"]
+
+
+@pytest.mark.parametrize("cls, kwargs", [(LAMB, {"lr": 0.01}), (LARS, {"lr": 1.0})])
+def test_concurrent_chunks_are_bit_identical_to_a_sequential_sweep(cls, kwargs, monkeypatch):
+    models = [make_model(), make_model()]
+    optimizers = [cls(param_groups(m, 0.01), **kwargs) for m in models]
+    g = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(p.shape, generator=g) for p in models[0].parameters()] for _ in range(5)]
+    for concurrent, model, opt in zip((True, False), models, optimizers):
+        monkeypatch.setattr(layerwise, "CONCURRENT_CHUNKS", concurrent)
+        for step_grads in grads:
+            for p, grad in zip(model.parameters(), step_grads):
+                p.grad = grad.clone()
+            opt.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)

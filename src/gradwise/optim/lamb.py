@@ -26,8 +26,7 @@ import torch
 from gradwise.optim.layerwise import (
     LayerwiseOptimizer,
     as_fp32,
-    chunk_bytes,
-    chunks,
+    for_each_chunk,
     norms,
     trust_ratios,
     write_back,
@@ -64,8 +63,7 @@ class LAMB(LayerwiseOptimizer):
         if not group["adapt"] and len({self.state[p]["step"] for p in params}) == 1:
             self._update_flat(params, group)
             return
-        for run in chunks(params, chunk_bytes(params[0].device)):
-            self._update(run, group)
+        for_each_chunk(params, lambda run: self._update(run, group))
 
     def _flat_moments(self, params: list[torch.Tensor], group: dict) -> dict:
         """One fp32 buffer each for m and v of `params`; the per-tensor state becomes views into it."""

@@ -19,8 +19,7 @@ import torch
 from gradwise.optim.layerwise import (
     LayerwiseOptimizer,
     as_fp32,
-    chunk_bytes,
-    chunks,
+    for_each_chunk,
     norms,
     trust_ratios,
     write_back,
@@ -41,8 +40,7 @@ class LARS(LayerwiseOptimizer):
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-        for run in chunks(params, chunk_bytes(params[0].device)):
-            self._update(run, group)
+        for_each_chunk(params, lambda run: self._update(run, group))
 
     def _update(self, params: list[torch.Tensor], group: dict) -> None:
         wd = group["weight_decay"]
