@@ -60,6 +60,15 @@ class ModelConfig(_Section):
 
     name: Literal["cnn", "mlp", "transformer"] = "cnn"
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    residual: Optional[Literal["none", "residual", "rezero", "highway"]] = Field(
+        None, description="block type; null: the model's default (mlp/cnn none, transformer residual)"
+    )
+    norm: Optional[Literal["none", "batch", "layer"]] = Field(
+        None, description="normalisation in blocks; null: the model's default (mlp/cnn none, transformer layer)"
+    )
+    norm_position: Literal["pre", "post"] = Field("pre", description="transformer: LayerNorm before or after the sum")
+    highway_bias: float = Field(-2.0, description="highway: initial gate bias (negative: mostly carry)")
+    init: Literal["default", "xavier", "kaiming", "orthogonal"] = "default"
     dropout: float = Field(0.0, ge=0, lt=1, description="transformer: dropout probability")
     # MLP
     depth: int = Field(2, ge=1, description="mlp: hidden layers")
@@ -73,6 +82,20 @@ class ModelConfig(_Section):
     n_head: int = Field(4, ge=1)
     context: int = Field(128, ge=2, description="transformer: tokens per window")
 
+    @property
+    def block_residual(self) -> str:
+        if self.residual is not None:
+            return self.residual
+        return "residual" if self.name == "transformer" else "none"
+
+    @property
+    def block_norm(self) -> str:
+        if self.norm is not None:
+            return self.norm
+        if self.name == "transformer":
+            return "none" if self.residual == "rezero" else "layer"
+        return "none"
+
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
         if len(self.channels) != len(self.kernel_sizes):
@@ -80,6 +103,13 @@ class ModelConfig(_Section):
                 f"model.channels has {len(self.channels)} entries but model.kernel_sizes has "
                 f"{len(self.kernel_sizes)}; they must be the same length"
             )
+        if self.block_residual == "rezero" and self.block_norm != "none":
+            raise ValueError(
+                f"model.residual=rezero uses no normalisation (alpha replaces it); got model.norm={self.block_norm}, "
+                "set model.norm=none"
+            )
+        if self.name == "transformer" and self.block_norm == "batch":
+            raise ValueError("model.norm=batch is not for the transformer (allowed there: none, layer)")
         if self.d_model % self.n_head:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
         return self

@@ -11,18 +11,38 @@ from torch import nn
 from gradwise.config import ModelConfig
 from gradwise.errors import ConfigError
 from gradwise.memory.checkpointing import BlockStack
+from gradwise.nn.blocks import HighwayGate, ResidualBlock, combine
+from gradwise.nn.init import apply_init
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
-class MLP(nn.Module):
-    """Flatten -> Linear(in, width) -> act -> (depth-1) x [Linear(width, width) -> act] -> Linear(width, classes)."""
+def norm_layer(kind: str, features: int, conv: bool = False) -> nn.Module:
+    """BatchNorm1d or LayerNorm over `features` (for conv maps, LayerNorm is GroupNorm with one group)."""
+    if kind == "batch":
+        return nn.BatchNorm1d(features)
+    if kind == "layer":
+        return nn.GroupNorm(1, features) if conv else nn.LayerNorm(features)
+    return nn.Identity()
 
-    def __init__(self, in_features: int, num_classes: int, depth: int = 2, width: int = 256, activation: str = "relu"):
+
+class MLP(nn.Module):
+    """Flatten -> Linear(in, width) -> act -> (depth-1) blocks -> Linear(width, classes).
+
+    A block's branch is Linear(width, width) -> norm -> act, combined with its
+    input as `residual` says (none, residual, rezero, highway; see blocks.py).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, depth: int = 2, width: int = 256, activation: str = "relu",
+                 residual: str = "none", norm: str = "none", highway_bias: float = -2.0):
         super().__init__()
         act = ACTIVATIONS[activation]
         self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), act())
-        self.blocks = BlockStack(nn.Sequential(nn.Linear(width, width), act()) for _ in range(depth - 1))
+        self.blocks = BlockStack(
+            ResidualBlock(nn.Sequential(nn.Linear(width, width), norm_layer(norm, width), act()), residual,
+                          gate_features=width, highway_bias=highway_bias)
+            for _ in range(depth - 1)
+        )
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,32 +54,32 @@ def conv_out_length(length: int, kernel: int, stride: int = 2, padding: int = 1)
 
 
 class CNN1D(nn.Module):
-    """Stride-2 Conv1d+act blocks, then a linear head on the flattened features.
+    """Stride-2 Conv1d -> norm -> act blocks, then a linear head on the flattened features.
 
     With channels=[25, 25, 25] and kernel_sizes=[5, 3, 3] this is the MNIST-1D
-    paper's reference CNN (Greydanus 2020).
+    paper's reference CNN (Greydanus 2020). With a residual variant, convs pad
+    by kernel//2 and the shortcut is a stride-2 1x1 conv (ResNet's projection).
     """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        num_classes: int,
-        channels: list[int],
-        kernel_sizes: list[int],
-        activation: str = "relu",
-    ):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: list[int], kernel_sizes: list[int],
+                 activation: str = "relu", residual: str = "none", norm: str = "none", highway_bias: float = -2.0):
         super().__init__()
         in_channels, length = (1, input_shape[0]) if len(input_shape) == 1 else input_shape
         act = ACTIVATIONS[activation]
         blocks = []
         for out_channels, kernel in zip(channels, kernel_sizes):
-            new_length = conv_out_length(length, kernel)
+            padding = 1 if residual == "none" else kernel // 2
+            new_length = conv_out_length(length, kernel, padding=padding)
             if new_length < 1:
                 raise ConfigError(
                     f"config error: model.kernel_sizes={kernel_sizes} shrink an input of length "
                     f"{input_shape[-1]} to nothing; use fewer or smaller kernels"
                 )
-            blocks.append(nn.Sequential(nn.Conv1d(in_channels, out_channels, kernel, stride=2, padding=1), act()))
+            branch = nn.Sequential(nn.Conv1d(in_channels, out_channels, kernel, stride=2, padding=padding),
+                                   norm_layer(norm, out_channels, conv=True), act())
+            shortcut = None if residual == "none" else nn.Conv1d(in_channels, out_channels, 1, stride=2)
+            blocks.append(ResidualBlock(branch, residual, shortcut, gate_features=out_channels,
+                                        highway_bias=highway_bias, channel_dim=1))
             in_channels, length = out_channels, new_length
         self.in_channels = 1 if len(input_shape) == 1 else input_shape[0]
         self.blocks = BlockStack(blocks)
@@ -87,20 +107,34 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Attention then MLP sublayers, each combined with its input as `residual` says.
 
-    def __init__(self, d_model: int, n_head: int, dropout: float, activation: str = "gelu"):
+    norm_position=pre: x -> combine(x, F(LN(x))) (GPT-2); post: x -> LN(combine(x, F(x))) (the original
+    Transformer). ReZero shares one alpha between the two sublayers and uses no LayerNorm.
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, activation: str = "gelu",
+                 residual: str = "residual", norm: str = "layer", norm_position: str = "pre",
+                 highway_bias: float = -2.0):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model)
+        self.residual = residual
+        pre, post = (norm, "none") if norm_position == "pre" else ("none", norm)
+        self.ln1, self.ln2 = norm_layer(pre, d_model), norm_layer(pre, d_model)
         self.attn = CausalSelfAttention(d_model, n_head, dropout)
-        self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(
             nn.Linear(d_model, 4 * d_model), ACTIVATIONS[activation](), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
         )
+        self.post1, self.post2 = norm_layer(post, d_model), norm_layer(post, d_model)
+        if residual == "rezero":
+            self.alpha = nn.Parameter(torch.zeros(()))
+        if residual == "highway":
+            self.gate1 = HighwayGate(d_model, highway_bias)
+            self.gate2 = HighwayGate(d_model, highway_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        alpha = getattr(self, "alpha", None)
+        x = self.post1(combine(self.residual, x, self.attn(self.ln1(x)), alpha, getattr(self, "gate1", None)))
+        return self.post2(combine(self.residual, x, self.mlp(self.ln2(x)), alpha, getattr(self, "gate2", None)))
 
 
 class CharTransformer(nn.Module):
@@ -108,20 +142,26 @@ class CharTransformer(nn.Module):
 
     def __init__(
         self, vocab_size: int, context: int, n_layer: int = 4, d_model: int = 128, n_head: int = 4,
-        dropout: float = 0.0, activation: str = "gelu",
+        dropout: float = 0.0, activation: str = "gelu", residual: str = "residual", norm: str = "layer",
+        norm_position: str = "pre", highway_bias: float = -2.0,
     ):
         super().__init__()
         self.context = context
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(context, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = BlockStack(TransformerBlock(d_model, n_head, dropout, activation) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
+        self.blocks = BlockStack(
+            TransformerBlock(d_model, n_head, dropout, activation, residual, norm, norm_position, highway_bias)
+            for _ in range(n_layer)
+        )
+        self.ln_f = norm_layer(norm if norm_position == "pre" else "none", d_model)
         self.head = nn.Linear(d_model, vocab_size)
         self.apply(self._init)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
+        if isinstance(module, HighwayGate):
+            return  # keeps its negative bias
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, 0.0, 0.02)
             if getattr(module, "bias", None) is not None:
@@ -142,12 +182,17 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         raise ConfigError(f"config error: model.name={cfg.name} cannot model text; use model.name=transformer")
     if task != "language_model" and cfg.name == "transformer":
         raise ConfigError("config error: model.name=transformer needs data.name=text (a character corpus)")
+    common = dict(residual=cfg.block_residual, norm=cfg.block_norm, highway_bias=cfg.highway_bias)
     if cfg.name == "mlp":
-        return MLP(math.prod(input_shape), num_classes, cfg.depth, cfg.width, cfg.activation)
-    if cfg.name == "cnn":
+        model = MLP(math.prod(input_shape), num_classes, cfg.depth, cfg.width, cfg.activation, **common)
+    elif cfg.name == "cnn":
         if len(input_shape) not in (1, 2):
             raise ConfigError(
                 f"config error: model.name=cnn needs samples shaped (length,) or (channels, length), got {input_shape}"
             )
-        return CNN1D(input_shape, num_classes, cfg.channels, cfg.kernel_sizes, cfg.activation)
-    return CharTransformer(num_classes, cfg.context, cfg.n_layer, cfg.d_model, cfg.n_head, cfg.dropout, cfg.activation)
+        model = CNN1D(input_shape, num_classes, cfg.channels, cfg.kernel_sizes, cfg.activation, **common)
+    else:
+        model = CharTransformer(num_classes, cfg.context, cfg.n_layer, cfg.d_model, cfg.n_head, cfg.dropout,
+                                cfg.activation, norm_position=cfg.norm_position, **common)
+    apply_init(model, cfg.init)
+    return model
