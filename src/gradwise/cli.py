@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from gradwise.errors import UserInputError
+from gradwise.errors import NonFiniteError, UserInputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"gradwise: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"gradwise: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("gradwise: interrupted", file=sys.stderr)
         return 130

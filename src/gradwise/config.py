@@ -260,6 +260,22 @@ def parse_bytes(text: str | int, key: str = "budget") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+class DiagnosticsConfig(_Section):
+    """Gradient health checks run during training; see docs/diagnostics.md."""
+
+    every: int = Field(100, ge=0, description="per-layer health record every N steps (0: off)")
+    vanishing_ratio: float = Field(1e-4, gt=0, description="a layer's grad norm below this x the largest: vanishing")
+    vanishing_norm: float = Field(1e-10, ge=0, description="or below this outright")
+    exploding_norm: float = Field(1e3, gt=0, description="a layer's grad norm above this: exploding")
+    exploding_update: float = Field(1.0, gt=0, description="or one update moving it by more than this x its norm")
+    check_finite: bool = Field(True, description="stop a step whose loss or gradient is not finite")
+    on_nonfinite: Literal["stop", "rollback"] = Field(
+        "stop", description="stop the run naming the layer, or roll back to the last checkpoint with a lower lr"
+    )
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
+    max_rollbacks: int = Field(3, ge=1)
+
+
 class LogConfig(_Section):
     """Progress output and plots."""
 
@@ -282,6 +298,7 @@ class Config(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     scaler: ScalerConfig = Field(default_factory=ScalerConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:

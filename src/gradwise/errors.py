@@ -19,3 +19,7 @@ class DataError(UserInputError):
 
 class CheckpointError(UserInputError):
     """A checkpoint or run directory is unreadable, mismatched or would be overwritten."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient and could not (or was told not to) recover."""

@@ -24,7 +24,15 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from gradwise.config import Config, apply_overrides, read_yaml, validate
-from gradwise.errors import CheckpointError, ConfigError
+from gradwise.diagnostics.health import (
+    REMEDIES,
+    first_nonfinite_forward,
+    judge,
+    last_nonfinite_grad,
+    layer_stats,
+    weight_layers,
+)
+from gradwise.errors import CheckpointError, ConfigError, NonFiniteError
 from gradwise.io import write_json, write_text
 from gradwise.memory.accumulation import item_count, loss_weights, micro_batch_slices
 from gradwise.memory.checkpointing import apply_checkpointing
@@ -42,6 +50,14 @@ from gradwise.train.state import (
 )
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+
+
+class NonFiniteStep(Exception):
+    """Raised inside a step whose loss or gradients are not finite; `where` names the culprit layer."""
+
+    def __init__(self, step: int, where: str | None, stage: str):
+        self.step, self.where, self.stage = step, where, stage
+        super().__init__(f"non-finite {stage} at step {step}: first appeared in '{where or 'unknown'}'")
 # Keys a resumed run may change: they alter how long it runs and what it reports, never its trajectory.
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
                   "train.checkpoint_every", "log.")
@@ -135,6 +151,8 @@ class Trainer:
         self.window_carry = (0.0, 0)  # (sum, count) of a window that a resume split
         self.last_train_loss = float("nan")
         self.resumed_from: int | None = None
+        self.rollbacks = 0
+        self.health: dict[str, Any] | None = None  # the latest verdict
 
     # -- construction from config / run directory ---------------------------------------------------------
 
@@ -271,11 +289,50 @@ class Trainer:
         return not found_inf
 
     def train_step(self, inputs, targets) -> torch.Tensor:
-        """One update on one batch: compute gradients, (synchronise: nothing here), apply. Returns the loss."""
+        """One update on one batch: compute gradients, (synchronise: nothing here), apply. Returns the loss.
+
+        Raises NonFiniteStep (before any update) when the loss or a gradient is not finite and
+        `diagnostics.check_finite` is on; under fp16 loss scaling the scaler handles overflow instead.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.compute_gradients(inputs, targets)
+        if self.cfg.diagnostics.check_finite and self.scaler is None:
+            self._check_finite(loss, inputs)
         self.apply_update()
         return loss
+
+    def _check_finite(self, loss: torch.Tensor, inputs) -> None:
+        # one fused kernel flags any non-finite gradient (it multiplies them by exactly 1.0), one host sync
+        grads = [p.grad for p in self.params if p.grad is not None]
+        found = torch.zeros(1, device=self.device)
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=self.device))
+        if not bool(found.add_(~torch.isfinite(loss.float())).item()):
+            return
+        in_forward = first_nonfinite_forward(self.model, inputs)
+        if in_forward is not None:
+            raise NonFiniteStep(self.step + 1, in_forward, "activation in forward")
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteStep(self.step + 1, "loss", "loss")  # finite outputs, non-finite loss
+        raise NonFiniteStep(self.step + 1, last_nonfinite_grad(self.model), "gradient in backward")
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate, now and for the rest of the schedule."""
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+
+    def _roll_back(self, event: NonFiniteStep) -> None:
+        d = self.cfg.diagnostics
+        path = self.out_dir / "checkpoints" / "last.pt" if self.out_dir is not None else None
+        if self.rollbacks >= d.max_rollbacks or path is None or not path.is_file():
+            why = (f"{self.rollbacks} rollbacks already (diagnostics.max_rollbacks={d.max_rollbacks})"
+                   if self.rollbacks >= d.max_rollbacks else "no checkpoint to roll back to yet")
+            raise NonFiniteError(f"{event}; {why}") from None
+        resumed_from, rollbacks = self.resumed_from, self.rollbacks
+        self.load_state_dict(load_checkpoint(path), where=str(path))
+        self.resumed_from, self.rollbacks = resumed_from, rollbacks + 1
+        self.scale_lr(d.rollback_lr_factor)
 
     def _scaler_metrics(self) -> dict[str, float]:
         if self.scaler is None:
@@ -351,15 +408,42 @@ class Trainer:
         session_start = time.perf_counter()
         window_start, window_samples = session_start, 0
         last_eval: dict[str, float] = {}
+        diag = cfg.diagnostics
         self.model.train()
         try:
             while self.step < self.total_steps:
                 idx = batches.next()
                 inputs, targets = (t.to(self.device, non_blocking=True) for t in fetch_batch(self.train_data, idx))
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
-                loss = self.train_step(inputs, targets)
+                check_health = diag.every and (self.step + 1) % diag.every == 0
+                before = [p.detach().clone() for _, p in weight_layers(self.model)] if check_health else None
+                try:
+                    loss = self.train_step(inputs, targets)
+                except NonFiniteStep as event:
+                    if diag.on_nonfinite == "stop":
+                        raise NonFiniteError(
+                            f"{event}; the step was not applied. Set diagnostics.on_nonfinite=rollback to retry "
+                            f"from the last checkpoint with a lower lr, or: {REMEDIES['exploding']}"
+                        ) from None
+                    self._roll_back(event)
+                    metrics.write({"kind": "rollback", "step": event.step, "layer": event.where,
+                                   "to_step": self.step, "lr_factor": diag.rollback_lr_factor})
+                    progress.message(f"{event}; rolled back to step {self.step}, lr x{diag.rollback_lr_factor}")
+                    batches = EpochBatches(len(self.train_data), cfg.train.batch_size, cfg.seed,
+                                           cfg.train.drop_last, self.position)
+                    continue
                 self.step += 1
                 self.window_losses.append(loss)
+                if check_health:
+                    stats = layer_stats(self.model, before)
+                    verdict = judge(stats, diag.vanishing_ratio, diag.vanishing_norm, diag.exploding_norm,
+                                    diag.exploding_update)
+                    if verdict.verdict != "healthy" and (self.health or {}).get("verdict") != verdict.verdict:
+                        progress.message(f"gradient health at step {self.step}: {verdict.verdict} in "
+                                         f"{', '.join(verdict.layers[:4])}; try: {verdict.remedy}")
+                    self.health = {"step": self.step, **verdict.as_dict()}
+                    metrics.write({"kind": "health", **self.health,
+                                   "per_layer": [s.__dict__ for s in stats]})
                 self.samples_seen += len(idx)
                 window_samples += len(idx)
                 progress.advance()
@@ -419,4 +503,6 @@ class Trainer:
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             "task": self.task,
             "resumed_from": self.resumed_from,
+            "rollbacks": self.rollbacks,
+            "health": self.health,
         }

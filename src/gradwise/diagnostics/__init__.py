@@ -1,0 +1,1 @@
+"""Diagnostics: gradient health (per-layer norms, verdicts, non-finite detection)."""

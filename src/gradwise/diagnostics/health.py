@@ -1,0 +1,117 @@
+"""Gradient health: per-layer gradient norm, weight norm and update/weight ratio, verdicts, and
+naming the first layer where a non-finite value appeared.
+
+The verdict is a pure function of the per-layer figures:
+
+    exploding  some layer's gradient norm exceeds `exploding_norm`, or its update moved the
+               weights by more than `exploding_update` of their norm in one step
+    vanishing  some layer's gradient norm is below `vanishing_ratio` times the largest layer's,
+               or below `vanishing_norm` outright
+    healthy    otherwise
+
+Layers are the parameter tensors with two or more dimensions (weights), named
+as in `named_parameters()`, in model order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+REMEDIES = {
+    "vanishing": "use residual or ReZero blocks (model.residual=rezero), normalisation (model.norm=layer), "
+                 "or kaiming/orthogonal init (model.init=kaiming)",
+    "exploding": "clip gradients (train.clip_norm=1.0), lower optim.lr, add warmup (schedule.warmup_steps), "
+                 "or normalise (model.norm=layer)",
+    "healthy": "",
+}
+
+
+@dataclass
+class LayerStat:
+    name: str
+    grad_norm: float
+    weight_norm: float
+    update_ratio: float | None = None  # ||w_after - w_before|| / ||w_before||
+
+
+@dataclass
+class Verdict:
+    verdict: str  # healthy | vanishing | exploding
+    layers: list[str]
+    remedy: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+
+
+def layer_stats(model: nn.Module, before: list[torch.Tensor] | None = None) -> list[LayerStat]:
+    """Per-layer norms from the current gradients (one host sync); update ratios if `before` weights are given."""
+    layers = weight_layers(model)
+    if not layers:
+        return []
+    weights = [p.detach() for _, p in layers]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in layers]
+    rows = [torch.stack(torch._foreach_norm(grads)), torch.stack(torch._foreach_norm(weights))]
+    if before is not None:
+        deltas = torch._foreach_sub(weights, before)
+        rows.append(torch.stack(torch._foreach_norm(deltas)) / torch.stack(torch._foreach_norm(before)).clamp(min=1e-30))
+    values = torch.stack(rows).float().cpu().tolist()
+    return [
+        LayerStat(name, values[0][i], values[1][i], values[2][i] if before is not None else None)
+        for i, (name, _) in enumerate(layers)
+    ]
+
+
+def judge(stats: list[LayerStat], vanishing_ratio: float = 1e-4, vanishing_norm: float = 1e-10,
+          exploding_norm: float = 1e3, exploding_update: float = 1.0) -> Verdict:
+    """Classify per-layer figures as exploding, vanishing or healthy, naming the layers involved."""
+    if not stats:
+        return Verdict("healthy", [], "")
+    exploding = [s.name for s in stats if s.grad_norm > exploding_norm
+                 or (s.update_ratio is not None and s.update_ratio > exploding_update)]
+    if exploding:
+        return Verdict("exploding", exploding, REMEDIES["exploding"])
+    largest = max(s.grad_norm for s in stats)
+    vanishing = [s.name for s in stats if s.grad_norm < max(vanishing_norm, vanishing_ratio * largest)]
+    if vanishing:
+        return Verdict("vanishing", vanishing, REMEDIES["vanishing"])
+    return Verdict("healthy", [], "")
+
+
+def first_nonfinite_forward(model: nn.Module, inputs) -> str | None:
+    """Run a forward pass with hooks; the name of the first leaf module whose output is not finite."""
+    found: list[str] = []
+    handles = []
+
+    def hook(name):
+        def check(module, args, output):
+            if not found and isinstance(output, torch.Tensor) and not bool(torch.isfinite(output).all()):
+                found.append(name)
+        return check
+
+    for name, module in model.named_modules():
+        if not list(module.children()):
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def last_nonfinite_grad(model: nn.Module) -> str | None:
+    """The deepest parameter (model order) whose gradient is not finite: where backward first produced it."""
+    culprit = None
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            culprit = name
+    return culprit
