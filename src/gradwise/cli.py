@@ -1,4 +1,4 @@
-"""The `gradwise` command line: `train`, `plan`, `repro` and `bench`.
+"""The `gradwise` command line: `train`, `plan`, `inspect`, `repro` and `bench`.
 
 Exit status: 0 ok; 2 bad input (config, CLI, data, checkpoint) with a one-line
 message and no traceback; 1 any other failure.
@@ -82,6 +82,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from gradwise.config import load_config
+    from gradwise.diagnostics.inspect import format_report, inspect_run, to_json
+
+    if args.steps < 1 or args.probes < 1:
+        raise UserInputError(f"usage error: --steps={args.steps} and --probes={args.probes} must be at least 1")
+    cfg = load_config(args.config, args.overrides)
+    report = inspect_run(cfg, steps=args.steps, probes=args.probes)
+    print(to_json(report) if args.json else format_report(report))
+    return 0
+
+
 def cmd_repro(args: argparse.Namespace) -> int:
     from gradwise.experiments import run_experiment
 
@@ -113,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--trial-steps", type=int, default=3, help="timed steps per candidate (default 3)")
     planner.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     planner.set_defaults(func=cmd_plan)
+
+    inspect = sub.add_parser("inspect", help="per-layer gradient health, Jacobian at init, spectral norms")
+    inspect.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    inspect.add_argument("--config", help="YAML config file")
+    inspect.add_argument("--steps", type=int, default=5, help="training steps before the table (default 5)")
+    inspect.add_argument("--probes", type=int, default=8, help="random probes for the Jacobian measure (default 8)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    inspect.set_defaults(func=cmd_inspect)
 
     repro = sub.add_parser("repro", help="reproduce a claim of the seeds; writes results.json, results.md, plots")
     repro.add_argument("name", help="experiment: memory, large-batch")
