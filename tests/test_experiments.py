@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from gradwise.cli import main
 
 
@@ -37,3 +39,16 @@ def test_repro_large_batch_quick_writes_results(tmp_path, capsys):
     assert lamb["trust_ratios"] and all(name.endswith("weight") for name in lamb["trust_ratios"])
     md = (out / "results.md").read_text()
     assert "| batch | sgd+momentum | adam | lars | lamb |" in md
+
+
+def test_repro_depth_quick_writes_results(tmp_path, capsys):
+    out = tmp_path / "depth"
+    assert main(["repro", "depth", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "depth.png").stat().st_size > 100
+    fc = {(r["depth"], r["variant"]): r for r in results["fc"]}
+    assert fc[(16, "rezero")]["jacobian_at_init"] == pytest.approx(1.0)  # the identity at init
+    assert fc[(16, "plain")]["jacobian_at_init"] < 1e-3  # a plain tanh stack contracts
+    assert results["very_deep"]["blocks"] == 200 and results["very_deep"]["steps_done"] == 10
+    assert {r["variant"] for r in results["transformers"]} == {"post-LN", "pre-LN", "rezero"}
+    assert "## Character transformers" in (out / "results.md").read_text()

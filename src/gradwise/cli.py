@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     repro = sub.add_parser("repro", help="reproduce a claim of the seeds; writes results.json, results.md, plots")
-    repro.add_argument("name", help="experiment: memory, large-batch")
+    repro.add_argument("name", help="experiment: memory, large-batch, depth")
     repro.add_argument("--out", help="output folder (default results/NAME)")
     repro.add_argument("--quick", action="store_true", help="smaller models and fewer steps (a smoke run)")
     repro.set_defaults(func=cmd_repro)

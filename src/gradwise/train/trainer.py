@@ -322,6 +322,30 @@ class Trainer:
             group["lr"] *= factor
         self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
 
+    def _recover(self, event: NonFiniteStep, metrics: MetricsLog, progress: Progress) -> None:
+        """Stop with a NonFiniteError, or roll back to the last checkpoint with a lower lr."""
+        d = self.cfg.diagnostics
+        if d.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"{event}; the step was not applied. Set diagnostics.on_nonfinite=rollback to retry "
+                f"from the last checkpoint with a lower lr, or: {REMEDIES['exploding']}"
+            ) from None
+        self._roll_back(event)
+        metrics.write({"kind": "rollback", "step": event.step, "layer": event.where,
+                       "to_step": self.step, "lr_factor": d.rollback_lr_factor})
+        progress.message(f"{event}; rolled back to step {self.step}, lr x{d.rollback_lr_factor}")
+
+    def _record_health(self, before: list[torch.Tensor], metrics: MetricsLog, progress: Progress) -> None:
+        """Per-layer figures and a verdict for the step just taken; a message when it turns unhealthy."""
+        d = self.cfg.diagnostics
+        stats = layer_stats(self.model, before)
+        verdict = judge(stats, d.vanishing_ratio, d.vanishing_norm, d.exploding_norm, d.exploding_update)
+        if verdict.verdict != "healthy" and (self.health or {}).get("verdict") != verdict.verdict:
+            progress.message(f"gradient health at step {self.step}: {verdict.verdict} in "
+                             f"{', '.join(verdict.layers[:4])}; try: {verdict.remedy}")
+        self.health = {"step": self.step, **verdict.as_dict()}
+        metrics.write({"kind": "health", **self.health, "per_layer": [s.__dict__ for s in stats]})
+
     def _roll_back(self, event: NonFiniteStep) -> None:
         d = self.cfg.diagnostics
         path = self.out_dir / "checkpoints" / "last.pt" if self.out_dir is not None else None
@@ -420,30 +444,14 @@ class Trainer:
                 try:
                     loss = self.train_step(inputs, targets)
                 except NonFiniteStep as event:
-                    if diag.on_nonfinite == "stop":
-                        raise NonFiniteError(
-                            f"{event}; the step was not applied. Set diagnostics.on_nonfinite=rollback to retry "
-                            f"from the last checkpoint with a lower lr, or: {REMEDIES['exploding']}"
-                        ) from None
-                    self._roll_back(event)
-                    metrics.write({"kind": "rollback", "step": event.step, "layer": event.where,
-                                   "to_step": self.step, "lr_factor": diag.rollback_lr_factor})
-                    progress.message(f"{event}; rolled back to step {self.step}, lr x{diag.rollback_lr_factor}")
+                    self._recover(event, metrics, progress)  # or raise NonFiniteError
                     batches = EpochBatches(len(self.train_data), cfg.train.batch_size, cfg.seed,
                                            cfg.train.drop_last, self.position)
                     continue
                 self.step += 1
                 self.window_losses.append(loss)
                 if check_health:
-                    stats = layer_stats(self.model, before)
-                    verdict = judge(stats, diag.vanishing_ratio, diag.vanishing_norm, diag.exploding_norm,
-                                    diag.exploding_update)
-                    if verdict.verdict != "healthy" and (self.health or {}).get("verdict") != verdict.verdict:
-                        progress.message(f"gradient health at step {self.step}: {verdict.verdict} in "
-                                         f"{', '.join(verdict.layers[:4])}; try: {verdict.remedy}")
-                    self.health = {"step": self.step, **verdict.as_dict()}
-                    metrics.write({"kind": "health", **self.health,
-                                   "per_layer": [s.__dict__ for s in stats]})
+                    self._record_health(before, metrics, progress)
                 self.samples_seen += len(idx)
                 window_samples += len(idx)
                 progress.advance()
