@@ -88,7 +88,6 @@ def run(steps: int = 20, repeats: int = 5) -> dict[str, Any]:
         for _ in range(repeats):
             for name, opt in optimizers.items():
                 times[name].append(time_steps(opt, steps))
-        ours = statistics.median(times["gradwise"])
         raw[family] = times
         ratios = {n: statistics.median(p / o for p, o in zip(t, times["gradwise"]))
                   for n, t in times.items() if n != "gradwise"}

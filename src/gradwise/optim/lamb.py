@@ -23,14 +23,7 @@ import math
 
 import torch
 
-from gradwise.optim.layerwise import (
-    LayerwiseOptimizer,
-    as_fp32,
-    for_each_chunk,
-    norms,
-    trust_ratios,
-    write_back,
-)
+from gradwise.optim.layerwise import LayerwiseOptimizer, as_fp32, for_each_chunk, norms, trust_ratios, write_back
 
 
 def _per_tensor(values: list[float]) -> float | list[float]:

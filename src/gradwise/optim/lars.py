@@ -16,14 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gradwise.optim.layerwise import (
-    LayerwiseOptimizer,
-    as_fp32,
-    for_each_chunk,
-    norms,
-    trust_ratios,
-    write_back,
-)
+from gradwise.optim.layerwise import LayerwiseOptimizer, as_fp32, for_each_chunk, norms, trust_ratios, write_back
 
 
 class LARS(LayerwiseOptimizer):
