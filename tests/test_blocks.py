@@ -64,7 +64,7 @@ def test_residual_adds_the_branch():
 
 @pytest.mark.parametrize("name, shape", [("mlp", (40,)), ("cnn", (40,)), ("transformer", (16,))])
 @pytest.mark.parametrize("residual", ["none", "residual", "rezero", "highway"])
-def test_every_variant_builds_trains_and_checkpoints(name, shape, residual):
+def test_every_variant_builds_and_checkpoints_with_equal_gradients(name, shape, residual):
     norm = "none" if residual == "rezero" else ("layer" if name == "transformer" else "batch")
     cfg = ModelConfig(name=name, depth=4, width=16, channels=[8, 8], kernel_sizes=[5, 3], n_layer=2, d_model=16,
                       n_head=2, context=16, residual=residual, norm=norm)

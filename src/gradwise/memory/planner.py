@@ -20,7 +20,7 @@ import torch
 
 from gradwise.config import Config, parse_bytes
 from gradwise.errors import UserInputError
-from gradwise.memory.measure import ActivationMeter, format_bytes, state_bytes
+from gradwise.memory.measure import ActivationMeter, cuda_peak, format_bytes, state_bytes
 
 POLICIES = ("none", "sqrt", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -64,7 +64,7 @@ def profile_step(trainer, inputs, targets, steps: int = 3, warmup: int = 1) -> S
     trainer.forward_context = metered
     trainer.train_step(inputs, targets)
     trainer.forward_context = contextlib.nullcontext
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = cuda_peak(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

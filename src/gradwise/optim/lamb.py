@@ -111,9 +111,9 @@ class LAMB(LayerwiseOptimizer):
         torch._foreach_add_(update, _per_tensor([group["eps"] * s for s in sqrt_bc2]))
         update = torch._foreach_div(exp_avgs, update)  # u / c, before decay
         if group["weight_decay"]:
-            decay = [group["weight_decay"] / c for c in scale]
-            if isinstance(_per_tensor(decay), float):
-                torch._foreach_add_(update, params32, alpha=decay[0])
+            decay = _per_tensor([group["weight_decay"] / c for c in scale])
+            if isinstance(decay, float):
+                torch._foreach_add_(update, params32, alpha=decay)
             else:
                 torch._foreach_add_(update, torch._foreach_mul(params32, decay))
         # w -= lr * r * u with u = c * update; for an adapted tensor r * c = ||w|| / ||update||

@@ -50,6 +50,9 @@ from gradwise.train.state import (
 )
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+# Keys a resumed run may change: they alter how long it runs and what it reports, never its trajectory.
+RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
+                  "train.checkpoint_every", "log.")
 
 
 class NonFiniteStep(Exception):
@@ -58,9 +61,6 @@ class NonFiniteStep(Exception):
     def __init__(self, step: int, where: str | None, stage: str):
         self.step, self.where, self.stage = step, where, stage
         super().__init__(f"non-finite {stage} at step {step}: first appeared in '{where or 'unknown'}'")
-# Keys a resumed run may change: they alter how long it runs and what it reports, never its trajectory.
-RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
-                  "train.checkpoint_every", "log.")
 
 
 def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -152,6 +152,8 @@ class Trainer:
         self.last_train_loss = float("nan")
         self.resumed_from: int | None = None
         self.rollbacks = 0
+        self._nonfinite_flag = torch.zeros(1, device=self.device)  # buffers for the per-step finiteness check
+        self._unit_scale = torch.ones(1, device=self.device)
         self.health: dict[str, Any] | None = None  # the latest verdict
 
     # -- construction from config / run directory ---------------------------------------------------------
@@ -304,9 +306,9 @@ class Trainer:
     def _check_finite(self, loss: torch.Tensor, inputs) -> None:
         # one fused kernel flags any non-finite gradient (it multiplies them by exactly 1.0), one host sync
         grads = [p.grad for p in self.params if p.grad is not None]
-        found = torch.zeros(1, device=self.device)
+        found = self._nonfinite_flag.zero_()
         if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=self.device))
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._unit_scale)
         if not bool(found.add_(~torch.isfinite(loss.float())).item()):
             return
         in_forward = first_nonfinite_forward(self.model, inputs)
@@ -371,7 +373,7 @@ class Trainer:
         return total, count + len(self.window_losses)
 
     def grad_norm(self) -> float:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return 0.0
         return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
@@ -502,8 +504,8 @@ class Trainer:
             "final_train_loss": self.last_train_loss,
             **last_eval,
             "steps": self.step,
-            "skipped_steps": self.scaler.skipped_steps if self.scaler else 0,
-            **({"loss_scale": self.scaler.scale} if self.scaler else {}),
+            "skipped_steps": 0,
+            **self._scaler_metrics(),
             "epochs": round(self.samples_seen / len(self.train_data), 4),
             "wall_seconds": round(self.elapsed_seconds, 3),
             "samples_per_second": self.samples_seen / max(self.elapsed_seconds, 1e-9),
