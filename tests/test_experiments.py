@@ -52,3 +52,19 @@ def test_repro_depth_quick_writes_results(tmp_path, capsys):
     assert results["very_deep"]["blocks"] == 200 and results["very_deep"]["steps_done"] == 10
     assert {r["variant"] for r in results["transformers"]} == {"post-LN", "pre-LN", "rezero"}
     assert "## Character transformers" in (out / "results.md").read_text()
+
+
+def test_repro_overfitting_quick_writes_results(tmp_path, capsys):
+    out = tmp_path / "overfitting"
+    assert main(["repro", "overfitting", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for name in ("size.png", "penalties.png", "dropout.png"):
+        assert (out / name).stat().st_size > 100
+    rows = {r["variant"]: r for r in results["table"]}
+    assert set(rows) == {"baseline", "smaller", "l2", "dropout", "early stopping"}
+    assert rows["smaller"]["parameters"] < rows["baseline"]["parameters"]
+    for r in results["runs"]:  # one validation point per epoch, and the gap is val minus train as reported
+        assert r["curves"]["epoch"] == list(range(1, len(r["curves"]["epoch"]) + 1))
+        assert r["gap"] == pytest.approx(r["final_val_loss"] - r["final_train_loss"])
+    md = (out / "results.md").read_text()
+    assert "| variant | parameters | best val loss |" in md and "## The seed's claims, checked" in md

@@ -50,6 +50,9 @@ class DataConfig(_Section):
     train_split: float = Field(0.8, gt=0, lt=1, description="mnist1d: fraction used for training")
     generator_seed: int = Field(42, description="mnist1d: generator seed (42 is the standard split)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="digits/text/npz/csv: held-out fraction")
+    val_fraction: float = Field(
+        0.0, ge=0, lt=1, description="fraction of the training split held out for validation (never the test set)"
+    )
     label_column: int = Field(-1, description="csv: index of the label column")
     max_chars: int = Field(2_000_000, gt=0, description="text: characters read from the corpus")
     cache_dir: Optional[str] = Field(None, description="where generated data is cached (default ~/.cache/gradwise)")
@@ -69,7 +72,14 @@ class ModelConfig(_Section):
     norm_position: Literal["pre", "post"] = Field("pre", description="transformer: LayerNorm before or after the sum")
     highway_bias: float = Field(-2.0, description="highway: initial gate bias (negative: mostly carry)")
     init: Literal["default", "xavier", "kaiming", "orthogonal"] = "default"
-    dropout: float = Field(0.0, ge=0, lt=1, description="transformer: dropout probability")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability after each hidden layer (inverted)")
+    dropconnect: float = Field(
+        0.0, ge=0, lt=1, description="mlp/transformer: DropConnect probability on hidden linear layers' weights"
+    )
+    dropconnect_inference: Literal["mean", "gaussian"] = Field(
+        "mean", description="DropConnect at inference: the mean rule, or Gaussian moment matching (Wan et al.)"
+    )
+    dropconnect_samples: int = Field(32, gt=0, description="gaussian inference: samples per unit")
     # MLP
     depth: int = Field(2, ge=1, description="mlp: hidden layers")
     width: int = Field(256, ge=1, description="mlp: hidden units per layer")
@@ -110,6 +120,17 @@ class ModelConfig(_Section):
             )
         if self.name == "transformer" and self.block_norm == "batch":
             raise ValueError("model.norm=batch is not for the transformer (allowed there: none, layer)")
+        if self.dropconnect and self.name == "cnn":
+            raise ValueError(
+                f"model.dropconnect={self.dropconnect} applies to hidden linear layers, which model.name=cnn has "
+                "none of (allowed with: mlp, transformer); use model.dropout for the cnn"
+            )
+        if self.dropconnect and self.dropconnect_inference == "gaussian" and self.block_norm != "none" \
+                and self.name == "mlp":
+            raise ValueError(
+                f"model.dropconnect_inference=gaussian needs the activation right after the layer, but "
+                f"model.norm={self.block_norm} sits between them; use model.norm=none or dropconnect_inference=mean"
+            )
         if self.d_model % self.n_head:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
         return self
@@ -175,7 +196,7 @@ class TrainConfig(_Section):
     steps: Optional[int] = Field(None, gt=0, description="optimizer updates; or set epochs")
     epochs: Optional[int] = Field(None, gt=0, description="passes over the training set; or set steps")
     drop_last: bool = Field(False, description="drop each epoch's last partial batch")
-    eval_every: int = Field(500, gt=0, description="evaluate on the test split every N steps (and at the end)")
+    eval_every: int = Field(500, gt=0, description="evaluate (validation and test) every N steps and at the end")
     eval_batch_size: int = Field(1000, gt=0)
     checkpoint_every: int = Field(1000, gt=0, description="write checkpoints/last.pt every N steps (and at the end)")
     accumulate: int = Field(1, gt=0, description="micro-batches per update (micro-batch = batch_size / accumulate)")
@@ -238,6 +259,29 @@ class MemoryConfig(_Section):
         return self
 
 
+class RegularizeConfig(_Section):
+    """Penalties added to the training loss (Keras semantics); see docs/regularization.md.
+
+    The penalised tensors are those optim.weight_decay applies to (optim.exclude).
+    """
+
+    l1: float = Field(0.0, ge=0, description="adds l1 * sum |w|")
+    l2: float = Field(0.0, ge=0, description="adds l2 * sum w^2 (gradient 2 * l2 * w)")
+
+
+class EarlyStoppingConfig(_Section):
+    """Stop when a validation metric stops improving; see docs/regularization.md."""
+
+    patience: Optional[int] = Field(
+        None, ge=1, description="evaluations without improvement before stopping (null: off)"
+    )
+    metric: Literal["val_loss", "val_accuracy", "val_bpc"] = Field(
+        "val_loss", description="the validation metric watched (accuracy: higher is better)"
+    )
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
+    restore_best: bool = Field(True, description="end the run with the weights of the best evaluation")
+
+
 class ScalerConfig(_Section):
     """Dynamic loss scaling for precision=fp16 (ignored otherwise)."""
 
@@ -297,6 +341,8 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     scaler: ScalerConfig = Field(default_factory=ScalerConfig)
+    regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     log: LogConfig = Field(default_factory=LogConfig)

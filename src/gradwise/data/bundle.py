@@ -9,13 +9,14 @@ import torch
 from torch.utils.data import TensorDataset
 
 from gradwise.config import DataConfig
+from gradwise.errors import DataError
 
 Task = Literal["classification", "language_model"]
 
 
 @dataclass
 class DataBundle:
-    """Train/test splits and the facts a model needs about them."""
+    """Train/test (and optional validation) splits and the facts a model needs about them."""
 
     train: TensorDataset
     test: TensorDataset
@@ -23,6 +24,7 @@ class DataBundle:
     num_classes: int  # classes, or vocabulary size for a language model
     input_shape: tuple[int, ...]  # one sample's input shape
     info: dict = field(default_factory=dict)  # e.g. the vocabulary, source files
+    val: TensorDataset | None = None  # carved from the training split (`data.val_fraction`)
 
 
 def classification_bundle(
@@ -49,8 +51,28 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor
     return order[n_test:], order[:n_test]
 
 
+def carve_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
+    """Move a seeded `fraction` of the training samples into `bundle.val`; the test split is untouched."""
+    if fraction <= 0:
+        return bundle
+    n = len(bundle.train)
+    if n < 2:
+        raise DataError(f"data error: data.val_fraction={fraction} needs at least 2 training samples, found {n}")
+    train_idx, val_idx = split_indices(n, fraction, seed)
+    if len(train_idx) == 0:
+        raise DataError(f"data error: data.val_fraction={fraction} leaves no training samples out of {n}")
+    tensors = bundle.train.tensors
+    bundle.train = TensorDataset(*(t[train_idx] for t in tensors))
+    bundle.val = TensorDataset(*(t[val_idx] for t in tensors))
+    return bundle
+
+
 def build_data(cfg: DataConfig, context: int = 128) -> DataBundle:
-    """Build the data set named by `cfg.name`. `context` is the LM window length."""
+    """Build the data set named by `cfg.name` (and its validation split). `context` is the LM window length."""
+    return carve_validation(_load(cfg, context), cfg.val_fraction, cfg.generator_seed + 1)
+
+
+def _load(cfg: DataConfig, context: int) -> DataBundle:
     if cfg.name == "mnist1d":
         from gradwise.data.mnist1d import load_mnist1d
 

@@ -12,6 +12,7 @@ from gradwise.config import ModelConfig
 from gradwise.errors import ConfigError
 from gradwise.memory.checkpointing import BlockStack
 from gradwise.nn.blocks import HighwayGate, ResidualBlock, combine
+from gradwise.nn.dropconnect import DropConnectLinear
 from gradwise.nn.init import apply_init
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -26,20 +27,46 @@ def norm_layer(kind: str, features: int, conv: bool = False) -> nn.Module:
     return nn.Identity()
 
 
+def dropout_layers(p: float) -> list[nn.Module]:
+    """[nn.Dropout(p)], or nothing when p is 0 (so a model without dropout has no extra modules)."""
+    return [nn.Dropout(p)] if p > 0 else []
+
+
+def hidden_layer(in_features: int, out_features: int, activation: str, norm: str = "none", dropout: float = 0.0,
+                 dropconnect: float = 0.0, dropconnect_inference: str = "mean", dropconnect_samples: int = 32
+                 ) -> list[nn.Module]:
+    """Linear -> norm -> act -> dropout, with a DropConnect linear (owning its activation when no norm
+    intervenes, as moment matching needs) when `dropconnect` > 0."""
+    act = ACTIVATIONS[activation]
+    norms = [norm_layer(norm, out_features)] if norm != "none" else []
+    if dropconnect > 0 and not norms:
+        layers = [DropConnectLinear(in_features, out_features, dropconnect, act(), dropconnect_inference,
+                                    dropconnect_samples)]
+    elif dropconnect > 0:
+        layers = [DropConnectLinear(in_features, out_features, dropconnect), *norms, act()]
+    else:
+        layers = [nn.Linear(in_features, out_features), *norms, act()]
+    return layers + dropout_layers(dropout)
+
+
 class MLP(nn.Module):
     """Flatten -> Linear(in, width) -> act -> (depth-1) blocks -> Linear(width, classes).
 
-    A block's branch is Linear(width, width) -> norm -> act, combined with its
-    input as `residual` says (none, residual, rezero, highway; see blocks.py).
+    A block's branch is Linear(width, width) -> norm -> act -> dropout, combined
+    with its input as `residual` says (none, residual, rezero, highway; see
+    blocks.py). With `dropconnect` > 0 the hidden linears (stem and blocks) are
+    DropConnect layers.
     """
 
     def __init__(self, in_features: int, num_classes: int, depth: int = 2, width: int = 256, activation: str = "relu",
-                 residual: str = "none", norm: str = "none", highway_bias: float = -2.0):
+                 residual: str = "none", norm: str = "none", highway_bias: float = -2.0, dropout: float = 0.0,
+                 dropconnect: float = 0.0, dropconnect_inference: str = "mean", dropconnect_samples: int = 32):
         super().__init__()
-        act = ACTIVATIONS[activation]
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), act())
+        regularisers = dict(dropout=dropout, dropconnect=dropconnect, dropconnect_inference=dropconnect_inference,
+                            dropconnect_samples=dropconnect_samples)
+        self.stem = nn.Sequential(nn.Flatten(), *hidden_layer(in_features, width, activation, **regularisers))
         self.blocks = BlockStack(
-            ResidualBlock(nn.Sequential(nn.Linear(width, width), norm_layer(norm, width), act()), residual,
+            ResidualBlock(nn.Sequential(*hidden_layer(width, width, activation, norm, **regularisers)), residual,
                           gate_features=width, highway_bias=highway_bias)
             for _ in range(depth - 1)
         )
@@ -54,7 +81,7 @@ def conv_out_length(length: int, kernel: int, stride: int = 2, padding: int = 1)
 
 
 class CNN1D(nn.Module):
-    """Stride-2 Conv1d -> norm -> act blocks, then a linear head on the flattened features.
+    """Stride-2 Conv1d -> norm -> act (-> dropout) blocks, then a linear head on the flattened features.
 
     With channels=[25, 25, 25] and kernel_sizes=[5, 3, 3] this is the MNIST-1D
     paper's reference CNN (Greydanus 2020). With a residual variant, convs pad
@@ -62,7 +89,8 @@ class CNN1D(nn.Module):
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: list[int], kernel_sizes: list[int],
-                 activation: str = "relu", residual: str = "none", norm: str = "none", highway_bias: float = -2.0):
+                 activation: str = "relu", residual: str = "none", norm: str = "none", highway_bias: float = -2.0,
+                 dropout: float = 0.0):
         super().__init__()
         in_channels, length = (1, input_shape[0]) if len(input_shape) == 1 else input_shape
         act = ACTIVATIONS[activation]
@@ -76,7 +104,7 @@ class CNN1D(nn.Module):
                     f"{input_shape[-1]} to nothing; use fewer or smaller kernels"
                 )
             branch = nn.Sequential(nn.Conv1d(in_channels, out_channels, kernel, stride=2, padding=padding),
-                                   norm_layer(norm, out_channels, conv=True), act())
+                                   norm_layer(norm, out_channels, conv=True), act(), *dropout_layers(dropout))
             shortcut = None if residual == "none" else nn.Conv1d(in_channels, out_channels, 1, stride=2)
             blocks.append(ResidualBlock(branch, residual, shortcut, gate_features=out_channels,
                                         highway_bias=highway_bias, channel_dim=1))
@@ -115,14 +143,17 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, dropout: float, activation: str = "gelu",
                  residual: str = "residual", norm: str = "layer", norm_position: str = "pre",
-                 highway_bias: float = -2.0):
+                 highway_bias: float = -2.0, dropconnect: float = 0.0, dropconnect_inference: str = "mean",
+                 dropconnect_samples: int = 32):
         super().__init__()
         self.residual = residual
         pre, post = (norm, "none") if norm_position == "pre" else ("none", norm)
         self.ln1, self.ln2 = norm_layer(pre, d_model), norm_layer(pre, d_model)
         self.attn = CausalSelfAttention(d_model, n_head, dropout)
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, 4 * d_model), ACTIVATIONS[activation](), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+            *hidden_layer(d_model, 4 * d_model, activation, dropconnect=dropconnect,
+                          dropconnect_inference=dropconnect_inference, dropconnect_samples=dropconnect_samples),
+            nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
         )
         self.post1, self.post2 = norm_layer(post, d_model), norm_layer(post, d_model)
         if residual == "rezero":
@@ -143,7 +174,8 @@ class CharTransformer(nn.Module):
     def __init__(
         self, vocab_size: int, context: int, n_layer: int = 4, d_model: int = 128, n_head: int = 4,
         dropout: float = 0.0, activation: str = "gelu", residual: str = "residual", norm: str = "layer",
-        norm_position: str = "pre", highway_bias: float = -2.0,
+        norm_position: str = "pre", highway_bias: float = -2.0, dropconnect: float = 0.0,
+        dropconnect_inference: str = "mean", dropconnect_samples: int = 32,
     ):
         super().__init__()
         self.context = context
@@ -151,7 +183,8 @@ class CharTransformer(nn.Module):
         self.pos_emb = nn.Embedding(context, d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = BlockStack(
-            TransformerBlock(d_model, n_head, dropout, activation, residual, norm, norm_position, highway_bias)
+            TransformerBlock(d_model, n_head, dropout, activation, residual, norm, norm_position, highway_bias,
+                             dropconnect, dropconnect_inference, dropconnect_samples)
             for _ in range(n_layer)
         )
         self.ln_f = norm_layer(norm if norm_position == "pre" else "none", d_model)
@@ -182,9 +215,11 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         raise ConfigError(f"config error: model.name={cfg.name} cannot model text; use model.name=transformer")
     if task != "language_model" and cfg.name == "transformer":
         raise ConfigError("config error: model.name=transformer needs data.name=text (a character corpus)")
-    common = dict(residual=cfg.block_residual, norm=cfg.block_norm, highway_bias=cfg.highway_bias)
+    common = dict(residual=cfg.block_residual, norm=cfg.block_norm, highway_bias=cfg.highway_bias, dropout=cfg.dropout)
+    dropconnect = dict(dropconnect=cfg.dropconnect, dropconnect_inference=cfg.dropconnect_inference,
+                       dropconnect_samples=cfg.dropconnect_samples)
     if cfg.name == "mlp":
-        model = MLP(math.prod(input_shape), num_classes, cfg.depth, cfg.width, cfg.activation, **common)
+        model = MLP(math.prod(input_shape), num_classes, cfg.depth, cfg.width, cfg.activation, **common, **dropconnect)
     elif cfg.name == "cnn":
         if len(input_shape) not in (1, 2):
             raise ConfigError(
@@ -192,7 +227,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
             )
         model = CNN1D(input_shape, num_classes, cfg.channels, cfg.kernel_sizes, cfg.activation, **common)
     else:
-        model = CharTransformer(num_classes, cfg.context, cfg.n_layer, cfg.d_model, cfg.n_head, cfg.dropout,
-                                cfg.activation, norm_position=cfg.norm_position, **common)
+        model = CharTransformer(num_classes, cfg.context, cfg.n_layer, cfg.d_model, cfg.n_head,
+                                activation=cfg.activation, norm_position=cfg.norm_position, **common, **dropconnect)
     apply_init(model, cfg.init)
     return model

@@ -38,6 +38,8 @@ from gradwise.memory.accumulation import item_count, loss_weights, micro_batch_s
 from gradwise.memory.checkpointing import apply_checkpointing
 from gradwise.memory.precision import LossScaler, autocast
 from gradwise.optim import build_optimizer, build_scheduler, scaled_lr
+from gradwise.optim.penalties import penalised_params, penalty
+from gradwise.train.early_stopping import EarlyStopping
 from gradwise.train.metrics import MetricsLog, Progress
 from gradwise.train.sampler import EpochBatches, Position, batches_per_epoch
 from gradwise.train.state import (
@@ -88,7 +90,8 @@ def holds_run(folder: Path) -> bool:
 class Trainer:
     """Trains `model` on `train_data` (a Dataset of (input, target) pairs) as the config says.
 
-    `optimizer` and `scheduler` default to the ones `config.optim` and
+    `val_data` (optional) is evaluated alongside `test_data` and is what
+    early stopping watches; the test set never steers training. `optimizer` and `scheduler` default to the ones `config.optim` and
     `config.schedule` describe. `out_dir=None` trains without writing files.
     `task` selects the reported metric: accuracy for "classification",
     bits-per-char for "language_model". `count_fn(targets)` counts a batch's
@@ -102,6 +105,7 @@ class Trainer:
         train_data: Dataset,
         *,
         test_data: Dataset | None = None,
+        val_data: Dataset | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -113,7 +117,7 @@ class Trainer:
         self.cfg = (config or Config()).model_copy(deep=True)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
-        self.train_data, self.test_data = train_data, test_data
+        self.train_data, self.test_data, self.val_data = train_data, test_data, val_data
         self.loss_fn = loss_fn or default_loss
         self.count_fn = count_fn or item_count
         self.forward_context: Callable[[], Any] = contextlib.nullcontext  # e.g. an ActivationMeter's track()
@@ -155,6 +159,25 @@ class Trainer:
         self._nonfinite_flag = torch.zeros(1, device=self.device)  # buffers for the per-step finiteness check
         self._unit_scale = torch.ones(1, device=self.device)
         self.health: dict[str, Any] | None = None  # the latest verdict
+        self.records: list[dict[str, Any]] = []  # this session's metrics records, as written to metrics.jsonl
+
+        reg = self.cfg.regularize
+        self.penalised = penalised_params(self.model, self.cfg.optim.exclude) if reg.l1 or reg.l2 else []
+        self.last_penalty: torch.Tensor | None = None
+        es = self.cfg.early_stopping
+        self.early_stopping = EarlyStopping(es) if es.patience is not None else None
+        if self.early_stopping is not None:
+            if val_data is None or len(val_data) == 0:
+                raise ConfigError(
+                    f"config error: early_stopping.patience={es.patience} needs a validation set; set "
+                    "data.val_fraction (e.g. 0.1) or pass val_data (the test set is never used to stop)"
+                )
+            wanted = {"classification": "val_accuracy", "language_model": "val_bpc"}.get(task)
+            if es.metric != "val_loss" and es.metric != wanted:
+                raise ConfigError(
+                    f"config error: early_stopping.metric={es.metric} is not reported for a {task} task "
+                    f"(allowed: val_loss{', ' + wanted if wanted else ''})"
+                )
 
     # -- construction from config / run directory ---------------------------------------------------------
 
@@ -171,7 +194,8 @@ class Trainer:
         seed_everything(cfg.seed)
         data = build_data(cfg.data, context=cfg.model.context)
         model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
-        return cls(model, data.train, test_data=data.test, config=cfg, out_dir=out_dir, task=data.task)
+        return cls(model, data.train, test_data=data.test, val_data=data.val, config=cfg, out_dir=out_dir,
+                   task=data.task)
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: list[str] | None = None) -> "Trainer":
@@ -196,6 +220,12 @@ class Trainer:
         payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         trainer = cls.from_config(cfg, out_dir=run_dir)
         trainer.load_state_dict(payload, where=str(run_dir / "checkpoints" / "last.pt"))
+        stopped = trainer.early_stopping.stopped_at if trainer.early_stopping else None
+        if stopped is not None:
+            raise ConfigError(
+                f"config error: the run in '{run_dir}' stopped early at step {stopped} "
+                f"(early_stopping.patience={cfg.early_stopping.patience}); there is nothing to resume"
+            )
         if trainer.step >= trainer.total_steps:
             raise ConfigError(
                 f"config error: the checkpoint is at step {trainer.step} and the run is {trainer.total_steps} "
@@ -215,6 +245,7 @@ class Trainer:
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
             "rng": capture_rng(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None,
             "config": self.cfg.to_dict(),
             "progress": {
                 "elapsed_seconds": self.elapsed_seconds,
@@ -235,6 +266,8 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
+        if self.early_stopping is not None and payload.get("early_stopping"):
+            self.early_stopping.load_state_dict(payload["early_stopping"])
         self.step = int(payload["step"])
         self.position = Position(int(payload["position"]["epoch"]), int(payload["position"]["batch"]))
         progress = payload.get("progress", {})
@@ -264,14 +297,22 @@ class Trainer:
 
         Each micro-batch's mean loss is weighted by its share of the batch's
         loss-bearing items, so the accumulated gradient equals the full batch's.
+        The L1/L2 penalty joins the last micro-batch's objective (once per
+        update, in fp32); the returned loss excludes it (see `last_penalty`).
         """
         total = None
-        for x, y, weight in self.micro_batches(inputs, targets):
+        micro = self.micro_batches(inputs, targets)
+        for i, (x, y, weight) in enumerate(micro):
             with self.forward_context(), autocast(self.cfg.precision, self.device):
                 loss = self.loss_fn(self.model(x), y)
             if weight is not None:
                 loss = loss * weight
-            (self.scaler.scale_loss(loss) if self.scaler else loss).backward()
+            objective = loss
+            if self.penalised and i == len(micro) - 1:
+                extra = penalty(self.penalised, self.cfg.regularize.l1, self.cfg.regularize.l2)
+                objective = loss + extra
+                self.last_penalty = extra.detach()
+            (self.scaler.scale_loss(objective) if self.scaler else objective).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
@@ -378,9 +419,14 @@ class Trainer:
             return 0.0
         return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
 
+    def evaluate_all(self) -> dict[str, float]:
+        """`val_*` figures (when there is a validation set) and `test_*` figures."""
+        result = self.evaluate(self.val_data, prefix="val") if self.val_data is not None else {}
+        return {**result, **self.evaluate()}
+
     @torch.no_grad()
-    def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
-        """Mean loss (and accuracy or bits-per-char) over `dataset` (default: the test set)."""
+    def evaluate(self, dataset: Dataset | None = None, prefix: str = "test") -> dict[str, float]:
+        """Mean loss (and accuracy or bits-per-char) over `dataset` (default: the test set), keys `prefix_*`."""
         dataset = dataset if dataset is not None else self.test_data
         if dataset is None or len(dataset) == 0:
             return {}
@@ -397,11 +443,11 @@ class Trainer:
             if classify and outputs.ndim == 2 and targets.ndim == 1:
                 correct += (outputs.argmax(dim=-1) == targets).sum()
         self.model.train(was_training)
-        result = {"test_loss": float(total_loss) / n}
+        result = {f"{prefix}_loss": float(total_loss) / n}
         if self.task == "language_model":
-            result["test_bpc"] = result["test_loss"] / math.log(2)
+            result[f"{prefix}_bpc"] = result[f"{prefix}_loss"] / math.log(2)
         elif classify:
-            result["test_accuracy"] = float(correct) / n
+            result[f"{prefix}_accuracy"] = float(correct) / n
         return result
 
     # -- the loop --------------------------------------------------------------------------------------------
@@ -427,6 +473,7 @@ class Trainer:
         out = self.out_dir
         cfg = self.cfg
         metrics = MetricsLog(out / "metrics.jsonl" if out else None, resume_step=self.resumed_from)
+        self.records = metrics.records
         progress = Progress(cfg.log.progress, self.total_steps, initial=self.step)
         if self.resumed_from is not None:
             progress.message(f"resuming from step {self.step} of {self.total_steps}")
@@ -469,6 +516,7 @@ class Trainer:
                         "lr": lr,
                         "grad_norm": self.grad_norm(),
                         **self._scaler_metrics(),
+                        **({"penalty": float(self.last_penalty)} if self.last_penalty is not None else {}),
                         "samples_per_s": window_samples / max(now - window_start, 1e-9),
                         "time": round(self.elapsed_seconds + now - session_start, 3),
                     }
@@ -476,16 +524,29 @@ class Trainer:
                     window_start, window_samples = now, 0
                     metrics.write(record)
                     progress.show(record)
+                stop = False
                 if self.step % cfg.train.eval_every == 0 or last:
-                    last_eval = self.evaluate()
+                    last_eval = self.evaluate_all()
                     if last_eval:
                         record = {"kind": "eval", "step": self.step, **last_eval}
                         metrics.write(record)
                         progress.show(record)
-                if self.step % cfg.train.checkpoint_every == 0 or last:
+                    if self.early_stopping is not None:
+                        stop = self.early_stopping.update(last_eval[cfg.early_stopping.metric], self.step, self.model)
+                if self.step % cfg.train.checkpoint_every == 0 or last or stop:
                     self.elapsed_seconds += time.perf_counter() - session_start
                     session_start = time.perf_counter()
                     self.save_checkpoint()
+                if stop:
+                    es = self.early_stopping
+                    progress.message(f"early stopping at step {self.step}: {cfg.early_stopping.metric} has not "
+                                     f"improved for {es.bad_evaluations} evaluations (best {es.best_value:.4g} "
+                                     f"at step {es.best_step})")
+                    break
+            if self.early_stopping is not None and self.early_stopping.restore(self.model):
+                last_eval = self.evaluate_all()
+                metrics.write({"kind": "eval", "step": self.step, "restored_from_step": self.early_stopping.best_step,
+                               **last_eval})
         finally:
             progress.close()
             metrics.close()
@@ -515,4 +576,6 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "rollbacks": self.rollbacks,
             "health": self.health,
+            **({"penalty": float(self.last_penalty)} if self.last_penalty is not None else {}),
+            **({"early_stopping": self.early_stopping.summary()} if self.early_stopping else {}),
         }
