@@ -32,11 +32,16 @@ def _default_out_dir() -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gradwise.config import load_config
+    from gradwise.distributed.ddp import launched_by_torchrun
     from gradwise.train import Trainer
 
+    if args.resume and (args.config or args.out):
+        raise UserInputError("usage error: --resume DIR continues that run with its own config; drop --config/--out")
+    if launched_by_torchrun():
+        return _train_worker(args)
+    if args.nproc is not None:
+        return _launch(args)
     if args.resume:
-        if args.config or args.out:
-            raise UserInputError("usage error: --resume DIR continues that run with its own config; drop --config/--out")
         trainer = Trainer.resume(args.resume, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
@@ -44,7 +49,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(cfg.to_yaml(), end="")
             return 0
         trainer = Trainer.from_config(cfg, out_dir=args.out or _default_out_dir())
-    summary = trainer.fit()
+    _report(trainer, trainer.fit())
+    return 0
+
+
+def _report(trainer, summary: dict) -> None:
     metric = next(
         (f"{k} {summary[k]:.4f}" for k in ("test_accuracy", "test_bpc") if k in summary), "no test set"
     )
@@ -52,6 +61,87 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: {metric} | test_loss {summary.get('test_loss', float('nan')):.4f} | "
         f"{summary['steps']} steps in {summary['wall_seconds']:.1f}s | run: {trainer.out_dir}"
     )
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Check everything checkable, then start --nproc workers under torchrun's elastic agent."""
+    from gradwise.config import load_config
+    from gradwise.data import build_data
+    from gradwise.distributed.launch import LaunchOptions, check_group_fits, launch
+    from gradwise.train import Trainer
+    from gradwise.train.trainer import holds_run
+
+    for flag in ("nproc", "nnodes"):
+        if getattr(args, flag) < 1:
+            raise UserInputError(f"usage error: --{flag}={getattr(args, flag)} must be at least 1")
+    if args.max_restarts < 0:
+        raise UserInputError(f"usage error: --max-restarts={args.max_restarts} must be 0 or more")
+    if args.rdzv_timeout <= 0:
+        raise UserInputError(f"usage error: --rdzv-timeout={args.rdzv_timeout} must be positive")
+    if args.print_config:
+        raise UserInputError("usage error: --print-config does not launch processes; drop --nproc")
+    if args.resume:
+        cfg = Trainer.resume_config(args.resume, args.overrides)
+        if not (Path(args.resume) / "checkpoints" / "last.pt").is_file():
+            raise UserInputError(f"checkpoint error: '{args.resume}' has no checkpoints/last.pt to resume from")
+        worker_args = ["train", "--resume", args.resume, *args.overrides]
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else _default_out_dir()
+        if holds_run(out):
+            raise UserInputError(f"checkpoint error: '{out}' already holds a run; pass --resume {out} "
+                                 "to continue it or choose another --out")
+        worker_args = ["train", *(["--config", args.config] if args.config else []), "--out", str(out),
+                       *args.overrides]
+    data = build_data(cfg.data, context=cfg.model.context)
+    check_group_fits(args.nproc * args.nnodes, cfg.train.batch_size, len(data.train))
+    opts = LaunchOptions(nproc=args.nproc, nnodes=args.nnodes, max_restarts=args.max_restarts,
+                         rdzv_endpoint=args.rdzv_endpoint, port=args.port, rdzv_timeout=args.rdzv_timeout)
+    return launch(opts, worker_args)
+
+
+def _train_worker(args: argparse.Namespace) -> int:
+    """One rank of a torchrun group: join, build or resume the run (after a restart: from its last checkpoint).
+
+    The worker ends through `DistContext.finish` (exit status 0, or 2/1 for input/non-finite errors)
+    rather than by returning, so a finished rank cannot abort in interpreter teardown.
+    """
+    import os
+
+    import torch.distributed
+
+    from gradwise.config import load_config
+    from gradwise.distributed.ddp import init_process_group, restart_count
+    from gradwise.distributed.launch import clear_failed_attempt
+    from gradwise.train import Trainer
+
+    ctx = init_process_group()
+    try:
+        restarts = restart_count()
+        if args.resume:
+            trainer = Trainer.resume(args.resume, args.overrides, dist=ctx)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            chosen = [str(args.out or _default_out_dir())]
+            torch.distributed.broadcast_object_list(chosen, src=0)  # one run directory for every rank
+            out = Path(chosen[0])
+            if restarts and (out / "checkpoints" / "last.pt").is_file():
+                trainer = Trainer.resume(out, dist=ctx)
+            else:
+                if restarts and ctx.is_main:
+                    clear_failed_attempt(out)
+                ctx.barrier()
+                trainer = Trainer.from_config(cfg, out_dir=out, dist=ctx)
+        if restarts and ctx.is_main:
+            print(f"gradwise: restart {restarts}: continuing from step {trainer.step}", flush=True)
+        trainer.restarts = restarts
+        summary = trainer.fit()
+        if ctx.is_main:
+            _report(trainer, summary)
+    except (UserInputError, NonFiniteError) as err:
+        print(f"gradwise: {err}", file=sys.stderr, flush=True)
+        os._exit(2 if isinstance(err, UserInputError) else 1)
+    ctx.finish()
     return 0
 
 
@@ -116,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory to create (default: runs/DATE-TIME)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly; train.steps=M extends it")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    dp = train.add_argument_group("data parallel (see docs/distributed.md)")
+    dp.add_argument("--nproc", type=int, help="processes on this machine (torchrun); train.batch_size is the global batch")
+    dp.add_argument("--max-restarts", type=int, default=0,
+                    help="restart the group from the last checkpoint this many times when a worker dies (default 0)")
+    dp.add_argument("--port", type=int, help="rendezvous port on this machine (default: a free one)")
+    dp.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
+    dp.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of a multi-machine run (same on every node)")
+    dp.add_argument("--rdzv-timeout", type=float, default=60.0,
+                    help="seconds to wait for every node to join before giving up (default 60)")
     train.set_defaults(func=cmd_train)
 
     planner = sub.add_parser("plan", help="find the fastest micro-batch/checkpoint/precision setting within a memory budget")

@@ -203,6 +203,7 @@ class TrainConfig(_Section):
     micro_batch_size: Optional[int] = Field(None, gt=0, description="or: samples per micro-batch")
     clip_norm: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this, once per update")
     clip_value: Optional[float] = Field(None, gt=0, description="clip each gradient element to [-v, v], once per update")
+    sync_batchnorm: bool = Field(False, description="multi-process: BatchNorm statistics over the global batch (CUDA)")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":

@@ -19,9 +19,9 @@ from gradwise.io import write_json
 
 
 def _benchmarks() -> dict[str, Callable[..., dict[str, Any]]]:
-    from gradwise.bench import optimizers, overhead
+    from gradwise.bench import distributed, optimizers, overhead
 
-    return {"overhead": overhead.run, "optimizers": optimizers.run}
+    return {"overhead": overhead.run, "optimizers": optimizers.run, "distributed": distributed.run}
 
 
 def describe_machine() -> dict[str, Any]:

@@ -51,8 +51,8 @@ def train(overrides: list[str]) -> dict[str, Any]:
     losses: list[float] = []
     original = trainer.train_step
 
-    def recording_step(inputs, targets):
-        loss = original(inputs, targets)
+    def recording_step(*batch):
+        loss = original(*batch)
         losses.append(float(loss))
         return loss
 

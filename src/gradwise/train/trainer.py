@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from gradwise.config import Config, apply_overrides, read_yaml, validate
+from gradwise.distributed.ddp import DistContext, wrap_model
 from gradwise.diagnostics.health import (
     REMEDIES,
     first_nonfinite_forward,
@@ -97,6 +98,11 @@ class Trainer:
     bits-per-char for "language_model". `count_fn(targets)` counts a batch's
     loss-bearing items, which weight micro-batches under accumulation (default:
     integer targets other than -100, else every target element).
+
+    `dist` (a `DistContext`, set up by `gradwise train --nproc N` under
+    torchrun) makes this one rank of synchronous data parallel training:
+    `train.batch_size` stays the global batch, each rank computes gradients on
+    its shard, DDP averages them, and rank 0 alone writes files.
     """
 
     def __init__(
@@ -113,9 +119,12 @@ class Trainer:
         out_dir: str | Path | None = None,
         task: str = "classification",
         count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        dist: DistContext | None = None,
     ):
         self.cfg = (config or Config()).model_copy(deep=True)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        self.device = dist.device if dist is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
         self.train_data, self.test_data, self.val_data = train_data, test_data, val_data
         self.loss_fn = loss_fn or default_loss
@@ -132,6 +141,11 @@ class Trainer:
                 f"config error: train.batch_size={tc.batch_size} exceeds the {len(train_data)} training samples "
                 f"with train.drop_last=true; use a batch of at most {len(train_data)}"
             )
+        if dist is not None and tc.batch_size < dist.world_size:
+            raise ConfigError(
+                f"config error: train.batch_size={tc.batch_size} is smaller than the {dist.world_size} processes; "
+                f"each process needs at least one sample (use train.batch_size >= {dist.world_size})"
+            )
         self.steps_per_epoch = batches_per_epoch(len(train_data), tc.batch_size, tc.drop_last)
         self.total_steps = tc.steps if tc.steps is not None else tc.epochs * self.steps_per_epoch
         sc = self.cfg.schedule
@@ -142,6 +156,13 @@ class Trainer:
         self.lr = scaled_lr(self.cfg.optim.lr, tc.batch_size, sc.base_batch, sc.scale_rule)
 
         apply_checkpointing(self.model, self.cfg.memory.checkpoint, self.cfg.memory.modules)
+        self.forward_model = self.model  # what the step calls: the model, or DDP around it
+        self.sync_gradients = True  # False skips DDP's all-reduce (ranks drift apart): for measuring comm cost only
+        if dist is not None:
+            if tc.sync_batchnorm and dist.backend != "nccl":
+                raise ConfigError("config error: train.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no "
+                                  "CPU kernel); on CPU each process normalises over its own shard")
+            self.forward_model = wrap_model(self.model, dist, tc.sync_batchnorm)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler = LossScaler(self.cfg.scaler) if self.cfg.precision == "fp16" and self.cfg.scaler.enabled else None
         self.optimizer = optimizer or build_optimizer(self.cfg.optim, self.model, self.lr)
@@ -156,6 +177,7 @@ class Trainer:
         self.last_train_loss = float("nan")
         self.resumed_from: int | None = None
         self.rollbacks = 0
+        self.restarts = 0  # elastic restarts of a data-parallel group (set by the launcher's workers)
         self._nonfinite_flag = torch.zeros(1, device=self.device)  # buffers for the per-step finiteness check
         self._unit_scale = torch.ones(1, device=self.device)
         self.health: dict[str, Any] | None = None  # the latest verdict
@@ -182,8 +204,11 @@ class Trainer:
     # -- construction from config / run directory ---------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: Config, out_dir: str | Path | None = None) -> "Trainer":
-        """Build data and model from the config (seeded by `cfg.seed`) and return a ready Trainer."""
+    def from_config(cls, cfg: Config, out_dir: str | Path | None = None, dist: DistContext | None = None) -> "Trainer":
+        """Build data and model from the config (seeded by `cfg.seed`) and return a ready Trainer.
+
+        Every rank builds the same model; ranks other than 0 then reseed, so dropout masks differ across shards.
+        """
         from gradwise.data import build_data
         from gradwise.nn import build_model
 
@@ -194,12 +219,14 @@ class Trainer:
         seed_everything(cfg.seed)
         data = build_data(cfg.data, context=cfg.model.context)
         model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
+        if dist is not None and dist.rank > 0:
+            seed_everything(cfg.seed + 1_000_003 * dist.rank)
         return cls(model, data.train, test_data=data.test, val_data=data.val, config=cfg, out_dir=out_dir,
-                   task=data.task)
+                   task=data.task, dist=dist)
 
-    @classmethod
-    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None) -> "Trainer":
-        """Rebuild the run in `run_dir` from its config.yaml and checkpoints/last.pt, ready to continue."""
+    @staticmethod
+    def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+        """The config of the run in `run_dir` with `overrides` applied (only keys that keep its trajectory)."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"checkpoint error: '{run_dir}' is not a run directory (no config.yaml)")
@@ -216,9 +243,16 @@ class Trainer:
             raw.setdefault("train", {})["epochs"] = None
         if "train.epochs" in keys:
             raw.setdefault("train", {})["steps"] = None
-        cfg = validate(apply_overrides(raw, overrides))
+        return validate(apply_overrides(raw, overrides))
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None,
+               dist: DistContext | None = None) -> "Trainer":
+        """Rebuild the run in `run_dir` from its config.yaml and checkpoints/last.pt, ready to continue."""
+        run_dir = Path(run_dir)
+        cfg = cls.resume_config(run_dir, overrides)
         payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        trainer = cls.from_config(cfg, out_dir=run_dir)
+        trainer = cls.from_config(cfg, out_dir=run_dir, dist=dist)
         trainer.load_state_dict(payload, where=str(run_dir / "checkpoints" / "last.pt"))
         stopped = trainer.early_stopping.stopped_at if trainer.early_stopping else None
         if stopped is not None:
@@ -244,6 +278,7 @@ class Trainer:
             "step": self.step,
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
             "rng": capture_rng(),
+            "rng_ranks": self._gather(capture_rng()) if self.dist is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None,
             "config": self.cfg.to_dict(),
@@ -276,43 +311,57 @@ class Trainer:
         self.window_losses = []
         self.window_carry = (float(progress.get("window_loss", 0.0)), int(progress.get("window_steps", 0)))
         self.last_train_loss = float(progress.get("last_train_loss", float("nan")))
-        restore_rng(payload["rng"])
+        ranks = payload.get("rng_ranks")
+        same_world = self.dist is not None and ranks is not None and len(ranks) == self.dist.world_size
+        restore_rng(ranks[self.dist.rank] if same_world else payload["rng"])
         self.resumed_from = self.step
 
     # -- the step --------------------------------------------------------------------------------------------
 
-    def micro_batches(self, inputs, targets) -> list[tuple[Any, torch.Tensor, torch.Tensor | None]]:
-        """(inputs, targets, loss weight) per micro-batch; weight None when the batch is not split."""
+    def micro_batches(self, inputs, targets, global_count: torch.Tensor | None = None
+                      ) -> list[tuple[Any, torch.Tensor, torch.Tensor | None]]:
+        """(inputs, targets, loss weight) per micro-batch; weight None when one process does not split the batch.
+
+        Under data parallel the weights use the global batch's item count: `global_count` when the
+        caller counted it, else one small all-reduce.
+        """
         tc = self.cfg.train
-        if tc.micro_batches == 1:
+        if self.dist is None and tc.micro_batches == 1:
             return [(inputs, targets, None)]
-        slices = micro_batch_slices(len(targets), tc.micro_batches, tc.micro_batch_size)
-        if len(slices) == 1:
+        slices = micro_batch_slices(len(targets), tc.micro_batches, tc.micro_batch_size) or [slice(0, 0)]
+        if self.dist is None and len(slices) == 1:
             return [(inputs, targets, None)]
-        weights = loss_weights([self.count_fn(targets[s]) for s in slices])
+        counts = [self.count_fn(targets[s]) for s in slices]
+        weights = self.dist.loss_weights(counts, global_count) if self.dist is not None else loss_weights(counts)
         return [(inputs[s], targets[s], w) for s, w in zip(slices, weights)]
 
-    def compute_gradients(self, inputs, targets) -> torch.Tensor:
+    def compute_gradients(self, inputs, targets, global_count: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward over the batch's micro-batches; returns the batch's mean loss (detached).
 
         Each micro-batch's mean loss is weighted by its share of the batch's
         loss-bearing items, so the accumulated gradient equals the full batch's.
         The L1/L2 penalty joins the last micro-batch's objective (once per
         update, in fp32); the returned loss excludes it (see `last_penalty`).
+        Under data parallel, DDP all-reduces during the last micro-batch's
+        backward only (`no_sync` covers the others' forward and backward).
         """
         total = None
-        micro = self.micro_batches(inputs, targets)
+        micro = self.micro_batches(inputs, targets, global_count)
         for i, (x, y, weight) in enumerate(micro):
-            with self.forward_context(), autocast(self.cfg.precision, self.device):
-                loss = self.loss_fn(self.model(x), y)
-            if weight is not None:
-                loss = loss * weight
-            objective = loss
-            if self.penalised and i == len(micro) - 1:
-                extra = penalty(self.penalised, self.cfg.regularize.l1, self.cfg.regularize.l2)
-                objective = loss + extra
-                self.last_penalty = extra.detach()
-            (self.scaler.scale_loss(objective) if self.scaler else objective).backward()
+            last = i == len(micro) - 1
+            skip_sync = self.dist is not None and not (last and self.sync_gradients)
+            with self.forward_model.no_sync() if skip_sync else contextlib.nullcontext():
+                with self.forward_context(), autocast(self.cfg.precision, self.device):
+                    outputs = self.forward_model(x)
+                    loss = self.loss_fn(outputs, y) if len(y) else outputs.sum() * 0.0  # an empty shard adds 0
+                if weight is not None:
+                    loss = loss * weight
+                objective = loss
+                if self.penalised and last:
+                    extra = penalty(self.penalised, self.cfg.regularize.l1, self.cfg.regularize.l2)
+                    objective = loss + extra
+                    self.last_penalty = extra.detach()
+                (self.scaler.scale_loss(objective) if self.scaler else objective).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
@@ -331,14 +380,14 @@ class Trainer:
             self.scaler.update(found_inf)
         return not found_inf
 
-    def train_step(self, inputs, targets) -> torch.Tensor:
+    def train_step(self, inputs, targets, global_count: torch.Tensor | None = None) -> torch.Tensor:
         """One update on one batch: compute gradients, (synchronise: nothing here), apply. Returns the loss.
 
         Raises NonFiniteStep (before any update) when the loss or a gradient is not finite and
         `diagnostics.check_finite` is on; under fp16 loss scaling the scaler handles overflow instead.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.compute_gradients(inputs, targets)
+        loss = self.compute_gradients(inputs, targets, global_count)
         if self.cfg.diagnostics.check_finite and self.scaler is None:
             self._check_finite(loss, inputs)
         self.apply_update()
@@ -406,11 +455,22 @@ class Trainer:
             return {}
         return {"loss_scale": self.scaler.scale, "skipped_steps": self.scaler.skipped_steps}
 
+    def _gather(self, obj: Any) -> list[Any]:
+        """`obj` from every rank, in rank order (a collective: every rank must call it)."""
+        import torch.distributed
+
+        gathered: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
     def _window(self) -> tuple[float, int]:
-        """(sum, count) of the training losses since the last log record."""
+        """(sum, count) of the training losses since the last log record (averaged over ranks: a collective)."""
         total, count = self.window_carry
         if self.window_losses:
-            total += float(torch.stack(self.window_losses).sum())
+            window = torch.stack(self.window_losses).sum()
+            if self.dist is not None:
+                window = self.dist.all_reduce_sum(window.reshape(1))[0] / self.dist.world_size
+            total += float(window)
         return total, count + len(self.window_losses)
 
     def grad_norm(self) -> float:
@@ -435,14 +495,18 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         n, bs = len(dataset), self.cfg.train.eval_batch_size
+        part = self.dist.shard(n) if self.dist is not None else slice(0, n)  # each rank scores its share
         classify = self.task == "classification"
-        for start in range(0, n, bs):
-            inputs, targets = (t.to(self.device) for t in fetch_batch(dataset, torch.arange(start, min(n, start + bs))))
+        for start in range(part.start, part.stop, bs):
+            rows = torch.arange(start, min(part.stop, start + bs))
+            inputs, targets = (t.to(self.device) for t in fetch_batch(dataset, rows))
             outputs = self.model(inputs)
             total_loss += self.loss_fn(outputs, targets) * len(targets)
             if classify and outputs.ndim == 2 and targets.ndim == 1:
                 correct += (outputs.argmax(dim=-1) == targets).sum()
         self.model.train(was_training)
+        if self.dist is not None:
+            total_loss, correct = self.dist.all_reduce_sum(torch.stack([total_loss, correct]))
         result = {f"{prefix}_loss": float(total_loss) / n}
         if self.task == "language_model":
             result[f"{prefix}_bpc"] = result[f"{prefix}_loss"] / math.log(2)
@@ -453,7 +517,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------------------
 
     def _prepare_out_dir(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.is_main:
             return
         if self.resumed_from is None and holds_run(self.out_dir):
             raise CheckpointError(
@@ -464,17 +528,20 @@ class Trainer:
         write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
 
     def save_checkpoint(self) -> None:
+        """Write checkpoints/last.pt (rank 0 writes; under data parallel every rank must call this)."""
         if self.out_dir is not None:
-            save_checkpoint(self.out_dir / "checkpoints" / "last.pt", self.state_dict())
+            payload = self.state_dict()
+            if self.is_main:
+                save_checkpoint(self.out_dir / "checkpoints" / "last.pt", payload)
 
     def fit(self) -> dict[str, Any]:
         """Train until `total_steps` updates; returns the summary (also written to summary.json)."""
         self._prepare_out_dir()
         out = self.out_dir
         cfg = self.cfg
-        metrics = MetricsLog(out / "metrics.jsonl" if out else None, resume_step=self.resumed_from)
+        metrics = MetricsLog(out / "metrics.jsonl" if out and self.is_main else None, resume_step=self.resumed_from)
         self.records = metrics.records
-        progress = Progress(cfg.log.progress, self.total_steps, initial=self.step)
+        progress = Progress(cfg.log.progress if self.is_main else "off", self.total_steps, initial=self.step)
         if self.resumed_from is not None:
             progress.message(f"resuming from step {self.step} of {self.total_steps}")
         batches = EpochBatches(len(self.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last, self.position)
@@ -486,12 +553,17 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 idx = batches.next()
-                inputs, targets = (t.to(self.device, non_blocking=True) for t in fetch_batch(self.train_data, idx))
+                mine, global_count = idx, None
+                if self.dist is not None:
+                    mine = idx[self.dist.shard(len(idx))]
+                    if isinstance(self.train_data, TensorDataset):  # count the global batch's items here, no collective
+                        global_count = self.count_fn(self.train_data.tensors[-1][idx]).to(self.device)
+                inputs, targets = (t.to(self.device, non_blocking=True) for t in fetch_batch(self.train_data, mine))
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
                 check_health = diag.every and (self.step + 1) % diag.every == 0
                 before = [p.detach().clone() for _, p in weight_layers(self.model)] if check_health else None
                 try:
-                    loss = self.train_step(inputs, targets)
+                    loss = self.train_step(inputs, targets, global_count)
                 except NonFiniteStep as event:
                     self._recover(event, metrics, progress)  # or raise NonFiniteError
                     batches = EpochBatches(len(self.train_data), cfg.train.batch_size, cfg.seed,
@@ -552,7 +624,7 @@ class Trainer:
             metrics.close()
         self.elapsed_seconds += time.perf_counter() - session_start
         summary = self.summary(last_eval)
-        if out is not None:
+        if out is not None and self.is_main:
             write_json(out / "summary.json", summary)
             if cfg.log.plots:
                 from gradwise.train.plots import plot_run
@@ -575,6 +647,8 @@ class Trainer:
             "task": self.task,
             "resumed_from": self.resumed_from,
             "rollbacks": self.rollbacks,
+            "world_size": self.dist.world_size if self.dist is not None else 1,
+            "restarts": self.restarts,
             "health": self.health,
             **({"penalty": float(self.last_penalty)} if self.last_penalty is not None else {}),
             **({"early_stopping": self.early_stopping.summary()} if self.early_stopping else {}),

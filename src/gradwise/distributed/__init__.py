@@ -1,0 +1,1 @@
+"""Scaling out: synchronous data parallel on torch.distributed (`ddp`, `launch`)."""

@@ -1,0 +1,109 @@
+"""Synchronous data parallel: the process group, batch sharding and cross-rank reductions.
+
+Every rank draws the same global batch (the single-process order) and keeps
+its own contiguous share, so an epoch covers each sample exactly once and N
+processes see what one process would. A rank's loss weights are its items'
+share of the *global* batch times N, so DDP's gradient average equals the
+single-process gradient however unevenly items fall. gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched_by_torchrun() -> bool:
+    return all(key in os.environ for key in ENV_KEYS)
+
+
+def restart_count() -> int:
+    """How many times torchrun's elastic agent has restarted this worker group (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """Rank `rank`'s contiguous part of n rows: sizes differ by at most one, earlier ranks take the extra."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+@dataclass
+class DistContext:
+    """This process's place in the group, and the collectives the trainer needs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    def shard(self, n: int) -> slice:
+        return shard(n, self.rank, self.world_size)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def loss_weights(self, counts: list[torch.Tensor], global_count: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per micro-batch weights N * c_i / C_global: DDP's mean over ranks then yields the global mean loss.
+
+        `global_count` (the global batch's items, when the caller could count them) saves an all-reduce.
+        """
+        if global_count is None:
+            local = torch.stack(counts).sum().to(torch.float32).reshape(1)
+            global_count = self.all_reduce_sum(local)[0]
+        total = global_count.to(torch.float32).clamp(min=1)
+        return [c.to(torch.float32) * self.world_size / total for c in counts]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def finish(self) -> None:
+        """Leave together and end this worker process now.
+
+        After a final barrier the process exits without tearing down the process group and
+        interpreter step by step: gloo's threads could be destroyed while still joinable during
+        that teardown, aborting a finished worker ("terminate called without an active exception")
+        and making torchrun report a failure. Everything the run writes is already on disk.
+        """
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def init_process_group(timeout_s: float = 300.0) -> DistContext:
+    """Join the group torchrun described in the environment: NCCL with CUDA, else gloo."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), backend)
+    if backend == "nccl":
+        torch.cuda.set_device(ctx.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return ctx
+
+
+def wrap_model(model: torch.nn.Module, ctx: DistContext, sync_batchnorm: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around `model` (optionally with BatchNorm layers made SyncBatchNorm)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [ctx.local_rank] if ctx.backend == "nccl" else None
+    return DistributedDataParallel(model, device_ids=device_ids)

@@ -1,0 +1,143 @@
+"""`gradwise train --nproc N`: start N worker processes through torch.distributed.run.
+
+The launcher runs torchrun's elastic agent in this process (what the `torchrun`
+command does): it rendezvouses with the other nodes (c10d store), starts
+`python -m gradwise train ...` N times with RANK/WORLD_SIZE/LOCAL_RANK set,
+and restarts the whole group up to `--max-restarts` times when a worker dies;
+restarted workers resume from the run's last checkpoint. Everything a user can
+get wrong (config, run directory, port, batch or data smaller than the group)
+is checked here first, so it fails in one line with exit 2 instead of N times.
+
+Many machines: run the same command on each with `--nnodes M --rdzv-endpoint
+HOST:PORT` (HOST: one of the machines), or call torchrun directly:
+`torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint
+HOST:PORT -m gradwise train --out DIR ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradwise.errors import UserInputError
+
+
+@dataclass
+class LaunchOptions:
+    nproc: int
+    nnodes: int = 1
+    max_restarts: int = 0
+    rdzv_endpoint: str | None = None  # HOST:PORT; default 127.0.0.1 and a free port (or --port)
+    port: int | None = None
+    rdzv_timeout: float = 60.0
+    rdzv_id: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_port(port: int) -> None:
+    """Exit-2 error when `port` cannot be bound here (another run, or any other program, holds it)."""
+    if not 0 < port < 65536:
+        raise UserInputError(f"usage error: --port={port} is not a port (1-65535)")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise UserInputError(
+                f"usage error: --port={port} is in use on this machine; pick another --port or leave it out "
+                "(a free one is chosen)"
+            ) from None
+
+
+def check_group_fits(world_size: int, batch_size: int, train_samples: int) -> None:
+    if batch_size < world_size:
+        raise UserInputError(
+            f"config error: train.batch_size={batch_size} is smaller than the {world_size} processes "
+            f"(--nproc x --nnodes); each needs at least one sample per step"
+        )
+    if train_samples < world_size:
+        raise UserInputError(
+            f"config error: {world_size} processes but only {train_samples} training samples; "
+            f"use at most {train_samples} processes"
+        )
+
+
+def torchrun_argv(opts: LaunchOptions, worker_args: list[str], module: str = "gradwise") -> list[str]:
+    """The torch.distributed.run command line for `python -m <module> <worker_args>` on this node."""
+    if opts.rdzv_endpoint is None:
+        port = opts.port if opts.port is not None else free_port()
+        endpoint = f"127.0.0.1:{port}"
+    else:
+        endpoint = opts.rdzv_endpoint
+    return [
+        f"--nnodes={opts.nnodes}", f"--nproc-per-node={opts.nproc}", f"--max-restarts={opts.max_restarts}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={opts.rdzv_id or uuid.uuid4().hex}",
+        f"--rdzv-conf=join_timeout={max(1, round(opts.rdzv_timeout))}", "--monitor-interval=0.2",
+        "-m", module, *worker_args,
+    ]
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def launch(opts: LaunchOptions, worker_args: list[str], module: str = "gradwise") -> int:
+    """Run the elastic agent until the workers finish; returns the exit status for `gradwise train`."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+    from torch.distributed.run import get_args_parser, run
+
+    if opts.rdzv_endpoint is None and opts.port is not None:
+        check_port(opts.port)
+    worker_env = {
+        # share the cores instead of oversubscribing them
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // opts.nproc))),
+        # Workers get their own store per attempt: with the rendezvous store shared (torch's default), a restarted
+        # group can read the previous attempt's addresses and fail to connect (pytorch/pytorch#135712).
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1"),
+    }
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    args = get_args_parser().parse_args(torchrun_argv(opts, worker_args, module))
+    try:
+        with environment(worker_env):  # workers inherit it; this process's own environment is left as it was
+            run(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode == 2:  # the worker already printed its one-line input error
+            return 2
+        print(f"gradwise: worker rank {rank} failed with exit code {failure.exitcode} "
+              f"after {opts.max_restarts} restart(s) allowed", flush=True)
+        return 1
+    except RendezvousTimeoutError:
+        raise UserInputError(
+            f"rendezvous error: not all {opts.nnodes} node(s) joined at {args.rdzv_endpoint} within "
+            f"--rdzv-timeout={opts.rdzv_timeout:g}s; start the same command on every node, or check the endpoint"
+        ) from None
+    except RendezvousError as err:
+        raise UserInputError(f"rendezvous error at {args.rdzv_endpoint}: {err}") from None
+    return 0
+
+
+def clear_failed_attempt(run_dir: Path) -> None:
+    """Remove what a failed attempt wrote before its first checkpoint, so the restarted group starts clean."""
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        (run_dir / name).unlink(missing_ok=True)

@@ -1,0 +1,207 @@
+"""Synchronous data parallel through `gradwise train --nproc N` (torchrun, gloo on CPU): equivalence with one
+process, resume across a change of N, elastic restart after SIGKILL, and input errors (issue 7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMALL
+from gradwise.distributed.ddp import shard
+from gradwise.train.sampler import EpochBatches
+
+BASE = [*SMALL, "optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0"]
+
+
+def gradwise(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gradwise", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path, rtol: float = 1e-5) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        scale = wa[name].abs().max().clamp(min=1e-12)
+        assert ((wa[name] - wb[name]).abs().max() / scale) < rtol, name
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+# -- sharding --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, world", [(64, 2), (16, 3), (7, 4), (3, 4), (1000, 7)])
+def test_shards_cover_the_batch_once_in_order(n, world):
+    parts = [shard(n, r, world) for r in range(world)]
+    rows = [i for p in parts for i in range(p.start, p.stop)]
+    assert rows == list(range(n))  # every row once, rank order = the single-process order
+    sizes = [p.stop - p.start for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_sharded_epoch_covers_each_sample_exactly_once():
+    batches = EpochBatches(400, 64, seed=3)
+    seen = []
+    for _ in range(batches.per_epoch):
+        idx = batches.next()
+        for r in range(3):
+            seen.extend(idx[shard(len(idx), r, 3)].tolist())
+    assert sorted(seen) == list(range(400))
+
+
+# -- equivalence -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [[], ["train.accumulate=2"]], ids=["plain", "accumulate"])
+def test_two_processes_match_one_process(tmp_path, extra):
+    """2 processes x global batch 64 for 20 steps (crossing epochs, with partial last batches) = 1 x 64."""
+    args = [*BASE, "train.steps=20", "train.checkpoint_every=20", *extra]
+    one = gradwise("train", "--out", str(tmp_path / "one"), *args)
+    two = gradwise("train", "--nproc", "2", "--out", str(tmp_path / "two"), *args)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    s1, s2 = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert s2["world_size"] == 2 and s2["epochs"] == s1["epochs"]
+    assert s2["test_loss"] == pytest.approx(s1["test_loss"], rel=1e-5)  # evaluation reduced over ranks
+    assert s2["final_train_loss"] == pytest.approx(s1["final_train_loss"], rel=1e-5)  # loss reduced over ranks
+    # rank 0 alone writes: one record per logged step
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_across_a_change_of_process_count(tmp_path):
+    args = [*BASE, "schedule.name=constant", "train.checkpoint_every=100"]
+    assert gradwise("train", "--out", str(tmp_path / "straight"), "train.steps=20", *args).returncode == 0
+    # 2 processes for 10 steps, then 1 process to 20
+    r = gradwise("train", "--nproc", "2", "--out", str(tmp_path / "a"), "train.steps=10", *args)
+    assert r.returncode == 0, r.stderr
+    r = gradwise("train", "--resume", str(tmp_path / "a"), "train.steps=20")
+    assert r.returncode == 0, r.stderr
+    # 1 process for 10 steps, then 2 processes to 20
+    assert gradwise("train", "--out", str(tmp_path / "b"), "train.steps=10", *args).returncode == 0
+    r = gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "b"), "train.steps=20")
+    assert r.returncode == 0, r.stderr
+    for run in ("a", "b"):
+        assert summary(tmp_path / run)["steps"] == 20 and summary(tmp_path / run)["resumed_from"] == 10
+        assert_same_weights(tmp_path / "straight", tmp_path / run)
+
+
+# -- elastic restart -------------------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def worker_with_rank(launcher_pid: int, rank: int) -> int | None:
+    for pid in descendants(launcher_pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and f"LOCAL_RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+def test_a_killed_worker_is_restarted_and_the_result_is_unchanged(tmp_path):
+    args = [*SMALL, "model.channels=[32,32]", "optim.name=sgd", "train.steps=1500", "train.checkpoint_every=50",
+            "log.every=50", "log.progress=plain", "diagnostics.every=0"]
+    straight = gradwise("train", "--nproc", "2", "--out", str(tmp_path / "straight"), *args)
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gradwise", "train", "--nproc", "2", "--max-restarts", "1",
+                             "--out", str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        checkpoint = out / "checkpoints" / "last.pt"
+        victim = worker_with_rank(proc.pid, 1)
+        if checkpoint.exists() and victim is not None:
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.time()
+            break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert killed_at is not None, "the run finished before a worker could be killed; make it longer"
+    assert proc.returncode == 0, stderr
+    assert "restart 1: continuing from step" in stdout
+    result = summary(out)
+    assert result["restarts"] == 1 and result["steps"] == 1500
+    assert result["params_sha256"] == summary(tmp_path / "straight")["params_sha256"]
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+
+
+def test_port_in_use_is_an_input_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = gradwise("train", "--nproc", "2", "--port", str(port), "--out", str(tmp_path / "x"), *BASE)
+    assert r.returncode == 2 and f"--port={port} is in use" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_more_processes_than_the_batch_or_the_data_is_an_input_error(tmp_path):
+    r = gradwise("train", "--nproc", "3", "--out", str(tmp_path / "x"), *BASE, "train.batch_size=2")
+    assert r.returncode == 2 and "train.batch_size=2 is smaller than the 3 processes" in r.stderr
+    r = gradwise("train", "--nproc", "4", "--out", str(tmp_path / "x"), "data.name=digits",
+                 "data.test_fraction=0.999", "train.batch_size=8", "train.steps=2")
+    assert r.returncode == 2 and "4 processes but only 2 training samples" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_node_that_never_joins_times_out_with_exit_2(tmp_path):
+    started = time.time()
+    r = gradwise("train", "--nproc", "1", "--nnodes", "2", "--rdzv-timeout", "2", "--out", str(tmp_path / "x"),
+                 *BASE, timeout=120)
+    assert r.returncode == 2 and "not all 2 node(s) joined" in r.stderr
+    assert time.time() - started < 60
+
+
+def test_sync_batchnorm_on_cpu_is_a_config_error(tmp_path):
+    r = gradwise("train", "--nproc", "2", "--out", str(tmp_path / "x"), *BASE, "train.sync_batchnorm=true",
+                 "model.norm=batch", "train.steps=2")
+    assert r.returncode == 2 and "train.sync_batchnorm=true needs CUDA" in r.stderr
+
+
+def test_bench_distributed_reports_both_group_sizes():
+    from gradwise.bench.distributed import run
+
+    result = run(steps=3, repeats=1, overrides=["model.channels=[8,8]", "model.kernel_sizes=[5,3]"])
+    rows = {r["processes"]: r for r in result["rows"]}
+    assert set(rows) == {1, 2} and rows[1]["throughput vs 1 process"] == 1.0
+    assert rows[2]["samples/s"] > 0 and rows[2]["communication share of step"] < 1
+    assert len(result["raw"]["2"][0]["nosync_s_per_step"]) == 2  # rounds without the all-reduce were timed
