@@ -47,18 +47,22 @@ def run(steps: int = 300, repeats: int = 5, overrides: list[str] | None = None) 
     rows = []
     for n in PROCESSES:
         sync = [statistics.median(g["sync_s_per_step"]) for g in groups[n]]
+        speedups = sorted(b / s for b, s in zip(base, sync))
         row = {
             "processes": n,
             "global batch": batch,
             "ms/step": statistics.median(sync) * 1e3,
             "samples/s": batch / statistics.median(sync),
-            "throughput vs 1 process": statistics.median(b / s for b, s in zip(base, sync)),
+            "throughput vs 1 process": statistics.median(speedups),
+            "range over repeats": f"{speedups[0]:.2f}..{speedups[-1]:.2f}",
         }
         if n > 1:
             nosync = [statistics.median(g["nosync_s_per_step"]) for g in groups[n]]
-            row["communication share of step"] = statistics.median(1 - q / s for q, s in zip(nosync, sync))
+            shares = sorted(1 - q / s for q, s in zip(nosync, sync))
+            row["communication share of step"] = statistics.median(shares)
+            row["share range"] = f"{shares[0]:.2f}..{shares[-1]:.2f}"
         else:
-            row["communication share of step"] = 0.0
+            row["communication share of step"], row["share range"] = 0.0, "-"
         rows.append(row)
     return {"steps": steps, "repeats": repeats, "rows": rows, "raw": {str(n): g for n, g in groups.items()},
             "notes": ["Throughput counts global samples; the communication share is the step time DDP's all-reduce "
