@@ -103,6 +103,24 @@ def test_resume_across_a_change_of_process_count(tmp_path):
         assert_same_weights(tmp_path / "straight", tmp_path / run)
 
 
+def test_two_nodes_rendezvous_through_the_endpoint(tmp_path):
+    """Two `gradwise train --nnodes 2` launchers (here on one machine) form one group of 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*BASE, "train.steps=10"]
+    node = ["train", "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-timeout", "60",
+            "--out", str(tmp_path / "two-nodes"), *args]
+    first = subprocess.Popen([sys.executable, "-m", "gradwise", *node], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    second = gradwise(*node)
+    first_out, first_err = first.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, first_err + second.stderr
+    assert gradwise("train", "--out", str(tmp_path / "one"), *args).returncode == 0
+    assert summary(tmp_path / "two-nodes")["world_size"] == 2
+    assert_same_weights(tmp_path / "one", tmp_path / "two-nodes")
+
+
 # -- elastic restart -------------------------------------------------------------------------------------------
 
 

@@ -96,7 +96,8 @@ def _launch(args: argparse.Namespace) -> int:
     data = build_data(cfg.data, context=cfg.model.context)
     check_group_fits(args.nproc * args.nnodes, cfg.train.batch_size, len(data.train))
     opts = LaunchOptions(nproc=args.nproc, nnodes=args.nnodes, max_restarts=args.max_restarts,
-                         rdzv_endpoint=args.rdzv_endpoint, port=args.port, rdzv_timeout=args.rdzv_timeout)
+                         rdzv_endpoint=args.rdzv_endpoint, port=args.port, rdzv_timeout=args.rdzv_timeout,
+                         rdzv_id=args.rdzv_id)
     return launch(opts, worker_args)
 
 
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--port", type=int, help="rendezvous port on this machine (default: a free one)")
     dp.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
     dp.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of a multi-machine run (same on every node)")
+    dp.add_argument("--rdzv-id", default="gradwise", help="names the run at the rendezvous; the same on every node")
     dp.add_argument("--rdzv-timeout", type=float, default=60.0,
                     help="seconds to wait for every node to join before giving up (default 60)")
     train.set_defaults(func=cmd_train)

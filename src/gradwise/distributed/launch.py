@@ -35,7 +35,7 @@ class LaunchOptions:
     rdzv_endpoint: str | None = None  # HOST:PORT; default 127.0.0.1 and a free port (or --port)
     port: int | None = None
     rdzv_timeout: float = 60.0
-    rdzv_id: str | None = None
+    rdzv_id: str = "gradwise"  # must be the same on every node of one run
 
 
 def free_port() -> int:
@@ -80,7 +80,7 @@ def torchrun_argv(opts: LaunchOptions, worker_args: list[str], module: str = "gr
         endpoint = opts.rdzv_endpoint
     return [
         f"--nnodes={opts.nnodes}", f"--nproc-per-node={opts.nproc}", f"--max-restarts={opts.max_restarts}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={opts.rdzv_id or uuid.uuid4().hex}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={opts.rdzv_id if opts.nnodes > 1 else uuid.uuid4().hex}",
         f"--rdzv-conf=join_timeout={max(1, round(opts.rdzv_timeout))}", "--monitor-interval=0.2",
         "-m", module, *worker_args,
     ]
