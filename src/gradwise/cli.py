@@ -39,6 +39,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserInputError("usage error: --resume DIR continues that run with its own config; drop --config/--out")
     if launched_by_torchrun():
         return _train_worker(args)
+    if args.strategy == "async":
+        return _train_async(args)
+    if args.workers is not None or args.ray_address is not None:
+        raise UserInputError("usage error: --workers and --ray-address need --strategy async")
     if args.nproc is not None:
         return _launch(args)
     if args.resume:
@@ -49,18 +53,49 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(cfg.to_yaml(), end="")
             return 0
         trainer = Trainer.from_config(cfg, out_dir=args.out or _default_out_dir())
-    _report(trainer, trainer.fit())
+    _report(trainer.out_dir, trainer.fit())
     return 0
 
 
-def _report(trainer, summary: dict) -> None:
+def _report(run_dir, summary: dict) -> None:
     metric = next(
         (f"{k} {summary[k]:.4f}" for k in ("test_accuracy", "test_bpc") if k in summary), "no test set"
     )
     print(
         f"done: {metric} | test_loss {summary.get('test_loss', float('nan')):.4f} | "
-        f"{summary['steps']} steps in {summary['wall_seconds']:.1f}s | run: {trainer.out_dir}"
+        f"{summary['steps']} steps in {summary['wall_seconds']:.1f}s | run: {run_dir}"
     )
+
+
+def _train_async(args: argparse.Namespace) -> int:
+    """The Ray parameter server: `--workers M` worker actors, a server actor, this process as the driver."""
+    from gradwise.config import load_config
+    from gradwise.distributed.ps import train_async
+    from gradwise.train import Trainer
+    from gradwise.train.trainer import holds_run
+
+    if args.nproc is not None:
+        raise UserInputError("usage error: --nproc (synchronous data parallel) and --strategy async are exclusive")
+    if args.print_config:
+        raise UserInputError("usage error: --print-config does not train; drop --strategy async")
+    workers = args.workers if args.workers is not None else 4
+    if args.resume:
+        cfg = Trainer.resume_config(args.resume, args.overrides)
+        if not (Path(args.resume) / "checkpoints" / "last.pt").is_file():
+            raise UserInputError(f"checkpoint error: '{args.resume}' has no checkpoints/last.pt to resume from")
+        out = Path(args.resume)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else _default_out_dir()
+        if holds_run(out):
+            raise UserInputError(f"checkpoint error: '{out}' already holds a run; pass --resume {out} "
+                                 "to continue it or choose another --out")
+    summary = train_async(cfg, workers, out, ray_address=args.ray_address, resume=bool(args.resume),
+                          progress=cfg.log.progress)
+    print(f"async ({cfg.ps.rule}, {workers} workers): {summary['gradients']} gradients, {summary['updates']} "
+          f"updates, staleness mean {summary['staleness_mean']:.2f} max {summary['staleness_max']}")
+    _report(Path(out), summary)
+    return 0
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -138,7 +173,7 @@ def _train_worker(args: argparse.Namespace) -> int:
         trainer.restarts = restarts
         summary = trainer.fit()
         if ctx.is_main:
-            _report(trainer, summary)
+            _report(trainer.out_dir, summary)
     except (UserInputError, NonFiniteError) as err:
         print(f"gradwise: {err}", file=sys.stderr, flush=True)
         os._exit(2 if isinstance(err, UserInputError) else 1)
@@ -207,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory to create (default: runs/DATE-TIME)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly; train.steps=M extends it")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ps = train.add_argument_group("asynchronous parameter server on Ray (see docs/async.md)")
+    ps.add_argument("--strategy", choices=["sync", "async"], default="sync",
+                    help="sync: one process or --nproc data parallel; async: a Ray parameter server")
+    ps.add_argument("--workers", type=int, help="async: worker actors (default 4)")
+    ps.add_argument("--ray-address", help="async: a running Ray cluster (default: start a local Ray)")
     dp = train.add_argument_group("data parallel (see docs/distributed.md)")
     dp.add_argument("--nproc", type=int, help="processes on this machine (torchrun); train.batch_size is the global batch")
     dp.add_argument("--max-restarts", type=int, default=0,

@@ -19,15 +19,25 @@ from gradwise.errors import ConfigError
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false, so `off`, `no`, `on` stay strings."""
+    """SafeLoader with YAML 1.2 booleans and numbers: only true/false are booleans (`off`, `no`, `on`
+    stay strings), `1e-3` is a float, and `2:3.0` stays a string (YAML 1.1 read it as base 60)."""
 
 
+_REPLACED = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
 _YamlLoader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in _REPLACED]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"),
 )
 
 
@@ -283,6 +293,37 @@ class EarlyStoppingConfig(_Section):
     restore_best: bool = Field(True, description="end the run with the weights of the best evaluation")
 
 
+SLOWDOWN = re.compile(r"^\s*\d+\s*:\s*[0-9]*\.?[0-9]+\s*(,\s*\d+\s*:\s*[0-9]*\.?[0-9]+\s*)*$")
+
+
+class PSConfig(_Section):
+    """Asynchronous parameter server (`gradwise train --strategy async`); see docs/async.md."""
+
+    rule: Literal["asgd", "ssp", "staleness-aware", "dcasgd-c", "dcasgd-a", "ssgd"] = Field(
+        "asgd", description="how the server applies a pushed gradient"
+    )
+    staleness: int = Field(2, ge=0, description="ssp: a worker may run at most this many clocks ahead of the slowest")
+    dc_lambda: Optional[float] = Field(
+        None, ge=0, description="dcasgd: lambda (dcasgd-c) or lambda0 (dcasgd-a); null: 0.04 / 2.0 (the paper's)"
+    )
+    ms_momentum: float = Field(0.95, ge=0, lt=1, description="dcasgd-a: mean-square smoothing m")
+    eps: float = Field(1e-7, gt=0, description="dcasgd-a: epsilon in lambda0 / sqrt(MS + eps)")
+    slowdown: Optional[str] = Field(None, description='stragglers: "W:F[,W:F]" makes worker W F times slower')
+    max_worker_restarts: int = Field(3, ge=0, description="times Ray restarts one dead worker before the run fails")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PSConfig":
+        if self.slowdown is not None and not SLOWDOWN.match(self.slowdown):
+            raise ValueError(f"ps.slowdown={self.slowdown!r} must look like 2:3.0 or 1:2,3:4 (worker:factor)")
+        return self
+
+    def slowdowns(self) -> dict[int, float]:
+        if not self.slowdown:
+            return {}
+        pairs = (item.split(":") for item in self.slowdown.split(","))
+        return {int(w): float(f) for w, f in pairs}
+
+
 class ScalerConfig(_Section):
     """Dynamic loss scaling for precision=fp16 (ignored otherwise)."""
 
@@ -344,6 +385,7 @@ class Config(_Section):
     scaler: ScalerConfig = Field(default_factory=ScalerConfig)
     regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    ps: PSConfig = Field(default_factory=PSConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     log: LogConfig = Field(default_factory=LogConfig)

@@ -9,10 +9,10 @@ from gradwise.errors import UserInputError
 
 
 def experiments() -> dict[str, Callable]:
-    from gradwise.experiments import depth, large_batch, memory, overfitting
+    from gradwise.experiments import async_ps, depth, large_batch, memory, overfitting
 
     return {"memory": memory.run, "large-batch": large_batch.run, "depth": depth.run,
-            "overfitting": overfitting.run}
+            "overfitting": overfitting.run, "async": async_ps.run}
 
 
 def run_experiment(name: str, out_dir: str, quick: bool = False) -> int:

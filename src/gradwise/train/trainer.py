@@ -516,7 +516,8 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------------
 
-    def _prepare_out_dir(self) -> None:
+    def prepare_out_dir(self) -> None:
+        """Create the run directory and write config.yaml (rank 0); an existing run there is an error."""
         if self.out_dir is None or not self.is_main:
             return
         if self.resumed_from is None and holds_run(self.out_dir):
@@ -536,7 +537,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until `total_steps` updates; returns the summary (also written to summary.json)."""
-        self._prepare_out_dir()
+        self.prepare_out_dir()
         out = self.out_dir
         cfg = self.cfg
         metrics = MetricsLog(out / "metrics.jsonl" if out and self.is_main else None, resume_step=self.resumed_from)

@@ -1,0 +1,64 @@
+"""Update rules of the asynchronous parameter server, as pure functions of tensors.
+
+Each rule turns the gradient a worker pushed into the gradient the server's
+optimizer applies (so every rule also works with momentum: the optimizer's
+buffer receives the rule's output). With w the server's weights now, w_bak the
+copy worker m pulled (its backup), tau the staleness (updates applied since
+that pull):
+
+    asgd             g                                    (Recht et al. style lock-free SGD)
+    ssp              g; the server additionally keeps a fast worker at most s clocks ahead (Ho et al. 2013)
+    staleness-aware  g / max(1, tau)                      (lr / tau; Zhang et al. 2016)
+    dcasgd-c         g + lambda * g * g * (w - w_bak)     (Zheng et al. 2017, constant lambda)
+    dcasgd-a         g + lambda_t * g * g * (w - w_bak),  lambda_t = lambda0 / sqrt(MS + eps),
+                     MS <- m * MS + (1 - m) * g * g       (adaptive lambda; MS per element, updated first)
+    ssgd             the mean of one gradient per worker, all computed at the same weights
+
+The product g * g * (w - w_bak) is the diagonal approximation of the Hessian
+(outer product of gradients) times the weights' drift since the pull: a
+first-order Taylor correction of the stale gradient towards g(w).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RULES = ("asgd", "ssp", "staleness-aware", "dcasgd-c", "dcasgd-a", "ssgd")
+DEFAULT_LAMBDA = {"dcasgd-c": 0.04, "dcasgd-a": 2.0}  # the paper's CIFAR-10 settings
+
+
+def staleness_aware(grads: list[torch.Tensor], staleness: int) -> list[torch.Tensor]:
+    scale = 1.0 / max(1, staleness)
+    return [g * scale for g in grads]
+
+
+def delay_compensated(grads: list[torch.Tensor], weights: list[torch.Tensor], backup: list[torch.Tensor],
+                      lam: float | list[torch.Tensor]) -> list[torch.Tensor]:
+    """g + lam * g * g * (w - w_bak); `lam` a number or one tensor per parameter (elementwise)."""
+    lams = lam if isinstance(lam, list) else [lam] * len(grads)
+    return [g + l * g * g * (w - b) for g, w, b, l in zip(grads, weights, backup, lams)]
+
+
+def adaptive_lambda(grads: list[torch.Tensor], mean_square: list[torch.Tensor] | None, lambda0: float,
+                    momentum: float, eps: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(lambda_t per parameter, updated mean square) for DC-ASGD-a; `mean_square` None starts at zero."""
+    if mean_square is None:
+        mean_square = [torch.zeros_like(g) for g in grads]
+    updated = [momentum * ms + (1 - momentum) * g * g for ms, g in zip(mean_square, grads)]
+    return [lambda0 / torch.sqrt(ms + eps) for ms in updated], updated
+
+
+def apply_rule(rule: str, grads: list[torch.Tensor], weights: list[torch.Tensor], backup: list[torch.Tensor] | None,
+               staleness: int, state: dict, lam: float, momentum: float = 0.95, eps: float = 1e-7
+               ) -> list[torch.Tensor]:
+    """The gradient the optimizer should apply under `rule`; `state` carries DC-ASGD-a's mean square."""
+    if rule in ("asgd", "ssp", "ssgd"):
+        return grads
+    if rule == "staleness-aware":
+        return staleness_aware(grads, staleness)
+    if rule == "dcasgd-c":
+        return delay_compensated(grads, weights, backup, lam)
+    if rule == "dcasgd-a":
+        lams, state["mean_square"] = adaptive_lambda(grads, state.get("mean_square"), lam, momentum, eps)
+        return delay_compensated(grads, weights, backup, lams)
+    raise ValueError(f"unknown parameter-server rule {rule!r}; allowed: {', '.join(RULES)}")
