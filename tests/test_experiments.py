@@ -68,3 +68,28 @@ def test_repro_overfitting_quick_writes_results(tmp_path, capsys):
         assert r["gap"] == pytest.approx(r["final_val_loss"] - r["final_train_loss"])
     md = (out / "results.md").read_text()
     assert "| variant | parameters | best val loss |" in md and "## The seed's claims, checked" in md
+
+
+def test_repro_async_quick_writes_results(tmp_path, capsys):
+    out = tmp_path / "async"
+    assert main(["repro", "async", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for name in ("accuracy_vs_updates.png", "staleness_histogram.png"):
+        assert (out / name).stat().st_size > 100
+    methods = {(r["method"], r["workers"]) for r in results["table"]}
+    assert methods == {("sequential SGD", 1), ("SSGD", 2), ("ASGD", 2), ("DC-ASGD-a", 2)}
+    runs = {r["method"]: r for r in results["runs"] if r["workers"] == 2}
+    assert runs["SSGD"]["updates"] * 2 == runs["ASGD"]["updates"] == runs["ASGD"]["gradients"]  # equal gradients
+    assert all(r["time_to_target"] is not None for r in results["straggler"])
+    assert "## Does delay compensation close the gap?" in (out / "results.md").read_text()
+
+
+def test_repro_precision_quick_writes_results(tmp_path, capsys):
+    out = tmp_path / "precision"
+    assert main(["repro", "precision", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "precision.png").stat().st_size > 100
+    variants = {(r["model"], r["variant"]) for r in results["runs"]}
+    assert len(variants) == 10 and ("transformer", "fp16 master weights") in variants
+    assert all(0 <= r["zero_grad_fraction"] <= 1 for r in results["runs"])
+    assert set(results["inspect"]) == {"cnn", "transformer"}

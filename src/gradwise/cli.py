@@ -214,6 +214,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.probes < 1:
         raise UserInputError(f"usage error: --steps={args.steps} and --probes={args.probes} must be at least 1")
+    if args.overrides and args.overrides[0] == "precision":  # gradwise inspect precision [overrides]
+        from gradwise.diagnostics import numerics
+
+        cfg = load_config(args.config, args.overrides[1:])
+        report = numerics.inspect_precision(cfg, steps=args.steps)
+        print(to_json(report) if args.json else numerics.format_report(report))
+        return 0
     cfg = load_config(args.config, args.overrides)
     report = inspect_run(cfg, steps=args.steps, probes=args.probes)
     print(to_json(report) if args.json else format_report(report))
@@ -267,8 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     planner.set_defaults(func=cmd_plan)
 
-    inspect = sub.add_parser("inspect", help="per-layer gradient health, Jacobian at init, spectral norms")
-    inspect.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    inspect = sub.add_parser(
+        "inspect", help="per-layer gradient health, Jacobian at init, spectral norms; "
+                        "'inspect precision': fp16/bf16 range analysis and loss-scale advice")
+    inspect.add_argument("overrides", nargs="*", metavar="[precision] key.sub=value",
+                         help="config overrides; a leading 'precision' runs the numerics analysis")
     inspect.add_argument("--config", help="YAML config file")
     inspect.add_argument("--steps", type=int, default=5, help="training steps before the table (default 5)")
     inspect.add_argument("--probes", type=int, default=8, help="random probes for the Jacobian measure (default 8)")
@@ -291,7 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`train --out x a=1`): argparse leaves those over
+    stray = [t for t in extra if t.startswith("-") or "=" not in t]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except UserInputError as err:

@@ -382,6 +382,9 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    master_weights: Literal["fp32", "fp16"] = Field(
+        "fp32", description="fp16 only: fp16 keeps the weights (and optimizer state) in fp16 too; for experiments"
+    )
     scaler: ScalerConfig = Field(default_factory=ScalerConfig)
     regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
@@ -389,6 +392,12 @@ class Config(_Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _check_master_weights(self) -> "Config":
+        if self.master_weights == "fp16" and self.precision != "fp16":
+            raise ValueError(f"master_weights=fp16 needs precision=fp16 (got precision={self.precision})")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

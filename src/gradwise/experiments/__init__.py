@@ -9,10 +9,11 @@ from gradwise.errors import UserInputError
 
 
 def experiments() -> dict[str, Callable]:
-    from gradwise.experiments import async_ps, depth, large_batch, memory, overfitting
+    from gradwise.experiments import async_ps, depth, large_batch, memory, overfitting, precision
 
     return {"memory": memory.run, "large-batch": large_batch.run, "depth": depth.run,
-            "overfitting": overfitting.run, "async": async_ps.run}
+            "overfitting": overfitting.run, "async": async_ps.run,
+            "precision": precision.run}
 
 
 def run_experiment(name: str, out_dir: str, quick: bool = False) -> int:

@@ -71,6 +71,10 @@ def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
 
 
+def _inputs_to_half(_module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -156,6 +160,9 @@ class Trainer:
         self.lr = scaled_lr(self.cfg.optim.lr, tc.batch_size, sc.base_batch, sc.scale_rule)
 
         apply_checkpointing(self.model, self.cfg.memory.checkpoint, self.cfg.memory.modules)
+        if self.cfg.master_weights == "fp16":  # pure fp16: weights, grads and optimizer state all in half
+            self.model.half()
+            self.model.register_forward_pre_hook(_inputs_to_half)
         self.forward_model = self.model  # what the step calls: the model, or DDP around it
         self.sync_gradients = True  # False skips DDP's all-reduce (ranks drift apart): for measuring comm cost only
         if dist is not None:
@@ -563,6 +570,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
                 check_health = diag.every and (self.step + 1) % diag.every == 0
                 before = [p.detach().clone() for _, p in weight_layers(self.model)] if check_health else None
+                scale_before = self.scaler.scale if self.scaler is not None else None
                 try:
                     loss = self.train_step(inputs, targets, global_count)
                 except NonFiniteStep as event:
@@ -572,6 +580,9 @@ class Trainer:
                     continue
                 self.step += 1
                 self.window_losses.append(loss)
+                if scale_before is not None and self.scaler.scale != scale_before:  # the loss scale's history
+                    metrics.write({"kind": "scaler", "step": self.step, "scale": self.scaler.scale,
+                                   "event": "overflow" if self.scaler.scale < scale_before else "growth"})
                 if check_health:
                     self._record_health(before, metrics, progress)
                 self.samples_seen += len(idx)
