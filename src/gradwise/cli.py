@@ -239,6 +239,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_benchmarks(args.names, json_out=args.json, steps=args.steps, repeats=args.repeats)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from gradwise.io import write_text
+    from gradwise.report import render_report
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
+    write_text(out, render_report(args.run_dir))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gradwise.io import write_text
+    from gradwise.report import render_compare
+
+    if len(args.run_dirs) < 2:
+        raise UserInputError("usage error: compare needs at least two run directories")
+    out = Path(args.out or "compare.html")
+    write_text(out, render_compare(args.run_dirs))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradwise", description="Train PyTorch models fast, lean, stable and at scale.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -292,11 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
     repro.set_defaults(func=cmd_repro)
 
     bench = sub.add_parser("bench", help="benchmarks, as ratios measured side by side in one run")
-    bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all): overhead, optimizers")
-    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    bench.add_argument("names", nargs="*", metavar="NAME",
+                       help="benchmarks to run (default: all): overhead, optimizers, matmul-limit, memory, distributed")
+    bench.add_argument("--json", metavar="FILE", default="bench-results.json",
+                       help="where to write the results as JSON (default bench-results.json)")
     bench.add_argument("--steps", type=int, default=300, help="timed steps per measurement (default 300)")
     bench.add_argument("--repeats", type=int, default=5, help="alternating repeats per measurement (default 5)")
     bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser("report", help="a self-contained HTML page for a run (plots, summary, diagnostics)")
+    report.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    report.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
+    report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser("compare", help="one HTML page overlaying several runs")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", help="HTML file to write (default compare.html)")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -370,6 +370,7 @@ class LogConfig(_Section):
     )
     every: int = Field(50, gt=0, description="log train metrics every N steps")
     plots: bool = True
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN_DIR/tensorboard")
 
 
 class Config(_Section):

@@ -1,8 +1,9 @@
 """`gradwise bench`: benchmarks whose every figure is a ratio measured side by side in one run.
 
 Each benchmark is a function `run(steps, repeats) -> dict` with a `rows` list
-for the markdown table; `run_benchmarks` adds the machine description and
-writes JSON when asked.
+for the markdown table; `run_benchmarks` adds the machine description and the
+date, prints one markdown table per benchmark, and writes everything to
+`bench-results.json` (or `--json FILE`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from typing import Any, Callable
 
 import torch
@@ -19,9 +21,10 @@ from gradwise.io import write_json
 
 
 def _benchmarks() -> dict[str, Callable[..., dict[str, Any]]]:
-    from gradwise.bench import distributed, optimizers, overhead
+    from gradwise.bench import distributed, matmul, memory, optimizers, overhead
 
-    return {"overhead": overhead.run, "optimizers": optimizers.run, "distributed": distributed.run}
+    return {"overhead": overhead.run, "optimizers": optimizers.run, "matmul-limit": matmul.run,
+            "memory": memory.run, "distributed": distributed.run}
 
 
 def describe_machine() -> dict[str, Any]:
@@ -52,7 +55,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_benchmarks(names: list[str], json_out: str | None = None, steps: int = 300, repeats: int = 5) -> int:
+def run_benchmarks(names: list[str], json_out: str | None = "bench-results.json", steps: int = 300,
+                   repeats: int = 5) -> int:
     available = _benchmarks()
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -60,8 +64,10 @@ def run_benchmarks(names: list[str], json_out: str | None = None, steps: int = 3
     if steps < 1 or repeats < 1:
         raise UserInputError(f"usage error: --steps={steps} and --repeats={repeats} must be positive")
     machine = describe_machine()
-    print(f"machine: {machine}", flush=True)
-    results: dict[str, Any] = {"machine": machine, "benchmarks": {}}
+    date = time.strftime("%Y-%m-%d %H:%M %Z")
+    print(f"machine: {machine}\ndate: {date}", flush=True)
+    results: dict[str, Any] = {"machine": machine, "date": date, "steps": steps, "repeats": repeats,
+                               "benchmarks": {}}
     for name in names or list(available):
         print(f"\n## {name}", flush=True)
         result = available[name](steps=steps, repeats=repeats)
@@ -69,8 +75,9 @@ def run_benchmarks(names: list[str], json_out: str | None = None, steps: int = 3
         print(markdown_table(result["rows"]))
         for line in result.get("notes", []):
             print(line)
+        if json_out:  # after each benchmark, so a long suite keeps what it measured
+            write_json(json_out, results)
     if json_out:
-        write_json(json_out, results)
         print(f"\nwrote {json_out}", file=sys.stderr)
     return 0
 

@@ -7,6 +7,11 @@ through `Trainer.fit` itself, alternating rounds with and without DDP's
 gradient all-reduce; 1 - (time without) / (time with) is the exposed
 communication share. 1- and N-process groups alternate `repeats` times; ratios
 are medians over those repeats.
+
+Then synchronous vs asynchronous with a straggler, on the Ray parameter server
+(when Ray is installed): 4 workers, worker 3 three times slower, the same number
+of gradient computations under SSGD (every update waits for the straggler) and
+ASGD (nobody waits); the figure is wall time per gradient, SSGD over ASGD.
 """
 
 from __future__ import annotations
@@ -64,9 +69,47 @@ def run(steps: int = 300, repeats: int = 5, overrides: list[str] | None = None) 
         else:
             row["communication share of step"], row["share range"] = 0.0, "-"
         rows.append(row)
+    notes = ["Throughput counts global samples; the communication share is the step time DDP's all-reduce "
+             "adds (rounds with vs without it, same group)."]
+    straggler = straggler_rows(gradients=max(40, min(2 * steps, 400)), repeats=max(1, repeats // 3))
+    if straggler is None:
+        notes.append("sync vs async with a straggler: skipped (Ray not installed; pip install 'gradwise[async]')")
+    else:
+        rows.extend(straggler["rows"])
     return {"steps": steps, "repeats": repeats, "rows": rows, "raw": {str(n): g for n, g in groups.items()},
-            "notes": ["Throughput counts global samples; the communication share is the step time DDP's all-reduce "
-                      "adds (rounds with vs without it, same group)."]}
+            "straggler": straggler, "notes": notes}
+
+
+STRAGGLER = {"workers": 4, "slowdown": "3:3"}
+
+
+def straggler_rows(gradients: int, repeats: int) -> dict[str, Any] | None:
+    """SSGD vs ASGD wall time per gradient with one slow worker (None without Ray)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return None
+    from gradwise.config import load_config
+    from gradwise.distributed.ps import train_async
+
+    times: dict[str, list[float]] = {"ssgd": [], "asgd": []}
+    for _ in range(repeats):
+        for rule in times:
+            cfg = load_config(None, [f"ps.rule={rule}", f"ps.slowdown={STRAGGLER['slowdown']}",
+                                     f"train.steps={gradients}", "log.progress=off", "log.plots=false",
+                                     "diagnostics.every=0", "train.eval_every=1000000000"])
+            summary = train_async(cfg, STRAGGLER["workers"], None, progress="off")
+            times[rule].append(summary["wall_seconds"] / gradients)
+    ratio = statistics.median(s / a for s, a in zip(times["ssgd"], times["asgd"]))
+    base = {"global batch": f"{STRAGGLER['workers']} x 128", "range over repeats": "-",
+            "communication share of step": "-", "share range": "-"}
+    rows = [{"processes": f"SSGD, {STRAGGLER['workers']} Ray workers, worker 3 3x slower", **base,
+             "ms/step": statistics.median(times["ssgd"]) * 1e3, "samples/s": 128 / statistics.median(times["ssgd"]),
+             "throughput vs 1 process": "-"},
+            {"processes": f"ASGD, same straggler (SSGD time / ASGD time = {ratio:.2f})", **base,
+             "ms/step": statistics.median(times["asgd"]) * 1e3, "samples/s": 128 / statistics.median(times["asgd"]),
+             "throughput vs 1 process": "-"}]
+    return {"gradients": gradients, "times_s_per_gradient": times, "ssgd_over_asgd": ratio, "rows": rows}
 
 
 def worker(argv: list[str]) -> None:

@@ -6,6 +6,11 @@ goes first; the headline figure is the median of the per-round ratios (the two
 runs of a round share the machine's momentary speed), with the lowest and
 highest round ratio beside it. Two jobs: the default config, and a tiny MLP
 whose step is so cheap that the trainer's per-step bookkeeping dominates.
+
+When `lightning` is installed (the `bench` extra), PyTorch Lightning's Trainer
+runs the same job in the same rounds: the same model state, optimizer and
+schedule, batches fetched by index as whole tensors (no per-sample collation),
+no logger, checkpointing, progress bar or model summary.
 """
 
 from __future__ import annotations
@@ -50,6 +55,48 @@ def plain_loop(model, x, y, cfg, steps: int) -> None:
         sched.step()
 
 
+def lightning_fit(model, x, y, cfg, steps: int) -> None:
+    """The same job under Lightning's Trainer (imported only here: a benchmark peer)."""
+    import lightning as L
+    from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+
+    class Batches(Dataset):  # index a whole batch at once, like the other two loops
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, idx):
+            return x[idx], y[idx]
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch, _index):
+            inputs, targets = batch
+            return F.cross_entropy(self.net(inputs), targets)
+
+        def configure_optimizers(self):
+            opt = build_optimizer(cfg.optim, self.net)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": build_scheduler(cfg.schedule, opt, steps),
+                                                       "interval": "step"}}
+
+    sampler = BatchSampler(RandomSampler(range(len(y)), generator=torch.Generator().manual_seed(cfg.seed)),
+                           cfg.train.batch_size, drop_last=False)
+    loader = DataLoader(Batches(), sampler=sampler, batch_size=None)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(Module(), loader)
+
+
+def lightning_available() -> bool:
+    try:
+        import lightning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def measure(overrides: list[str], steps: int, repeats: int) -> dict[str, Any]:
     cfg = load_config(None, [f"train.steps={steps}", "log.progress=off", *overrides])
     seed_everything(cfg.seed)
@@ -69,18 +116,34 @@ def measure(overrides: list[str], steps: int, repeats: int) -> dict[str, Any]:
         trainer.fit()
         return (time.perf_counter() - t0) / steps
 
-    time_plain(), time_trainer()  # warm-up
-    plain_times, trainer_times = [], []
+    def time_lightning() -> float:
+        model = copy.deepcopy(initial)
+        t0 = time.perf_counter()
+        lightning_fit(model, x, y, cfg, steps)
+        return (time.perf_counter() - t0) / steps
+
+    timers = {"plain": time_plain, "trainer": time_trainer}
+    if lightning_available():
+        import logging
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        timers["lightning"] = time_lightning
+    for timer in timers.values():
+        timer()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in timers}
     for round_index in range(repeats):
-        if round_index % 2 == 0:
-            plain_times.append(time_plain())
-            trainer_times.append(time_trainer())
-        else:
-            trainer_times.append(time_trainer())
-            plain_times.append(time_plain())
-    ratios = sorted(t / p for t, p in zip(trainer_times, plain_times))
-    return {"plain_s_per_step": plain_times, "trainer_s_per_step": trainer_times, "ratio": statistics.median(ratios),
-            "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+        order = list(timers) if round_index % 2 == 0 else list(reversed(timers))
+        for name in order:
+            times[name].append(timers[name]())
+    ratios = sorted(t / p for t, p in zip(times["trainer"], times["plain"]))
+    result = {"plain_s_per_step": times["plain"], "trainer_s_per_step": times["trainer"],
+              "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+    if "lightning" in times:
+        result["lightning_s_per_step"] = times["lightning"]
+        result["lightning_ratio"] = statistics.median(l / p for l, p in zip(times["lightning"], times["plain"]))
+        result["trainer_over_lightning"] = statistics.median(
+            t / l for t, l in zip(times["trainer"], times["lightning"]))
+    return result
 
 
 def run(steps: int = 300, repeats: int = 5) -> dict[str, Any]:
@@ -96,5 +159,8 @@ def run(steps: int = 300, repeats: int = 5) -> dict[str, Any]:
             "ratio gradwise/plain (median of rounds)": m["ratio"],
             "overhead %": (m["ratio"] - 1) * 100,
             "round ratios": f"{m['ratio_min']:.3f}..{m['ratio_max']:.3f}",
+            "lightning ms/step": statistics.median(m["lightning_s_per_step"]) * 1e3 if "lightning_ratio" in m else "-",
+            "lightning/plain": m.get("lightning_ratio", "-"),
+            "gradwise/lightning": m.get("trainer_over_lightning", "-"),
         })
     return {"steps": steps, "repeats": repeats, "rows": rows, "raw": raw}

@@ -30,13 +30,30 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-class MetricsLog:
-    """Append-only JSON-lines log; `None` path keeps records in memory only."""
+def tensorboard_writer(folder: str | Path):
+    """A SummaryWriter (the `tensorboard` extra), or a one-line config error naming the fix."""
+    from gradwise.errors import ConfigError
 
-    def __init__(self, path: str | Path | None, resume_step: int | None = None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("config error: log.tensorboard=true needs TensorBoard: pip install 'gradwise[tensorboard]'") \
+            from None
+    return SummaryWriter(log_dir=str(folder))
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; `None` path keeps records in memory only.
+
+    With `tensorboard` (a SummaryWriter), every numeric field of a record is
+    also written as scalar `kind/key` at the record's step.
+    """
+
+    def __init__(self, path: str | Path | None, resume_step: int | None = None, tensorboard: Any = None):
         self.path = Path(path) if path is not None else None
         self.records: list[dict[str, Any]] = []
         self._handle: TextIO | None = None
+        self.tensorboard = tensorboard
         if self.path is None:
             return
         if resume_step is not None:
@@ -49,11 +66,19 @@ class MetricsLog:
         if self._handle is not None:
             self._handle.write(json.dumps(record) + "\n")
             self._handle.flush()
+        if self.tensorboard is not None and "step" in record:
+            kind = record.get("kind", "metrics")
+            for key, value in record.items():
+                if key not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{kind}/{key}", value, record["step"])
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def _fmt(record: dict[str, Any]) -> str:

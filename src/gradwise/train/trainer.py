@@ -41,7 +41,7 @@ from gradwise.memory.precision import LossScaler, autocast
 from gradwise.optim import build_optimizer, build_scheduler, scaled_lr
 from gradwise.optim.penalties import penalised_params, penalty
 from gradwise.train.early_stopping import EarlyStopping
-from gradwise.train.metrics import MetricsLog, Progress
+from gradwise.train.metrics import MetricsLog, Progress, tensorboard_writer
 from gradwise.train.sampler import EpochBatches, Position, batches_per_epoch
 from gradwise.train.state import (
     capture_rng,
@@ -547,7 +547,10 @@ class Trainer:
         self.prepare_out_dir()
         out = self.out_dir
         cfg = self.cfg
-        metrics = MetricsLog(out / "metrics.jsonl" if out and self.is_main else None, resume_step=self.resumed_from)
+        writes = out is not None and self.is_main
+        board = tensorboard_writer(out / "tensorboard") if writes and cfg.log.tensorboard else None
+        metrics = MetricsLog(out / "metrics.jsonl" if writes else None, resume_step=self.resumed_from,
+                             tensorboard=board)
         self.records = metrics.records
         progress = Progress(cfg.log.progress if self.is_main else "off", self.total_steps, initial=self.step)
         if self.resumed_from is not None:

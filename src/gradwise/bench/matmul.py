@@ -1,0 +1,93 @@
+"""matmul-limit: a training step's achieved FLOP/s as a fraction of this machine's matmul peak (MFU).
+
+The peak is measured here, in the same dtype: the best of square matmuls of a
+few sizes, each timed over several repetitions after a warm-up. A step's FLOPs
+are counted by torch's FlopCounterMode over one forward and backward (matmuls,
+convolutions and attention: the work that matters; elementwise ops are not
+counted, as in the usual MFU definition), and its time is the median of
+`repeats` timed rounds of `steps` steps through the Trainer (autocast in bf16,
+fp32 master weights). MFU = (FLOPs per step / seconds per step) / peak.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gradwise.config import load_config
+from gradwise.memory.precision import autocast
+from gradwise.train import Trainer
+from gradwise.train.trainer import fetch_batch
+
+JOBS = {
+    "default transformer (char LM, 4x128, context 128, batch 128)": ["data.name=text", "model.name=transformer",
+                                                                      "data.max_chars=400000"],
+    "default CNN (MNIST-1D, batch 128)": [],
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SIZES = (512, 1024, 2048)
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """Best FLOP/s of an n x n @ n x n matmul over SIZES, each repeated for about `seconds`."""
+    best = 0.0
+    for n in SIZES:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or reps < 3:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def step_flops(trainer: Trainer, inputs, targets) -> int:
+    """FLOPs of one forward and backward of the trainer's model on this batch (FlopCounterMode)."""
+    with FlopCounterMode(display=False) as counter:
+        with autocast(trainer.cfg.precision, trainer.device):
+            loss = trainer.loss_fn(trainer.model(inputs), targets)
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def measure(overrides: list[str], precision: str, steps: int, repeats: int) -> dict[str, Any]:
+    cfg = load_config(None, ["log.progress=off", "diagnostics.every=0", f"precision={precision}", *overrides])
+    trainer = Trainer.from_config(cfg)
+    idx = torch.arange(cfg.train.batch_size)
+    inputs, targets = fetch_batch(trainer.train_data, idx)
+    flops = step_flops(trainer, inputs, targets)
+    for _ in range(3):
+        trainer.train_step(inputs, targets)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(inputs, targets)
+        times.append((time.perf_counter() - t0) / steps)
+    return {"flops_per_step": flops, "s_per_step": statistics.median(times)}
+
+
+def run(steps: int = 300, repeats: int = 5) -> dict[str, Any]:
+    steps = max(3, min(steps, 30))  # transformer steps take ~0.1 s here; 30 per round is plenty
+    peaks = {name: matmul_peak(dtype) for name, dtype in DTYPES.items()}
+    rows, raw = [], {}
+    for job, overrides in JOBS.items():
+        for precision in DTYPES:
+            m = measure(overrides, precision, steps, repeats)
+            achieved = m["flops_per_step"] / m["s_per_step"]
+            raw[f"{job} {precision}"] = m
+            rows.append({
+                "job": job, "precision": precision, "GFLOP/step": m["flops_per_step"] / 1e9,
+                "ms/step": m["s_per_step"] * 1e3, "achieved GFLOP/s": achieved / 1e9,
+                "matmul peak GFLOP/s": peaks[precision] / 1e9, "MFU": achieved / peaks[precision],
+            })
+    return {"steps": steps, "repeats": repeats, "rows": rows, "raw": raw,
+            "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
+            "notes": ["MFU = counted matmul/conv/attention FLOPs of forward+backward per second, over this machine's "
+                      "measured square-matmul peak in the same dtype (measured in this run)."]}
