@@ -67,29 +67,35 @@ def _report(run_dir, summary: dict) -> None:
     )
 
 
-def _train_async(args: argparse.Namespace) -> int:
-    """The Ray parameter server: `--workers M` worker actors, a server actor, this process as the driver."""
+def _launch_target(args: argparse.Namespace):
+    """(config, run directory) that a launcher hands to its workers, checked before anything starts."""
     from gradwise.config import load_config
-    from gradwise.distributed.ps import train_async
     from gradwise.train import Trainer
     from gradwise.train.trainer import holds_run
+
+    if args.resume:
+        cfg = Trainer.resume_config(args.resume, args.overrides)
+        if not (Path(args.resume) / "checkpoints" / "last.pt").is_file():
+            raise UserInputError(f"checkpoint error: '{args.resume}' has no checkpoints/last.pt to resume from")
+        return cfg, Path(args.resume)
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else _default_out_dir()
+    if holds_run(out):
+        raise UserInputError(f"checkpoint error: '{out}' already holds a run; pass --resume {out} "
+                             "to continue it or choose another --out")
+    return cfg, out
+
+
+def _train_async(args: argparse.Namespace) -> int:
+    """The Ray parameter server: `--workers M` worker actors, a server actor, this process as the driver."""
+    from gradwise.distributed.ps import train_async
 
     if args.nproc is not None:
         raise UserInputError("usage error: --nproc (synchronous data parallel) and --strategy async are exclusive")
     if args.print_config:
         raise UserInputError("usage error: --print-config does not train; drop --strategy async")
     workers = args.workers if args.workers is not None else 4
-    if args.resume:
-        cfg = Trainer.resume_config(args.resume, args.overrides)
-        if not (Path(args.resume) / "checkpoints" / "last.pt").is_file():
-            raise UserInputError(f"checkpoint error: '{args.resume}' has no checkpoints/last.pt to resume from")
-        out = Path(args.resume)
-    else:
-        cfg = load_config(args.config, args.overrides)
-        out = Path(args.out) if args.out else _default_out_dir()
-        if holds_run(out):
-            raise UserInputError(f"checkpoint error: '{out}' already holds a run; pass --resume {out} "
-                                 "to continue it or choose another --out")
+    cfg, out = _launch_target(args)
     summary = train_async(cfg, workers, out, ray_address=args.ray_address, resume=bool(args.resume),
                           progress=cfg.log.progress)
     print(f"async ({cfg.ps.rule}, {workers} workers): {summary['gradients']} gradients, {summary['updates']} "
@@ -100,11 +106,8 @@ def _train_async(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     """Check everything checkable, then start --nproc workers under torchrun's elastic agent."""
-    from gradwise.config import load_config
     from gradwise.data import build_data
     from gradwise.distributed.launch import LaunchOptions, check_group_fits, launch
-    from gradwise.train import Trainer
-    from gradwise.train.trainer import holds_run
 
     for flag in ("nproc", "nnodes"):
         if getattr(args, flag) < 1:
@@ -115,17 +118,10 @@ def _launch(args: argparse.Namespace) -> int:
         raise UserInputError(f"usage error: --rdzv-timeout={args.rdzv_timeout} must be positive")
     if args.print_config:
         raise UserInputError("usage error: --print-config does not launch processes; drop --nproc")
+    cfg, out = _launch_target(args)
     if args.resume:
-        cfg = Trainer.resume_config(args.resume, args.overrides)
-        if not (Path(args.resume) / "checkpoints" / "last.pt").is_file():
-            raise UserInputError(f"checkpoint error: '{args.resume}' has no checkpoints/last.pt to resume from")
         worker_args = ["train", "--resume", args.resume, *args.overrides]
     else:
-        cfg = load_config(args.config, args.overrides)
-        out = Path(args.out) if args.out else _default_out_dir()
-        if holds_run(out):
-            raise UserInputError(f"checkpoint error: '{out}' already holds a run; pass --resume {out} "
-                                 "to continue it or choose another --out")
         worker_args = ["train", *(["--config", args.config] if args.config else []), "--out", str(out),
                        *args.overrides]
     data = build_data(cfg.data, context=cfg.model.context)
