@@ -102,3 +102,17 @@ def test_tensorboard_logging(tmp_path):
     tags = events.Tags()["scalars"]
     assert "train/train_loss" in tags and "eval/test_accuracy" in tags
     assert [e.step for e in events.Scalars("train/train_loss")] == [5, 10, 15, 20]
+
+
+def test_bench_writes_json_and_markdown_with_the_machine(tmp_path, capsys):
+    import json
+
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert main(["bench", "matmul-limit", "--steps", "3", "--repeats", "1", "--json", str(out),
+                 "--markdown", str(md)]) == 0
+    results = json.loads(out.read_text())
+    rows = results["benchmarks"]["matmul-limit"]["rows"]
+    assert {r["precision"] for r in rows} == {"fp32", "bf16"}
+    assert all(r["GFLOP/step"] > 0 and 0 < r["MFU"] for r in rows)
+    text = md.read_text()
+    assert results["date"] in text and results["machine"]["cpu"] in text and "| job | precision |" in text

@@ -232,7 +232,8 @@ def cmd_repro(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from gradwise.bench import run_benchmarks
 
-    return run_benchmarks(args.names, json_out=args.json, steps=args.steps, repeats=args.repeats)
+    return run_benchmarks(args.names, json_out=args.json, steps=args.steps, repeats=args.repeats,
+                          markdown_out=args.markdown)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmarks to run (default: all): overhead, optimizers, matmul-limit, memory, distributed")
     bench.add_argument("--json", metavar="FILE", default="bench-results.json",
                        help="where to write the results as JSON (default bench-results.json)")
+    bench.add_argument("--markdown", metavar="FILE", help="also write the tables, date and machine as markdown")
     bench.add_argument("--steps", type=int, default=300, help="timed steps per measurement (default 300)")
     bench.add_argument("--repeats", type=int, default=5, help="alternating repeats per measurement (default 5)")
     bench.set_defaults(func=cmd_bench)

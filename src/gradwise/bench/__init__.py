@@ -55,8 +55,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_report(results: dict[str, Any]) -> str:
+    """All benchmarks of a `run_benchmarks` result as markdown: date, machine, one table per benchmark."""
+    m = results["machine"]
+    lines = [f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
+             f"torch {m['torch']}, Python {m['python']}" + (f", {m['cuda']}" if m.get("cuda") else ", no GPU")
+             + f"; `--steps {results['steps']} --repeats {results['repeats']}`.", ""]
+    for name, result in results["benchmarks"].items():
+        lines += [f"### {name}", "", markdown_table(result["rows"]), ""]
+        lines += [f"{note}" for note in result.get("notes", [])]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def run_benchmarks(names: list[str], json_out: str | None = "bench-results.json", steps: int = 300,
-                   repeats: int = 5) -> int:
+                   repeats: int = 5, markdown_out: str | None = None) -> int:
     available = _benchmarks()
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -79,7 +92,12 @@ def run_benchmarks(names: list[str], json_out: str | None = "bench-results.json"
             write_json(json_out, results)
     if json_out:
         print(f"\nwrote {json_out}", file=sys.stderr)
+    if markdown_out:
+        from gradwise.io import write_text
+
+        write_text(markdown_out, markdown_report(results))
+        print(f"wrote {markdown_out}", file=sys.stderr)
     return 0
 
 
-__all__ = ["run_benchmarks", "describe_machine", "markdown_table"]
+__all__ = ["run_benchmarks", "describe_machine", "markdown_table", "markdown_report"]
