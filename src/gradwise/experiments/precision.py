@@ -50,8 +50,8 @@ VARIANTS = {
 
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"steps": {"cnn": 20, "transformer": 10}, "variants": list(VARIANTS)}
-    return {"steps": {"cnn": 800, "transformer": 300}, "variants": list(VARIANTS)}
+        return {"steps": {"cnn": 20, "transformer": 10}, "variants": list(VARIANTS), "reference_seeds": [1]}
+    return {"steps": {"cnn": 800, "transformer": 300}, "variants": list(VARIANTS), "reference_seeds": [1, 2]}
 
 
 def zero_gradient_fraction(trainer) -> float:
@@ -68,10 +68,11 @@ def zero_gradient_fraction(trainer) -> float:
     return zeros / max(1, sum(g.numel() for g in grads))
 
 
-def one_run(model: str, variant: str, steps: int) -> dict[str, Any]:
+def one_run(model: str, variant: str, steps: int, seed: int = 0) -> dict[str, Any]:
     from gradwise.train import Trainer
 
     cfg = load_config(None, [*MODELS[model], *VARIANTS[variant], f"train.steps={steps}", "log.progress=off",
+                             f"seed={seed}",
                              "log.plots=false", f"train.eval_every={steps}", "train.eval_batch_size=500",
                              "diagnostics.every=0"])
     trainer = Trainer.from_config(cfg)
@@ -88,7 +89,7 @@ def one_run(model: str, variant: str, steps: int) -> dict[str, Any]:
     if outcome == "trained" and not math.isfinite(summary.get("test_loss", math.nan)):
         outcome = "diverged: non-finite test loss"
     return {
-        "model": model, "variant": variant, "outcome": outcome, "steps": summary["steps"],
+        "model": model, "variant": variant, "seed": seed, "outcome": outcome, "steps": summary["steps"],
         quality_key: quality, "test_loss": summary.get("test_loss"),
         "zero_grad_fraction": zero_gradient_fraction(trainer),
         "skipped_steps": summary.get("skipped_steps", 0), "final_loss_scale": summary.get("loss_scale"),
@@ -126,7 +127,7 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
 
     out = Path(out_dir)
     s = settings(quick)
-    runs, advice = [], {}
+    runs, advice, references = [], {}, []
     for model in MODELS:
         report = inspect_precision(load_config(None, [*MODELS[model], "log.progress=off"]), steps=5)
         advice[model] = {"recommendation": report["recommendation"], "loss_scale": report["loss_scale"],
@@ -138,6 +139,8 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
         for variant in s["variants"]:
             r = one_run(model, variant, s["steps"][model])
             runs.append(r)
+            if variant == "fp32":  # more seeds of the reference: how much quality moves by chance alone
+                references.extend(one_run(model, "fp32", s["steps"][model], seed) for seed in s["reference_seeds"])
             q = r.get("test_accuracy", r.get("test_bpc"))
             print(f"precision: {model:11s} {variant:24s} quality {q:.4f}, zero grads {r['zero_grad_fraction']:.2%}, "
                   f"skipped {r['skipped_steps']}, {r['ms_per_step']:.1f} ms/step, {r['outcome']}", flush=True)
@@ -149,18 +152,27 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
         table.append(f"| {r['model']} | {r['variant']} | {q} | {r['zero_grad_fraction']:.2%} | {r['skipped_steps']} "
                      f"| {scale} | {r['ms_per_step']:.1f} | {r['outcome']} |")
     verdicts = []
-    for model, key, better in (("cnn", "test_accuracy", max), ("transformer", "test_bpc", min)):
+    for model, key, higher_is_better in (("cnn", "test_accuracy", True), ("transformer", "test_bpc", False)):
         by = {r["variant"]: r for r in runs if r["model"] == model}
-        ref = by["fp32"][key]
+        seeds = [by["fp32"][key], *(r[key] for r in references if r["model"] == model)]
+        low, high = min(seeds), max(seeds)
+        verdicts.append(f"- {model}: fp32 over {len(seeds)} seeds: {key} {low:.4f} .. {high:.4f} (chance alone).")
         for variant in ("bf16", "fp16 + dynamic scaling", "fp16, no loss scaling", "fp16 master weights"):
-            if variant in by:
-                v = by[variant][key]
-                diff = v - ref
-                worse = (diff < 0) if better is max else (diff > 0)
-                verdicts.append(f"- {model}, {variant}: {key} {v:.4f} vs fp32 {ref:.4f} ({diff:+.4f}, "
-                                f"{'worse' if worse else 'not worse'}); zero gradients "
-                                f"{by[variant]['zero_grad_fraction']:.2%} vs {by['fp32']['zero_grad_fraction']:.2%}.")
+            if variant not in by:
+                continue
+            v = by[variant][key]
+            if not math.isfinite(v):
+                verdict = "diverged (non-finite loss)"
+            elif low <= v <= high:
+                verdict = "within fp32's seed-to-seed range: no measurable loss"
+            elif (v < low) == higher_is_better:
+                verdict = "worse than every fp32 seed"
+            else:
+                verdict = "better than every fp32 seed"
+            verdicts.append(f"- {model}, {variant}: {key} {v:.4f}: {verdict}; zero gradients "
+                            f"{by[variant]['zero_grad_fraction']:.2%} vs fp32 {by['fp32']['zero_grad_fraction']:.2%}.")
     results = {"settings": s, "models": MODELS, "variants": VARIANTS, "machine": describe_machine(), "runs": runs,
+               "fp32_reference_seeds": references,
                "inspect": advice, "claims": verdicts}
     md = [
         "# repro precision",
