@@ -122,3 +122,15 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     for r in train:  # the lr logged is the one the update at that step used (default: cosine over 20 steps)
         assert r["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * (r["step"] - 1) / 20)))
     assert not list(run.rglob("*.tmp"))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from gradwise.io import write_text
+
+    write_text(tmp_path / "x.txt", "hello")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == 0o666 & ~mask  # not mkstemp's 0600

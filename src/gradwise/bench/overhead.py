@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -86,7 +87,9 @@ def lightning_fit(model, x, y, cfg, steps: int) -> None:
     loader = DataLoader(Batches(), sampler=sampler, batch_size=None)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(Module(), loader)
+    with warnings.catch_warnings():  # Lightning's own deprecation notices about torch internals
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(), loader)
 
 
 def lightning_available() -> bool:
