@@ -9,43 +9,23 @@ in alternating rounds too; each ratio is the median of per-round ratios.
 
 from __future__ import annotations
 
-import copy
 import statistics
-import time
 from typing import Any
 
-from gradwise.config import load_config
-from gradwise.data import build_data
-from gradwise.experiments.memory import compare_policies
+from gradwise.experiments.memory import compare_policies, time_rounds, variant_trainers
 from gradwise.memory.measure import format_bytes
-from gradwise.nn import build_model
-from gradwise.train import Trainer, seed_everything
 
 MLP = ["model.name=mlp", "model.depth=33", "model.width=256", "train.batch_size=256", "optim.name=sgd"]
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def precision_times(overrides: list[str], steps: int, repeats: int) -> dict[str, list[float]]:
-    cfg = load_config(None, ["log.progress=off", "diagnostics.every=0", *overrides])
-    seed_everything(cfg.seed)
-    data = build_data(cfg.data, context=cfg.model.context)
-    initial = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
-    x, y = (t[: cfg.train.batch_size] for t in data.train.tensors)
-    trainers = {}
-    for precision in PRECISIONS:
-        trial = cfg.model_copy(deep=True)
-        trial.precision = precision
-        trainers[precision] = Trainer(copy.deepcopy(initial), data.train, config=trial, task=data.task)
-        trainers[precision].train_step(x, y)
-    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
-    for _ in range(repeats):
-        for precision in PRECISIONS:
-            n = max(1, steps // 10) if precision == "fp16" else steps  # fp16 is emulated on CPUs: fewer steps
-            t0 = time.perf_counter()
-            for _ in range(n):
-                trainers[precision].train_step(x, y)
-            times[precision].append((time.perf_counter() - t0) / n)
-    return times
+    def set_precision(name: str):
+        return lambda cfg: setattr(cfg, "precision", name)
+
+    trainers, x, y = variant_trainers(["diagnostics.every=0", *overrides], {p: set_precision(p) for p in PRECISIONS})
+    # fp16 is emulated on CPUs: fewer steps
+    return time_rounds(trainers, x, y, repeats, lambda name: max(1, steps // 10) if name == "fp16" else steps)
 
 
 def run(steps: int = 300, repeats: int = 5) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,25 +40,42 @@ def kept_bytes(model, inputs) -> int:
     return meter.bytes
 
 
-def compare_policies(overrides: list[str], rounds: int, steps: int) -> list[dict[str, Any]]:
+def variant_trainers(overrides: list[str], variants: dict[str, Callable[[Any], None]]):
+    """(trainers, x, y): one Trainer per variant (each `variants[name](cfg)` edits a copy of the config), all
+    from the same initial weights, warmed up by one step on the first batch (x, y)."""
     cfg = load_config(None, ["log.progress=off", *overrides])
     seed_everything(cfg.seed)
     data = build_data(cfg.data, context=cfg.model.context)
     initial = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
     x, y = (t[: cfg.train.batch_size] for t in data.train.tensors)
     trainers = {}
-    for policy in POLICIES:
+    for name, edit in variants.items():
         trial = cfg.model_copy(deep=True)
-        trial.memory.checkpoint = policy
-        trainers[policy] = Trainer(copy.deepcopy(initial), data.train, config=trial, task=data.task)
-        trainers[policy].train_step(x, y)  # warm-up, optimizer state
-    times: dict[str, list[float]] = {p: [] for p in POLICIES}
+        edit(trial)
+        trainers[name] = Trainer(copy.deepcopy(initial), data.train, config=trial, task=data.task)
+        trainers[name].train_step(x, y)  # warm-up, optimizer state
+    return trainers, x, y
+
+
+def time_rounds(trainers: dict[str, Trainer], x, y, rounds: int, steps: Callable[[str], int]) -> dict[str, list[float]]:
+    """Seconds per step of each trainer, `rounds` times, the trainers alternating within each round."""
+    times: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(rounds):
-        for policy in POLICIES:
+        for name, trainer in trainers.items():
+            n = steps(name)
             t0 = time.perf_counter()
-            for _ in range(steps):
-                trainers[policy].train_step(x, y)
-            times[policy].append((time.perf_counter() - t0) / steps)
+            for _ in range(n):
+                trainer.train_step(x, y)
+            times[name].append((time.perf_counter() - t0) / n)
+    return times
+
+
+def compare_policies(overrides: list[str], rounds: int, steps: int) -> list[dict[str, Any]]:
+    def set_policy(name: str) -> Callable[[Any], None]:
+        return lambda cfg: setattr(cfg.memory, "checkpoint", name)
+
+    trainers, x, y = variant_trainers(overrides, {p: set_policy(p) for p in POLICIES})
+    times = time_rounds(trainers, x, y, rounds, lambda _name: steps)
     rows = []
     base_bytes = kept_bytes(trainers["none"].model, x)
     for policy in POLICIES:
