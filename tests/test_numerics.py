@@ -127,13 +127,13 @@ def test_flags_a_model_whose_gradients_underflow_in_fp16():
     assert report["at_risk"]["fp16"] and not report["at_risk"]["bf16"]
 
 
-def zero_grad_fraction_in_fp16(model: nn.Module, scale: float) -> float:
-    """Train-mode fp16 autocast backward of one batch with a given loss scale; share of zero gradients."""
-    trainer = tiny_trainer(model, "precision=fp16", f"scaler.init_scale={scale}")
+def zero_grad_fraction_in_fp16(model: nn.Module, scale: float, precision: str = "fp16") -> float:
+    """Train-mode autocast backward of one batch with a given fp16 loss scale; share of zero weight gradients."""
+    trainer = tiny_trainer(model, f"precision={precision}", f"scaler.init_scale={scale}")
     x, y = trainer.train_data.tensors[0][:64], trainer.train_data.tensors[1][:64]
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.compute_gradients(x, y)
-    assert trainer.scaler.unscale_(trainer.params)
+    assert trainer.scaler is None or trainer.scaler.unscale_(trainer.params)
     grads = [p.grad for p in trainer.params if p.grad is not None and p.ndim > 1]
     return sum(int((g == 0).sum()) for g in grads) / sum(g.numel() for g in grads)
 
@@ -142,10 +142,10 @@ def test_the_recommended_loss_scale_removes_the_underflow_in_real_fp16():
     report = analyse(collect(tiny_trainer(underflowing_model()), steps=3))
     unscaled = zero_grad_fraction_in_fp16(underflowing_model(), 1.0)
     scaled = zero_grad_fraction_in_fp16(underflowing_model(), report["loss_scale"])
-    fp32_zeros = analyse(collect(tiny_trainer(underflowing_model()), steps=1))["totals"]["fp16"]["gradients"]
+    fp32_zeros = zero_grad_fraction_in_fp16(underflowing_model(), 1.0, precision="fp32")  # structural (dead ReLUs)
     assert unscaled > 0.5  # fp16 without a scale: most weight gradients are flushed to zero
     assert scaled < 0.1 and scaled < unscaled / 5
-    assert fp32_zeros is not None
+    assert scaled <= fp32_zeros + 0.05  # scaled fp16 keeps about as many gradients as fp32 itself
 
 
 def test_flags_a_model_whose_activations_overflow_in_fp16():

@@ -39,6 +39,7 @@ from torch.utils.data import TensorDataset
 from gradwise.config import Config, validate
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_text
+from gradwise.optim.async_rules import DEFAULT_LAMBDA
 
 UPDATE_LOG = "updates.jsonl"
 
@@ -63,12 +64,11 @@ class ParameterServer:
         if self.rule == "ssgd" and cfg.schedule.total_steps is None and self.budget is not None:
             cfg.schedule.total_steps = max(1, self.budget // workers)  # the schedule counts updates, M gradients each
         self.trainer = Trainer.from_config(cfg, out_dir=out_dir)
-        if self.budget is None:  # epochs: each worker's shard is about 1/M of the data
+        if self.budget is None:  # train.epochs passes over the whole training set, counted in gradients
             self.budget = cfg.train.epochs * self.trainer.steps_per_epoch
         self.params = self.trainer.params
         self.out = Path(out_dir) if out_dir else None
-        self.lam = cfg.ps.dc_lambda if cfg.ps.dc_lambda is not None else {"dcasgd-c": 0.04, "dcasgd-a": 2.0}.get(
-            self.rule, 0.0)
+        self.lam = cfg.ps.dc_lambda if cfg.ps.dc_lambda is not None else DEFAULT_LAMBDA.get(self.rule, 0.0)
         self.rule_state: dict[str, Any] = {}
         self.version = 0  # updates applied
         self.applied = 0  # gradients applied (= tickets redeemed)
@@ -104,7 +104,6 @@ class ParameterServer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.out else None,
                                   resume_step=self.applied if resume else None)
         self.update_log = open(self.out / UPDATE_LOG, "a") if self.out else None
-        self.target_updates = self.budget // workers if self.rule == "ssgd" else self.budget
 
     # -- membership ---------------------------------------------------------------------------------------------
 
@@ -122,9 +121,17 @@ class ParameterServer:
         """A worker died: its ticket (a pull never pushed) returns to the pool."""
         async with self.condition:
             self.live.discard(worker)
-            if self.outstanding.pop(worker, None) is not None:
-                self.tickets -= 1
-            self.condition.notify_all()
+            self._return_ticket(worker)
+
+    async def drop(self, worker: int) -> None:
+        """The worker discards the gradient of its current pull (an fp16 overflow): the ticket returns."""
+        async with self.condition:
+            self._return_ticket(worker)
+
+    def _return_ticket(self, worker: int) -> None:
+        if self.outstanding.pop(worker, None) is not None:
+            self.tickets -= 1
+        self.condition.notify_all()
 
     # -- the protocol -------------------------------------------------------------------------------------------
 
@@ -241,7 +248,7 @@ class ParameterServer:
         return {"applied": self.applied, "budget": self.budget, "updates": self.version,
                 "train_loss": self.trainer.last_train_loss, **self.last_eval}
 
-    async def finish(self) -> dict:
+    async def finish(self, worker_restarts: list[int]) -> dict:
         """The run's summary (also summary.json and plots): final evaluation from the server's weights."""
         from gradwise.io import write_json
 
@@ -258,7 +265,7 @@ class ParameterServer:
             "staleness_mean": statistics.fmean(self.staleness) if self.staleness else 0.0,
             "staleness_max": max(self.staleness, default=0),
             "staleness_histogram": {str(k): counts[k] for k in sorted(counts)},
-            "worker_samples_per_s": self._worker_throughput(),
+            "worker_samples_per_s": self._worker_throughput(), "worker_restarts": worker_restarts,
         })
         if self.update_log is not None:
             self.update_log.close()
@@ -323,8 +330,7 @@ class Worker:
                 finite = trainer.scaler.unscale_(trainer.params)
                 trainer.scaler.update(not finite)
                 if not finite:  # an fp16 overflow: this gradient is unusable; the ticket goes back unused
-                    ray.get(self.server.leave.remote(self.worker))
-                    ray.get(self.server.join.remote(self.worker))
+                    ray.get(self.server.drop.remote(self.worker))
                     continue
             grads = [p.grad.detach().to("cpu", torch.float32).clone() if p.grad is not None else torch.zeros_like(p)
                      for p in trainer.params]
@@ -421,13 +427,7 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
                     restarts[m] += 1
                     bar.message(f"async: worker {m} died; Ray restarted it (restart {restarts[m]}), it rejoins")
                 running[actors[m].run.remote()] = m
-        summary = ray.get(server.finish.remote())
-        summary["worker_restarts"] = restarts
-        if out_dir is not None:
-            from gradwise.io import write_json
-
-            write_json(Path(out_dir) / "summary.json", summary)
-        return summary
+        return ray.get(server.finish.remote(restarts))
     finally:
         bar.close()
         for actor in actors:

@@ -86,10 +86,6 @@ def one_run(variant: str, seed: int, epochs: int) -> dict[str, Any]:
     }
 
 
-def _mean(values: list[float]) -> float:
-    return statistics.fmean(values)
-
-
 def aggregate(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
     rows = []
     for v in variants:
@@ -97,7 +93,7 @@ def aggregate(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
         row = {"variant": v, "seeds": len(mine), "parameters": mine[0]["parameters"]}
         for key in ("best_val_loss", "best_epoch", "final_val_loss", "final_train_loss", "gap", "test_accuracy",
                     "train_accuracy", "epochs_run", "seconds"):
-            row[key] = _mean([r[key] for r in mine])
+            row[key] = statistics.fmean([r[key] for r in mine])
         row["gap_sd"] = statistics.stdev([r["gap"] for r in mine]) if len(mine) > 1 else 0.0
         rows.append(row)
     return rows
@@ -106,7 +102,7 @@ def aggregate(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
 def mean_curve(runs: list[dict[str, Any]], variant: str, key: str) -> tuple[list[int], list[float]]:
     mine = [r["curves"] for r in runs if r["variant"] == variant]
     n = min(len(c["epoch"]) for c in mine)
-    return mine[0]["epoch"][:n], [_mean([c[key][i] for c in mine]) for i in range(n)]
+    return mine[0]["epoch"][:n], [statistics.fmean([c[key][i] for c in mine]) for i in range(n)]
 
 
 def _plots(runs: list[dict[str, Any]], variants: list[str], out: Path) -> list[str]:
