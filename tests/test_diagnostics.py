@@ -12,7 +12,7 @@ from gradwise.config import ModelConfig
 from gradwise.diagnostics.health import judge, layer_stats
 from gradwise.errors import NonFiniteError
 from gradwise.nn import build_model
-from gradwise.train.trainer import NonFiniteStep
+from gradwise.train.step import NonFiniteStep
 
 
 def deep_mlp(scale: float, activation: str, depth: int = 24):
@@ -71,7 +71,7 @@ def test_a_nan_injected_in_one_layer_is_named():
     before = [p.detach().clone() for p in trainer.model.parameters()]
     x, y = data().tensors
     with pytest.raises(NonFiniteStep) as err:
-        trainer.train_step(x[:16], y[:16])
+        trainer.engine.train_step(x[:16], y[:16])
     assert err.value.where == "blocks.1.branch.0" and err.value.stage == "activation in forward"
     after = list(trainer.model.parameters())
     assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(before, after))  # not applied
@@ -96,7 +96,7 @@ def test_rollback_to_the_last_checkpoint_with_a_lower_lr(tmp_path):
                             "schedule.name=constant", loss_fn=NanOnce(at_call=7))
     summary = trainer.fit()
     assert summary["steps"] == 12 and summary["rollbacks"] == 1
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert trainer.engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rollback = [r for r in records if r["kind"] == "rollback"]
     assert rollback == [{"kind": "rollback", "step": 7, "layer": "loss", "to_step": 4, "lr_factor": 0.5}]

@@ -5,19 +5,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_config
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from gradwise import Trainer, load_config
-from gradwise.config import ScalerConfig
+from gradwise.config import ModelConfig, ScalerConfig
 from gradwise.memory.accumulation import loss_weights, micro_batch_slices
 from gradwise.memory.checkpointing import apply_checkpointing, segment_size
 from gradwise.memory.measure import ActivationMeter
 from gradwise.memory.precision import LossScaler
 from gradwise.nn import CharTransformer, build_model
-from gradwise.config import ModelConfig
-
-from conftest import small_config
 
 
 @torch.no_grad()
@@ -42,7 +40,7 @@ def test_accumulation_equals_one_big_batch_classification(split):
     accumulated = Trainer.from_config(small_config(*base, *split))
     result = accumulated.fit()
     assert relative_gap(accumulated.model, big.model) < 1e-6
-    assert result["final_train_loss"] == pytest.approx(big.summary({})["final_train_loss"], rel=1e-5)
+    assert result["final_train_loss"] == pytest.approx(big.summary()["final_train_loss"], rel=1e-5)
 
 
 def padded_lm_data(n=24, context=12, vocab=11, seed=0):
@@ -178,20 +176,20 @@ def test_fp16_overflow_skips_optimizer_and_scheduler_and_backs_off():
     trainer = tiny_fp16_trainer("scaler.init_scale=1e30")  # the scaled fp16 backward overflows
     x, y = trainer.train_data.tensors
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    lr_before, epoch_before = trainer.optimizer.param_groups[0]["lr"], trainer.scheduler.last_epoch
-    trainer.train_step(x[:8], y[:8])
-    assert trainer.scaler.skipped_steps == 1 and trainer.scaler.scale == pytest.approx(0.5e30)
+    lr_before, epoch_before = trainer.engine.optimizer.param_groups[0]["lr"], trainer.engine.scheduler.last_epoch
+    trainer.engine.train_step(x[:8], y[:8])
+    assert trainer.engine.scaler.skipped_steps == 1 and trainer.engine.scaler.scale == pytest.approx(0.5e30)
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
-    assert trainer.scheduler.last_epoch == epoch_before and trainer.optimizer.param_groups[0]["lr"] == lr_before
+    assert trainer.engine.scheduler.last_epoch == epoch_before and trainer.engine.optimizer.param_groups[0]["lr"] == lr_before
     # it keeps backing off until the scaled gradients fit, then an update goes through
     for _ in range(200):
-        trainer.train_step(x[:8], y[:8])
-        if trainer.scheduler.last_epoch > epoch_before:
+        trainer.engine.train_step(x[:8], y[:8])
+        if trainer.engine.scheduler.last_epoch > epoch_before:
             break
-    assert trainer.scheduler.last_epoch == epoch_before + 1
-    assert trainer.scaler.scale * 8 < 65504 * 1e3  # roughly in fp16's range now
+    assert trainer.engine.scheduler.last_epoch == epoch_before + 1
+    assert trainer.engine.scaler.scale * 8 < 65504 * 1e3  # roughly in fp16's range now
     assert not all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
-    state = trainer.scaler.state_dict()
+    state = trainer.engine.scaler.state_dict()
     other = LossScaler(ScalerConfig())
     other.load_state_dict(state)
     assert other.state_dict() == state
@@ -201,8 +199,8 @@ def test_clipping_happens_after_unscale():
     trainer = tiny_fp16_trainer("train.clip_norm=0.01", "scaler.init_scale=1024")
     x, y = trainer.train_data.tensors
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.train_step(x[:8], y[:8])
-    assert trainer.scaler.skipped_steps == 0
+    trainer.engine.train_step(x[:8], y[:8])
+    assert trainer.engine.scaler.skipped_steps == 0
     # SGD with lr 1 moves by exactly the clipped gradient: its norm must be clip_norm, not clip_norm / scale
     moved = torch.sqrt(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, trainer.model.parameters())))
     grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in trainer.model.parameters()))
@@ -213,7 +211,7 @@ def test_clipping_happens_after_unscale():
 def test_clip_value_bounds_every_element():
     trainer = tiny_fp16_trainer("precision=fp32", "train.clip_value=1e-4")
     x, y = trainer.train_data.tensors
-    trainer.train_step(x[:8], y[:8])
+    trainer.engine.train_step(x[:8], y[:8])
     assert max(float(p.grad.abs().max()) for p in trainer.model.parameters()) <= 1e-4
 
 

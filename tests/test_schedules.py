@@ -57,21 +57,23 @@ def test_step_schedule_needs_step_every_and_one_warmup_unit():
 
 def test_warmup_epochs_and_scale_rules_resolve_at_run_start():
     from conftest import small_config
+
     from gradwise import Trainer
 
     # 400 samples, batch 64: 7 steps per epoch
     trainer = Trainer.from_config(small_config("schedule.warmup_epochs=2", "train.steps=30", "optim.lr=0.1",
                                                "schedule.scale_rule=linear", "schedule.base_batch=32"))
     assert trainer.cfg.schedule.warmup_steps == 14 and trainer.cfg.schedule.warmup_epochs is None
-    assert trainer.lr == pytest.approx(0.2)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 / 14)  # first warmup step
+    assert trainer.engine.lr == pytest.approx(0.2)
+    assert trainer.engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 / 14)  # first warmup step
     sqrt = Trainer.from_config(small_config("optim.lr=0.1", "schedule.scale_rule=sqrt", "schedule.base_batch=16"))
-    assert sqrt.lr == pytest.approx(0.2)
+    assert sqrt.engine.lr == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("name, lr", [("lars", 5.0), ("lamb", 0.01)])
 def test_layerwise_optimizers_train_from_the_config(name, lr):
     from conftest import small_config
+
     from gradwise import Trainer
 
     trainer = Trainer.from_config(small_config(f"optim.name={name}", f"optim.lr={lr}", "optim.weight_decay=1e-4",
@@ -79,4 +81,4 @@ def test_layerwise_optimizers_train_from_the_config(name, lr):
     first = trainer.evaluate()["test_loss"]
     result = trainer.fit()
     assert result["test_loss"] < first
-    assert type(trainer.optimizer).__name__ == name.upper()
+    assert type(trainer.engine.optimizer).__name__ == name.upper()

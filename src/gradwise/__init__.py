@@ -1,10 +1,10 @@
 """gradwise: a PyTorch training system whose speed, memory, stability and scale claims are measured.
 
-    from gradwise import Trainer, Config, load_config
+    from gradwise import Trainer, Callback, Config, load_config
 """
 
 from gradwise.config import Config, load_config
-from gradwise.train import Trainer
+from gradwise.train import Callback, Trainer
 
-__all__ = ["Trainer", "Config", "load_config"]
+__all__ = ["Trainer", "Callback", "Config", "load_config"]
 __version__ = "0.1.0"

@@ -70,11 +70,10 @@ def _report(run_dir, summary: dict) -> None:
 def _launch_target(args: argparse.Namespace):
     """(config, run directory) that a launcher hands to its workers, checked before anything starts."""
     from gradwise.config import load_config
-    from gradwise.train import Trainer
-    from gradwise.train.trainer import holds_run
+    from gradwise.train.run_dir import holds_run, resume_config
 
     if args.resume:
-        cfg = Trainer.resume_config(args.resume, args.overrides)
+        cfg = resume_config(args.resume, args.overrides)
         if not (Path(args.resume) / "checkpoints" / "last.pt").is_file():
             raise UserInputError(f"checkpoint error: '{args.resume}' has no checkpoints/last.pt to resume from")
         return cfg, Path(args.resume)
@@ -140,33 +139,29 @@ def _train_worker(args: argparse.Namespace) -> int:
     """
     import os
 
-    import torch.distributed
-
     from gradwise.config import load_config
-    from gradwise.distributed.ddp import init_process_group, restart_count
+    from gradwise.distributed.ddp import DDPSync, init_process_group
     from gradwise.distributed.launch import clear_failed_attempt
     from gradwise.train import Trainer
 
     ctx = init_process_group()
     try:
-        restarts = restart_count()
+        sync = DDPSync(ctx)
+        restarts = sync.restarts
         if args.resume:
-            trainer = Trainer.resume(args.resume, args.overrides, dist=ctx)
+            trainer = Trainer.resume(args.resume, args.overrides, sync=sync)
         else:
             cfg = load_config(args.config, args.overrides)
-            chosen = [str(args.out or _default_out_dir())]
-            torch.distributed.broadcast_object_list(chosen, src=0)  # one run directory for every rank
-            out = Path(chosen[0])
+            out = Path(sync.broadcast(str(args.out or _default_out_dir())))  # one run directory for every rank
             if restarts and (out / "checkpoints" / "last.pt").is_file():
-                trainer = Trainer.resume(out, dist=ctx)
+                trainer = Trainer.resume(out, sync=sync)
             else:
                 if restarts and ctx.is_main:
                     clear_failed_attempt(out)
                 ctx.barrier()
-                trainer = Trainer.from_config(cfg, out_dir=out, dist=ctx)
+                trainer = Trainer.from_config(cfg, out_dir=out, sync=sync)
         if restarts and ctx.is_main:
-            print(f"gradwise: restart {restarts}: continuing from step {trainer.step}", flush=True)
-        trainer.restarts = restarts
+            print(f"gradwise: restart {restarts}: continuing from step {trainer.state.step}", flush=True)
         summary = trainer.fit()
         if ctx.is_main:
             _report(trainer.out_dir, summary)

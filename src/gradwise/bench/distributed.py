@@ -115,8 +115,10 @@ def straggler_rows(gradients: int, repeats: int) -> dict[str, Any] | None:
 def worker(argv: list[str]) -> None:
     """One rank of a timing group (run by torchrun): warm up, then alternate synced and unsynced rounds."""
     from gradwise.config import load_config
-    from gradwise.distributed.ddp import init_process_group
-    from gradwise.train import Trainer
+    from gradwise.data import build_data
+    from gradwise.distributed.ddp import DDPSync, init_process_group
+    from gradwise.nn import build_model
+    from gradwise.train import Trainer, seed_everything
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -125,17 +127,19 @@ def worker(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
 
     ctx = init_process_group()
-    dist = ctx if ctx.world_size > 1 else None
+    sync = DDPSync(ctx) if ctx.world_size > 1 else None
     cfg = load_config(None, ["log.progress=off", "log.plots=false", "diagnostics.every=0",
                              "train.eval_every=1000000000", "train.checkpoint_every=1000000000", *overrides])
-    trainer = Trainer.from_config(cfg, dist=dist)
-    trainer.test_data = trainer.val_data = None  # time training alone
+    seed_everything(cfg.seed)
+    data = build_data(cfg.data, context=cfg.model.context)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
+    trainer = Trainer(model, data.train, config=cfg, task=data.task, sync=sync)  # no test set: time training alone
 
-    def timed(steps: int, sync: bool) -> float:
-        trainer.sync_gradients = sync
-        trainer.total_steps = trainer.step + steps
+    def timed(steps: int, reduce: bool) -> float:
+        if sync is not None:
+            sync.reduce = reduce
         t0 = time.perf_counter()
-        trainer.fit()
+        trainer.fit(max_steps=trainer.state.step + steps)
         return (time.perf_counter() - t0) / steps
 
     timed(WARMUP_STEPS, True)
@@ -143,7 +147,7 @@ def worker(argv: list[str]) -> None:
                               "sync_s_per_step": [], "nosync_s_per_step": []}
     for _ in range(args.rounds):
         result["sync_s_per_step"].append(timed(args.steps, True))
-        if dist is not None:
+        if sync is not None:
             result["nosync_s_per_step"].append(timed(args.steps, False))
     if ctx.is_main:
         Path(args.out).write_text(json.dumps(result))

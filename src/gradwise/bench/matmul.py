@@ -20,8 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gradwise.config import load_config
 from gradwise.memory.precision import autocast
-from gradwise.train import Trainer
-from gradwise.train.trainer import fetch_batch
+from gradwise.train import StepEngine, Trainer
+from gradwise.train.batch import fetch_batch
 
 JOBS = {
     "default transformer (char LM, 4x128, context 128, batch 128)": ["data.name=text", "model.name=transformer",
@@ -46,29 +46,29 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 0.3) -> float:
     return best
 
 
-def step_flops(trainer: Trainer, inputs, targets) -> int:
-    """FLOPs of one forward and backward of the trainer's model on this batch (FlopCounterMode)."""
+def step_flops(engine: StepEngine, inputs, targets) -> int:
+    """FLOPs of one forward and backward of the engine's model on this batch (FlopCounterMode)."""
     with FlopCounterMode(display=False) as counter:
-        with autocast(trainer.cfg.precision, trainer.device):
-            loss = trainer.loss_fn(trainer.model(inputs), targets)
+        with autocast(engine.cfg.precision, engine.device):
+            loss = engine.loss_fn(engine.model(inputs), targets)
         loss.backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    engine.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
 def measure(overrides: list[str], precision: str, steps: int, repeats: int) -> dict[str, Any]:
     cfg = load_config(None, ["log.progress=off", "diagnostics.every=0", f"precision={precision}", *overrides])
     trainer = Trainer.from_config(cfg)
-    idx = torch.arange(cfg.train.batch_size)
-    inputs, targets = fetch_batch(trainer.train_data, idx)
-    flops = step_flops(trainer, inputs, targets)
+    engine = trainer.engine
+    inputs, targets = fetch_batch(trainer.train_data, torch.arange(cfg.train.batch_size))
+    flops = step_flops(engine, inputs, targets)
     for _ in range(3):
-        trainer.train_step(inputs, targets)  # warm-up
+        engine.train_step(inputs, targets)  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            trainer.train_step(inputs, targets)
+            engine.train_step(inputs, targets)
         times.append((time.perf_counter() - t0) / steps)
     return {"flops_per_step": flops, "s_per_step": statistics.median(times)}
 

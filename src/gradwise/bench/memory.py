@@ -2,7 +2,7 @@
 precision step-time ratios (bf16 and fp16 against fp32), each measured side by side in one run.
 
 Policies run on a 32-block MLP (width 256, batch 256), the settings alternating
-within each round (`gradwise.experiments.memory.compare_policies`; the full
+within each round (`gradwise.bench.rounds.compare_policies`; the full
 experiment is `gradwise repro memory`). Precisions are timed on the default job
 in alternating rounds too; each ratio is the median of per-round ratios.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from gradwise.experiments.memory import compare_policies, time_rounds, variant_trainers
+from gradwise.bench.rounds import compare_policies, time_rounds, variant_engines
 from gradwise.memory.measure import format_bytes
 
 MLP = ["model.name=mlp", "model.depth=33", "model.width=256", "train.batch_size=256", "optim.name=sgd"]
@@ -23,9 +23,9 @@ def precision_times(overrides: list[str], steps: int, repeats: int) -> dict[str,
     def set_precision(name: str):
         return lambda cfg: setattr(cfg, "precision", name)
 
-    trainers, x, y = variant_trainers(["diagnostics.every=0", *overrides], {p: set_precision(p) for p in PRECISIONS})
+    engines, x, y = variant_engines(["diagnostics.every=0", *overrides], {p: set_precision(p) for p in PRECISIONS})
     # fp16 is emulated on CPUs: fewer steps
-    return time_rounds(trainers, x, y, repeats, lambda name: max(1, steps // 10) if name == "fp16" else steps)
+    return time_rounds(engines, x, y, repeats, lambda name: max(1, steps // 10) if name == "fp16" else steps)
 
 
 def run(steps: int = 300, repeats: int = 5) -> dict[str, Any]:

@@ -10,18 +10,22 @@ import torch
 
 from gradwise.config import Config
 from gradwise.diagnostics.health import judge, layer_stats, weight_layers
-from gradwise.diagnostics.spectra import block_input, jacobian_mean_sq_singular_value, spectral_norms
+from gradwise.diagnostics.spectra import (
+    block_input,
+    jacobian_mean_sq_singular_value,
+    spectral_norms,
+)
 
 
 def inspect_run(cfg: Config, steps: int = 5, probes: int = 8) -> dict[str, Any]:
     from gradwise.train import Trainer
+    from gradwise.train.batch import fetch_batch
     from gradwise.train.sampler import EpochBatches
-    from gradwise.train.trainer import fetch_batch
 
     trainer = Trainer.from_config(cfg)
     model = trainer.model
     n = min(cfg.train.batch_size, len(trainer.train_data))
-    inputs, _ = (t.to(trainer.device) for t in fetch_batch(trainer.train_data, torch.arange(n)))
+    inputs, _ = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, torch.arange(n)))
     model.eval()  # the Jacobian per sample, without batch-norm coupling or dropout
     chi = jacobian_mean_sq_singular_value(model.blocks, block_input(model, inputs), probes)
     model.train()
@@ -29,9 +33,9 @@ def inspect_run(cfg: Config, steps: int = 5, probes: int = 8) -> dict[str, Any]:
     batches = EpochBatches(len(trainer.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last)
     stats = []
     for _ in range(steps):
-        x, y = (t.to(trainer.device) for t in fetch_batch(trainer.train_data, batches.next()))
+        x, y = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, batches.next()))
         before = [p.detach().clone() for _, p in weight_layers(model)]
-        trainer.train_step(x, y)
+        trainer.engine.train_step(x, y)
         stats = layer_stats(model, before)
     d = cfg.diagnostics
     verdict = judge(stats, d.vanishing_ratio, d.vanishing_norm, d.exploding_norm, d.exploding_update)

@@ -122,8 +122,8 @@ class LayerRecord:
 
 def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
     """Run `steps` fp32 training steps of `trainer` with hooks; per-layer histograms of outputs, grads, updates."""
+    from gradwise.train.batch import fetch_batch
     from gradwise.train.sampler import EpochBatches
-    from gradwise.train.trainer import fetch_batch
 
     model: nn.Module = trainer.model
     records: dict[str, LayerRecord] = {}
@@ -148,12 +148,12 @@ def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
     try:
         for _ in range(steps):
             idx = batches.next()
-            inputs, targets = (t.to(trainer.device) for t in fetch_batch(trainer.train_data, idx))
-            before = {id(p): p.detach().clone() for p in trainer.params}
+            inputs, targets = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, idx))
+            before = {id(p): p.detach().clone() for p in trainer.engine.params}
             with warnings.catch_warnings():  # the first layer's hook fires on outputs only: expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                trainer.train_step(inputs, targets)
-            for p in trainer.params:
+                trainer.engine.train_step(inputs, targets)
+            for p in trainer.engine.params:
                 rec = records.setdefault(owner[id(p)], LayerRecord())
                 if p.grad is not None:
                     rec.gradients.add(p.grad)

@@ -9,6 +9,7 @@ single-process gradient however unevenly items fall. gloo on CPU, NCCL on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from gradwise.distributed.sync import GradientSync
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -99,11 +102,65 @@ def init_process_group(timeout_s: float = 300.0) -> DistContext:
     return ctx
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, sync_batchnorm: bool = False) -> torch.nn.Module:
-    """DistributedDataParallel around `model` (optionally with BatchNorm layers made SyncBatchNorm)."""
-    from torch.nn.parallel import DistributedDataParallel
+class DDPSync(GradientSync):
+    """Synchronous data parallel: DistributedDataParallel all-reduces during the last micro-batch's backward.
 
-    if sync_batchnorm:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device_ids = [ctx.local_rank] if ctx.backend == "nccl" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    `reduce=False` skips the all-reduce altogether (ranks drift apart): for measuring communication cost only.
+    """
+
+    needs_global_count = True
+
+    def __init__(self, ctx: DistContext, reduce: bool = True):
+        self.ctx, self.reduce = ctx, reduce
+        self.rank, self.world_size = ctx.rank, ctx.world_size
+        self.restarts = restart_count()
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def prepare(self, model: torch.nn.Module, cfg) -> torch.nn.Module:
+        """DistributedDataParallel around `model` (BatchNorm made SyncBatchNorm with train.sync_batchnorm)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        from gradwise.errors import ConfigError
+
+        tc = cfg.train
+        if tc.batch_size < self.world_size:
+            raise ConfigError(
+                f"config error: train.batch_size={tc.batch_size} is smaller than the {self.world_size} processes; "
+                f"each process needs at least one sample (use train.batch_size >= {self.world_size})"
+            )
+        if tc.sync_batchnorm:
+            if self.ctx.backend != "nccl":
+                raise ConfigError("config error: train.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no "
+                                  "CPU kernel); on CPU each process normalises over its own shard")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [self.ctx.local_rank] if self.ctx.backend == "nccl" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def shard(self, n: int) -> slice:
+        return self.ctx.shard(n)
+
+    def loss_weights(self, counts: list[torch.Tensor], global_count: torch.Tensor | None) -> list[torch.Tensor]:
+        return self.ctx.loss_weights(counts, global_count)
+
+    def micro_batch(self, forward_model: torch.nn.Module, last: bool):
+        """`no_sync` over every micro-batch's forward and backward but the last (whose backward all-reduces)."""
+        return contextlib.nullcontext() if last and self.reduce else forward_model.no_sync()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.ctx.all_reduce_sum(tensor)
+
+    def rank_states(self, obj):
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def broadcast(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()

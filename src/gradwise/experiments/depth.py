@@ -24,7 +24,7 @@ from gradwise.diagnostics.spectra import block_input, jacobian_mean_sq_singular_
 from gradwise.errors import NonFiniteError
 from gradwise.io import write_json, write_text
 from gradwise.memory.measure import ActivationMeter, format_bytes
-from gradwise.train import Trainer
+from gradwise.train import Callback, Trainer
 
 FC_VARIANTS = {
     "plain": ["model.residual=none", "model.norm=none"],
@@ -40,23 +40,26 @@ TRANSFORMER_VARIANTS = {
 }
 
 
+class LossRecorder(Callback):
+    """Every step's training loss (a float per step)."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_step_end(self, trainer, out) -> None:
+        self.losses.append(float(out.loss))
+
+
 def train(overrides: list[str]) -> dict[str, Any]:
     """Train one config in memory; a non-finite step ends the run and counts as diverged."""
     cfg = load_config(None, ["log.progress=off", "train.eval_every=1000000", "diagnostics.every=0", *overrides])
-    trainer = Trainer.from_config(cfg)
+    recorder = LossRecorder()
+    trainer = Trainer.from_config(cfg, callbacks=[recorder])
     x, _ = (t[: cfg.train.batch_size] for t in trainer.train_data.tensors)
     trainer.model.eval()
     chi = jacobian_mean_sq_singular_value(trainer.model.blocks, block_input(trainer.model, x), probes=4)
     trainer.model.train()
-    losses: list[float] = []
-    original = trainer.train_step
-
-    def recording_step(*batch):
-        loss = original(*batch)
-        losses.append(float(loss))
-        return loss
-
-    trainer.train_step = recording_step
+    losses = recorder.losses
     t0 = time.perf_counter()
     outcome, summary = "trained", {}
     try:

@@ -54,11 +54,11 @@ def one_run(optimizer: str, batch: int, multiplier: float, s: dict[str, Any]) ->
     trainer = Trainer.from_config(cfg)
     t0 = time.perf_counter()
     summary = trainer.fit()
-    ratios = {name: float(trainer.optimizer.state[p]["trust_ratio"])
-              for name, p in trainer.model.named_parameters() if "trust_ratio" in trainer.optimizer.state.get(p, {})}
+    ratios = {name: float(trainer.engine.optimizer.state[p]["trust_ratio"])
+              for name, p in trainer.model.named_parameters() if "trust_ratio" in trainer.engine.optimizer.state.get(p, {})}
     accuracy = summary["test_accuracy"]
     return {
-        "optimizer": optimizer, "batch_size": batch, "lr_multiplier": multiplier, "lr": trainer.lr,
+        "optimizer": optimizer, "batch_size": batch, "lr_multiplier": multiplier, "lr": trainer.engine.lr,
         "steps": summary["steps"], "test_accuracy": accuracy if math.isfinite(summary["test_loss"]) else 0.0,
         "test_loss": summary["test_loss"], "final_train_loss": summary["final_train_loss"],
         "seconds": round(time.perf_counter() - t0, 2), "trust_ratios": ratios,

@@ -12,83 +12,20 @@ median of per-round ratios, so slow spells of the machine hit all settings alike
 
 from __future__ import annotations
 
-import copy
 import math
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from gradwise.bench.rounds import compare_policies, kept_bytes
 from gradwise.config import load_config
-from gradwise.data import build_data
 from gradwise.io import write_json, write_text
 from gradwise.memory.checkpointing import apply_checkpointing
-from gradwise.memory.measure import ActivationMeter, format_bytes
+from gradwise.memory.measure import format_bytes
 from gradwise.nn import build_model
-from gradwise.train import Trainer, seed_everything
-
-POLICIES = ["none", "all", "every:4", "sqrt"]
-
-
-def kept_bytes(model, inputs) -> int:
-    meter = ActivationMeter(model)
-    with meter.track():
-        out = model(inputs)
-    del out
-    return meter.bytes
-
-
-def variant_trainers(overrides: list[str], variants: dict[str, Callable[[Any], None]]):
-    """(trainers, x, y): one Trainer per variant (each `variants[name](cfg)` edits a copy of the config), all
-    from the same initial weights, warmed up by one step on the first batch (x, y)."""
-    cfg = load_config(None, ["log.progress=off", *overrides])
-    seed_everything(cfg.seed)
-    data = build_data(cfg.data, context=cfg.model.context)
-    initial = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
-    x, y = (t[: cfg.train.batch_size] for t in data.train.tensors)
-    trainers = {}
-    for name, edit in variants.items():
-        trial = cfg.model_copy(deep=True)
-        edit(trial)
-        trainers[name] = Trainer(copy.deepcopy(initial), data.train, config=trial, task=data.task)
-        trainers[name].train_step(x, y)  # warm-up, optimizer state
-    return trainers, x, y
-
-
-def time_rounds(trainers: dict[str, Trainer], x, y, rounds: int, steps: Callable[[str], int]) -> dict[str, list[float]]:
-    """Seconds per step of each trainer, `rounds` times, the trainers alternating within each round."""
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    for _ in range(rounds):
-        for name, trainer in trainers.items():
-            n = steps(name)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                trainer.train_step(x, y)
-            times[name].append((time.perf_counter() - t0) / n)
-    return times
-
-
-def compare_policies(overrides: list[str], rounds: int, steps: int) -> list[dict[str, Any]]:
-    def set_policy(name: str) -> Callable[[Any], None]:
-        return lambda cfg: setattr(cfg.memory, "checkpoint", name)
-
-    trainers, x, y = variant_trainers(overrides, {p: set_policy(p) for p in POLICIES})
-    times = time_rounds(trainers, x, y, rounds, lambda _name: steps)
-    rows = []
-    base_bytes = kept_bytes(trainers["none"].model, x)
-    for policy in POLICIES:
-        kept = kept_bytes(trainers[policy].model, x)
-        ratios = [t / b for t, b in zip(times[policy], times["none"])]
-        rows.append({
-            "policy": policy,
-            "activation_bytes": kept,
-            "memory_ratio_none_over_policy": base_bytes / kept,
-            "ms_per_step": statistics.median(times[policy]) * 1e3,
-            "time_ratio_vs_none": statistics.median(ratios),
-        })
-    return rows
+from gradwise.train import Trainer
 
 
 def depth_curve(depths: list[int], width: int, batch: int) -> list[dict[str, Any]]:

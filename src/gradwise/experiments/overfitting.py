@@ -24,7 +24,9 @@ from typing import Any
 
 from gradwise.config import load_config
 from gradwise.io import write_json, write_text, write_with
+from gradwise.data import build_data
 from gradwise.train import Trainer
+from gradwise.train.sampler import batches_per_epoch
 
 BASE = ["model.name=mlp", "model.depth=2", "model.width=128", "optim.name=adam", "optim.lr=0.001",
         "schedule.name=constant", "train.batch_size=32"]
@@ -61,13 +63,13 @@ def one_run(variant: str, seed: int, epochs: int) -> dict[str, Any]:
         *BASE, f"seed={seed}", f"train.epochs={epochs}", "train.steps=null", "log.progress=off",
         "train.eval_batch_size=2000", "diagnostics.every=0", *VARIANTS[variant],
     ])
+    spe = batches_per_epoch(len(build_data(cfg.data).train), cfg.train.batch_size, cfg.train.drop_last)
+    cfg.train.eval_every = cfg.log.every = spe  # one record per epoch
     trainer = Trainer.from_config(cfg)
-    trainer.cfg.train.eval_every = trainer.cfg.log.every = trainer.steps_per_epoch  # one record per epoch
     t0 = time.perf_counter()
     summary = trainer.fit()
     seconds = time.perf_counter() - t0
     train_eval = trainer.evaluate(trainer.train_data, prefix="train")
-    spe = trainer.steps_per_epoch
     curves = {"epoch": [], "train_loss": [], "val_loss": []}
     train_by_step = {r["step"]: r["train_loss"] for r in trainer.records if r["kind"] == "train"}
     for r in trainer.records:

@@ -56,15 +56,15 @@ def settings(quick: bool) -> dict[str, Any]:
 
 def zero_gradient_fraction(trainer) -> float:
     """Share of gradient elements exactly zero after one backward on the first training batch."""
-    from gradwise.train.trainer import fetch_batch
+    from gradwise.train.batch import fetch_batch
 
     batch = torch.arange(min(len(trainer.train_data), trainer.cfg.train.batch_size))
-    inputs, targets = (t.to(trainer.device) for t in fetch_batch(trainer.train_data, batch))
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.compute_gradients(inputs, targets)
-    grads = [p.grad for p in trainer.params if p.grad is not None]
+    inputs, targets = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, batch))
+    trainer.engine.optimizer.zero_grad(set_to_none=True)
+    trainer.engine.compute_gradients(inputs, targets)
+    grads = [p.grad for p in trainer.engine.params if p.grad is not None]
     zeros = sum(int((g == 0).sum()) for g in grads)
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.engine.optimizer.zero_grad(set_to_none=True)
     return zeros / max(1, sum(g.numel() for g in grads))
 
 

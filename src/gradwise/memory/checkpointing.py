@@ -1,6 +1,6 @@
 """Activation checkpointing on `torch.utils.checkpoint` (use_reentrant=False, RNG preserved).
 
-Built-in models run their blocks through a `BlockStack`; a policy sets how many
+Built-in models run their blocks through a `BlockStack` (gradwise.nn.blocks); a policy sets how many
 consecutive blocks form one checkpointed segment:
 
     none      nothing recomputed
@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gradwise.errors import ConfigError
 from gradwise.memory import measure
+from gradwise.nn.blocks import BlockStack
 
 
 def segment_size(policy: str, n_blocks: int) -> int:
@@ -34,27 +35,6 @@ def segment_size(policy: str, n_blocks: int) -> int:
     if policy == "sqrt":
         return max(1, math.ceil(math.sqrt(n_blocks)))
     return int(policy.split(":", 1)[1])
-
-
-def _run_segment(blocks: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
-    for block in blocks:
-        h = block(h)
-    return h
-
-
-class BlockStack(nn.ModuleList):
-    """A ModuleList of blocks applied in order, optionally in checkpointed segments."""
-
-    segment: int = 0
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        blocks = list(self)
-        if self.segment == 0 or not torch.is_grad_enabled():
-            return _run_segment(blocks, h)
-        for start in range(0, len(blocks), self.segment):
-            measure.note_kept(h)  # the segment input is held until backward
-            h = checkpoint(_run_segment, blocks[start : start + self.segment], h, use_reentrant=False)
-        return h
 
 
 _CHECKPOINTED: dict[type, type] = {}

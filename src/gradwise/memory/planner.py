@@ -19,8 +19,18 @@ from typing import Any
 import torch
 
 from gradwise.config import Config, parse_bytes
+from gradwise.data import build_data
 from gradwise.errors import UserInputError
-from gradwise.memory.measure import ActivationMeter, cuda_peak, format_bytes, state_bytes
+from gradwise.memory.measure import (
+    ActivationMeter,
+    cuda_peak,
+    format_bytes,
+    state_bytes,
+)
+from gradwise.nn import build_model
+from gradwise.resolve import resolve_config
+from gradwise.train.state import capture_rng, restore_rng, seed_everything
+from gradwise.train.step import StepEngine
 
 POLICIES = ("none", "sqrt", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -43,37 +53,37 @@ class StepProfile:
         return self.activation_bytes + self.params_bytes + self.grads_bytes + self.optimizer_bytes
 
 
-def profile_step(trainer, inputs, targets, steps: int = 3, warmup: int = 1) -> StepProfile:
-    """Run `warmup + steps` real training steps of `trainer` on one batch; measure memory and time.
+def profile_step(engine: StepEngine, inputs, targets, steps: int = 3, warmup: int = 1) -> StepProfile:
+    """Run `warmup + steps` real training steps of `engine` on one batch; measure memory and time.
 
-    The trainer's parameters change (these are real updates): profile a copy you can discard.
+    The engine's parameters change (these are real updates): profile a copy you can discard.
     """
     meters: list[ActivationMeter] = []
 
     def metered():
-        meters.append(ActivationMeter(trainer.model))
+        meters.append(ActivationMeter(engine.model))
         return meters[-1].track()
 
-    device = trainer.device
+    device = engine.device
     inputs, targets = inputs.to(device), targets.to(device)
     for _ in range(warmup):
-        trainer.train_step(inputs, targets)  # allocates optimizer state
+        engine.train_step(inputs, targets)  # allocates optimizer state
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    trainer.forward_context = metered
-    trainer.train_step(inputs, targets)
-    trainer.forward_context = contextlib.nullcontext
+    engine.forward_context = metered
+    engine.train_step(inputs, targets)
+    engine.forward_context = contextlib.nullcontext
     peak = cuda_peak(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        trainer.train_step(inputs, targets)
+        engine.train_step(inputs, targets)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    sizes = state_bytes(trainer.model, trainer.optimizer)
+    sizes = state_bytes(engine.model, engine.optimizer)
     return StepProfile(
         activation_bytes=max(m.bytes for m in meters),
         params_bytes=sizes["params"],
@@ -97,11 +107,6 @@ def candidate_micro_batches(batch_size: int, limit: int = 5) -> list[int]:
 def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, policies=POLICIES,
          progress=None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Measure every candidate; return (table rows, the fastest row that fits or None)."""
-    from gradwise.data import build_data
-    from gradwise.nn import build_model
-    from gradwise.train import Trainer, seed_everything
-    from gradwise.train.state import capture_rng, restore_rng
-
     rng = capture_rng()
     try:
         seed_everything(cfg.seed)
@@ -117,8 +122,8 @@ def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, 
                     trial.train.accumulate, trial.train.micro_batch_size = micro, None
                     trial.memory.checkpoint, trial.memory.auto = policy, False
                     trial.precision = precision
-                    trainer = Trainer(copy.deepcopy(initial), data.train, config=trial, task=data.task)
-                    prof = profile_step(trainer, inputs, targets, steps=trial_steps)
+                    engine = StepEngine(copy.deepcopy(initial), resolve_config(trial, len(data.train)))
+                    prof = profile_step(engine, inputs, targets, steps=trial_steps)
                     row = {"accumulate": micro, "micro_batch": -(-cfg.train.batch_size // micro),
                            "checkpoint": policy, "precision": precision, "memory_bytes": prof.total_bytes,
                            "samples_per_s": prof.samples_per_second, "fits": prof.total_bytes <= budget,

@@ -10,8 +10,7 @@ from torch import nn
 
 from gradwise.config import ModelConfig
 from gradwise.errors import ConfigError
-from gradwise.memory.checkpointing import BlockStack
-from gradwise.nn.blocks import HighwayGate, ResidualBlock, combine
+from gradwise.nn.blocks import BlockStack, HighwayGate, ResidualBlock, combine
 from gradwise.nn.dropconnect import DropConnectLinear
 from gradwise.nn.init import apply_init
 

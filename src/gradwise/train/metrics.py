@@ -1,9 +1,7 @@
-"""Run output while training: `metrics.jsonl` records and progress on the terminal.
+"""Run output helpers: reading `metrics.jsonl`, the TensorBoard writer, and terminal progress.
 
-`MetricsLog` appends one JSON object per line; on resume it first rewrites the
-file (atomically) without records past the checkpoint's step, so a resumed run
-never repeats steps. `Progress` draws a tqdm bar on a terminal and prints plain
-lines otherwise.
+The callbacks that write them are in gradwise.train.callbacks.records. `Progress`
+draws a tqdm bar on a terminal and prints plain lines otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from gradwise.io import write_text
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -40,45 +37,6 @@ def tensorboard_writer(folder: str | Path):
         raise ConfigError("config error: log.tensorboard=true needs TensorBoard: pip install 'gradwise[tensorboard]'") \
             from None
     return SummaryWriter(log_dir=str(folder))
-
-
-class MetricsLog:
-    """Append-only JSON-lines log; `None` path keeps records in memory only.
-
-    With `tensorboard` (a SummaryWriter), every numeric field of a record is
-    also written as scalar `kind/key` at the record's step.
-    """
-
-    def __init__(self, path: str | Path | None, resume_step: int | None = None, tensorboard: Any = None):
-        self.path = Path(path) if path is not None else None
-        self.records: list[dict[str, Any]] = []
-        self._handle: TextIO | None = None
-        self.tensorboard = tensorboard
-        if self.path is None:
-            return
-        if resume_step is not None:
-            self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
-        self._handle = open(self.path, "a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        if self._handle is not None:
-            self._handle.write(json.dumps(record) + "\n")
-            self._handle.flush()
-        if self.tensorboard is not None and "step" in record:
-            kind = record.get("kind", "metrics")
-            for key, value in record.items():
-                if key not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(f"{kind}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
 
 
 def _fmt(record: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
 """Checkpoint contents and I/O: model, optimizer, scheduler, data position, RNG states, config.
 
 `last.pt` loads with `torch.load(path, weights_only=True)`; every value is a
-tensor or a plain Python container of numbers and strings. Writes are atomic.
+tensor or a plain Python container of numbers and strings. The gradient-sync strategy
+writes them (atomically; gradwise.distributed.sync). `seed_everything` and the RNG
+capture live here too.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ import torch
 from torch import nn
 
 from gradwise.errors import CheckpointError
-from gradwise.io import write_with
 
 FORMAT = "gradwise-checkpoint"
 VERSION = 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -50,9 +57,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    payload = {"format": FORMAT, "version": VERSION, **payload}
-    write_with(path, lambda handle: torch.save(payload, handle))
+def with_header(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` marked as a gradwise checkpoint of this format version."""
+    return {"format": FORMAT, "version": VERSION, **payload}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""The parameter server's workers: the single-process step engine with a push/pull sync strategy.
+
+A worker owns every M-th row of the training set and loops: pull the server's
+weights (a ticket for one gradient), compute a gradient on its next batch with
+`StepEngine.train_step` (micro-batches, precision, loss scaling, the finiteness
+check), and let `PushPull.synchronize` push it. The worker never applies an
+update: the server does (gradwise.distributed.ps_server).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from gradwise.config import validate
+from gradwise.distributed.sync import GradientSync
+from gradwise.train.batch import fetch_batch, to_device
+from gradwise.train.sampler import EpochBatches, Position
+from gradwise.train.state import seed_everything
+from gradwise.train.step import NonFiniteStep, StepEngine
+
+
+def worker_shard(n: int, worker: int, workers: int) -> torch.Tensor:
+    """Rows of the training set worker `worker` owns: every M-th row (all rows, in order, for one worker)."""
+    return torch.arange(worker, n, workers)
+
+
+class PushPull(GradientSync):
+    """A worker's strategy: `pull` the server's weights before a step; `synchronize` pushes the gradient.
+
+    `synchronize` returns False: the update is the server's. An fp16 overflow drops the gradient
+    (its ticket goes back). `slowdown` > 1 simulates a straggler: each gradient takes that many times as long.
+    """
+
+    def __init__(self, server: Any, worker: int, slowdown: float = 1.0):
+        self.server, self.worker, self.slowdown = server, worker, slowdown
+        self.clock, self.started = 0, 0.0
+        self.position: dict = {"epoch": 0, "batch": 0}
+        self.samples = 0
+        self.pushed = 0
+
+    def pull(self, model: torch.nn.Module) -> bool:
+        """Load the server's current weights into `model`; False when the run's budget is spent."""
+        import ray
+
+        pulled = ray.get(self.server.pull.remote(self.worker))
+        if pulled is None:
+            return False
+        model.load_state_dict(pulled["state"])
+        self.clock, self.started = pulled["clock"], time.perf_counter()
+        return True
+
+    def synchronize(self, params: list[torch.Tensor], finite: bool, loss: torch.Tensor) -> bool:
+        import ray
+
+        if not finite:  # an fp16 overflow: this gradient is unusable; the ticket goes back unused
+            ray.get(self.server.drop.remote(self.worker))
+            return False
+        grads = [p.grad.detach().to("cpu", torch.float32).clone() if p.grad is not None else torch.zeros_like(p)
+                 for p in params]
+        elapsed = time.perf_counter() - self.started
+        if self.slowdown > 1:
+            time.sleep(elapsed * (self.slowdown - 1))
+            elapsed *= self.slowdown
+        applied = ray.get(self.server.push.remote(self.worker, self.clock, grads, float(loss), self.position,
+                                                  self.samples, elapsed))
+        self.pushed += int(applied)
+        return False
+
+
+class Worker:
+    """A worker actor's logic (wrapped by `ray.remote` in gradwise.distributed.ps): its shard, engine and loop."""
+
+    def __init__(self, cfg_dict: dict, worker: int, workers: int, server: Any):
+        from gradwise.data import build_data
+        from gradwise.nn import build_model
+
+        cfg = validate(cfg_dict)  # the driver's resolved config, the one the server trains with
+        self.cfg, self.worker, self.server = cfg, worker, server
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # M workers share the cores
+        seed_everything(cfg.seed + worker)
+        data = build_data(cfg.data, context=cfg.model.context)
+        rows = worker_shard(len(data.train), worker, workers)
+        self.shard = TensorDataset(*(t[rows] for t in data.train.tensors))
+        model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
+        self.sync = PushPull(server, worker, cfg.ps.slowdowns().get(worker, 1.0))
+        self.engine = StepEngine(model, cfg, sync=self.sync)
+
+    def pid(self) -> int:
+        """This incarnation's process id (a restarted actor has a new one)."""
+        return os.getpid()
+
+    def run(self) -> int:
+        """Pull, compute, push until the server's budget is spent; returns the gradients this call pushed."""
+        import ray
+
+        cfg, sync = self.cfg, self.sync
+        start = ray.get(self.server.join.remote(self.worker))["position"] or {"epoch": 0, "batch": 0}
+        batches = EpochBatches(len(self.shard), cfg.train.batch_size, cfg.seed + self.worker, cfg.train.drop_last,
+                               Position(start["epoch"], start["batch"]))
+        sync.pushed = 0
+        while sync.pull(self.engine.model):
+            idx = batches.next()
+            inputs, targets = to_device(fetch_batch(self.shard, idx), self.engine.device)
+            sync.position = {"epoch": batches.position.epoch, "batch": batches.position.batch}
+            sync.samples = len(idx)
+            try:
+                self.engine.train_step(inputs, targets)
+            except NonFiniteStep as event:  # the server stops the run, naming the layer
+                ray.get(self.server.fail.remote(self.worker, event.where, event.stage))
+                break
+        return sync.pushed

@@ -1,0 +1,92 @@
+"""Gradient synchronisation as a strategy: the middle of the three moves of every step.
+
+    loss   = engine.compute_gradients(...)    # micro-batches inside `sync.micro_batch(last)`
+    apply  = sync.synchronize(params, ...)    # nothing | DDP (done in backward) | push to a server
+    if apply: engine.apply_update(...)
+
+`GradientSync` itself is the single-process strategy: nothing to synchronise.
+`DDPSync` (distributed/ddp.py) and `PushPull` (distributed/ps_worker.py)
+override what differs. A strategy owns everything that depends on how many
+processes share a batch: which rows of a batch this process computes on, the
+loss weights of its micro-batches, which micro-batches skip communication,
+the collectives the trainer's metrics need, and how model and optimizer state
+are gathered for a checkpoint (a sharded strategy such as FSDP returns its
+own, sharded, state here and writes it with its own format).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwise.io import write_with
+from gradwise.memory.accumulation import loss_weights
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class GradientSync:
+    """One process: every call is the identity. Subclass and override for other strategies."""
+
+    rank = 0
+    world_size = 1  # processes that share one batch (and average their gradients)
+    needs_global_count = False  # True: loss weights need the whole global batch's item count
+    restarts = 0  # times the process group was restarted (torchrun's elastic agent)
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return default_device()
+
+    def prepare(self, model: nn.Module, cfg: Any) -> nn.Module:
+        """The module the step calls forward on (a wrapper such as DDP, or `model` itself)."""
+        return model
+
+    def shard(self, n: int) -> slice:
+        """The rows of an n-row batch (or evaluation set) this process computes on."""
+        return slice(0, n)
+
+    def loss_weights(self, counts: list[torch.Tensor], global_count: torch.Tensor | None) -> list[torch.Tensor]:
+        """Each micro-batch's weight: its share of the batch's loss-bearing items."""
+        return loss_weights(counts)
+
+    def micro_batch(self, forward_model: nn.Module, last: bool):
+        """The context a micro-batch's forward and backward run in (DDP: `no_sync` unless last)."""
+        return contextlib.nullcontext()
+
+    def synchronize(self, params: list[torch.Tensor], finite: bool, loss: torch.Tensor) -> bool:
+        """Make the gradients in `params` this update's gradients; True when this process applies the update."""
+        return True
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def rank_states(self, obj: Any) -> list[Any] | None:
+        """`obj` from every rank in rank order (a collective), or None for one process."""
+        return None
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    # -- checkpoint format: a sharded strategy gathers and writes its own ----------------------------------------
+
+    def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        return model.state_dict(), optimizer.state_dict()
+
+    def save(self, path, payload: dict[str, Any]) -> None:
+        """Write a checkpoint (every rank calls this; one file, written by the main process, atomically)."""
+        if self.is_main:
+            write_with(path, lambda handle: torch.save(payload, handle))

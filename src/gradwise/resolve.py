@@ -1,0 +1,52 @@
+"""Settle the config once, before any trainer exists.
+
+`resolve_config` turns a validated config into the one a run trains with:
+the planner's choice for `memory.auto=true` (written in, with `memory.auto`
+switched off), the schedule horizon (`schedule.total_steps`, fixed for the
+life of the run), and warmup given in epochs (`schedule.warmup_epochs`,
+turned into `schedule.warmup_steps`). The scaled learning rate
+(`schedule.scale_rule`) is a pure function of the resolved config
+(`StepEngine.lr`). Resolving a resolved config changes nothing, so rank 0's
+resolution broadcast to every rank, or the async driver's handed to the
+server and every worker, is what they all train with.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from gradwise.config import Config
+from gradwise.errors import ConfigError
+from gradwise.train.sampler import batches_per_epoch
+
+
+def run_length(cfg: Config, train_size: int) -> tuple[int, int]:
+    """(batches per epoch, steps the run takes): `train.steps`, or `train.epochs` passes."""
+    per_epoch = batches_per_epoch(train_size, cfg.train.batch_size, cfg.train.drop_last)
+    return per_epoch, cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * per_epoch
+
+
+def resolve_config(cfg: Config, train_size: int, *, gradients_per_update: int = 1,
+                   planner: Callable[[Config], Config] | None = None) -> Config:
+    """A resolved copy of `cfg` for a training set of `train_size` samples.
+
+    `planner(cfg) -> cfg` settles `memory.auto=true` (gradwise.memory.planner.plan_config plans on the
+    built-in model and data). `gradients_per_update` > 1 (synchronous parameter server: M gradients per
+    update) shortens the schedule's horizon to the number of updates.
+    """
+    cfg = cfg.model_copy(deep=True)
+    if cfg.memory.auto:
+        if planner is None:
+            raise ConfigError(
+                "config error: memory.auto=true plans on the built-in model and data (gradwise train, "
+                "Trainer.from_config); for your own model run `gradwise plan` on a built-in stand-in or set "
+                "train.accumulate, memory.checkpoint and precision yourself"
+            )
+        cfg = planner(cfg)
+    per_epoch, total = run_length(cfg, train_size)
+    sc = cfg.schedule
+    if sc.total_steps is None:
+        sc.total_steps = max(1, total // gradients_per_update)
+    if sc.warmup_epochs is not None:
+        sc.warmup_epochs, sc.warmup_steps = None, round(sc.warmup_epochs * per_epoch)
+    return cfg

@@ -1,0 +1,100 @@
+"""The callback events, the run's state they read, and the list that fires them.
+
+A callback subclasses `Callback` and overrides the events it needs; each gets
+the `Trainer` (its `state`, `engine`, `model`, `cfg`, `sync`) and may call
+`trainer.log(record)`, `trainer.message(text)`, `trainer.evaluate_all()` or
+set `trainer.state.should_stop`. Events, in the order a run meets them:
+
+    on_fit_start(trainer)                    before the first step of this `fit` call
+    on_step_start(trainer)                   before each step
+    on_step_end(trainer, out)                after each applied step (`out`: a StepOutput)
+    on_evaluate(trainer, results)            after an evaluation ({"val_loss": ..., "test_accuracy": ...})
+    on_log(trainer, record)                  for every metrics record (train, eval, health, scaler, ...)
+    on_message(trainer, text)                for every human-readable message
+    on_checkpoint_save(trainer, payload)     while a checkpoint is built: add your own state to `payload`
+    on_checkpoint_load(trainer, payload)     after a checkpoint was loaded: restore your state
+    on_exception(trainer, error)             when `fit` ends with an exception (then it propagates)
+    on_fit_end(trainer, summary)             after the last step: add to `summary` before it is written
+
+Built-in callbacks come first in a fixed order, the user's after them, so a
+user callback sees every built-in record and the final summary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradwise.train.sampler import Position
+
+EVENTS = ("on_fit_start", "on_step_start", "on_step_end", "on_evaluate", "on_log", "on_message",
+          "on_checkpoint_save", "on_checkpoint_load", "on_exception", "on_fit_end")
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: its mean loss (a detached tensor or a float), the samples it used, the lr it used."""
+
+    loss: Any
+    samples: int
+    lr: float
+
+
+@dataclass
+class RunState:
+    """Where the run is. Checkpointed (with the callbacks' own state) and restored on resume."""
+
+    step: int = 0  # updates applied (under --strategy async: gradients applied)
+    position: Position = field(default_factory=Position)  # where the next batch comes from
+    samples_seen: int = 0
+    elapsed_seconds: float = 0.0  # wall time of finished sessions of this run
+    last_train_loss: float = math.nan
+    last_eval: dict[str, float] = field(default_factory=dict)
+    health: dict[str, Any] | None = None  # the latest gradient-health verdict
+    resumed_from: int | None = None
+    rollbacks: int = 0
+    end: int = 0  # the step this `fit` call stops at
+    should_stop: bool = False  # set by a callback (early stopping) to end the run after this step
+
+    @property
+    def at_end(self) -> bool:
+        return self.step >= self.end
+
+
+class Callback:
+    """Override any of the events listed in this module's docstring; the default does nothing."""
+
+    def on_fit_start(self, trainer) -> None: ...
+    def on_step_start(self, trainer) -> None: ...
+    def on_step_end(self, trainer, out: StepOutput) -> None: ...
+    def on_evaluate(self, trainer, results: dict[str, float]) -> None: ...
+    def on_log(self, trainer, record: dict[str, Any]) -> None: ...
+    def on_message(self, trainer, text: str) -> None: ...
+    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None: ...
+    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None: ...
+    def on_exception(self, trainer, error: BaseException) -> None: ...
+    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None: ...
+
+
+class CallbackList:
+    """Fires an event on every callback that overrides it, in order (no call at all for the rest)."""
+
+    def __init__(self, callbacks: list[Callback]):
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                from gradwise.errors import ConfigError
+
+                raise ConfigError(f"config error: callbacks must subclass gradwise.Callback; got {type(cb).__name__}")
+        self.callbacks = list(callbacks)
+        self._by_event = {event: [getattr(cb, event) for cb in self.callbacks
+                                  if getattr(type(cb), event) is not getattr(Callback, event)] for event in EVENTS}
+
+    def fire(self, event: str, trainer, *args) -> None:
+        for handler in self._by_event[event]:
+            handler(trainer, *args)
+
+    def find(self, kind: type) -> Any:
+        """The first callback of class `kind`, or None."""
+        return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
+

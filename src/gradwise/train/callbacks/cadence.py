@@ -1,0 +1,111 @@
+"""Built-in callbacks that act on a cadence: evaluation, checkpoints, early stopping, gradient health.
+
+Their order in the trainer matters and is fixed: evaluate (early stopping
+decides on it), then checkpoint (a stopping run checkpoints first), then early
+stopping's end of run (message, restore the best weights, evaluate them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradwise.config import Config
+from gradwise.diagnostics.health import judge, layer_stats, weight_layers
+from gradwise.errors import ConfigError
+from gradwise.train.callbacks.base import Callback, StepOutput
+from gradwise.train.early_stopping import EarlyStopping
+
+
+class Evaluator(Callback):
+    """Validation and test figures every `train.eval_every` steps and at the end: a `kind: eval` record."""
+
+    def on_step_end(self, trainer, out: StepOutput) -> None:
+        state = trainer.state
+        if state.step % trainer.cfg.train.eval_every and not state.at_end:
+            return
+        state.last_eval = trainer.evaluate_all()
+        if state.last_eval:
+            trainer.log({"kind": "eval", "step": state.step, **trainer.source.record_fields(),
+                         "time": round(trainer.wall_seconds(), 3), **state.last_eval})
+        trainer.callbacks.fire("on_evaluate", trainer, state.last_eval)
+
+
+class Checkpointer(Callback):
+    """checkpoints/last.pt every `train.checkpoint_every` steps, at the end and when the run stops early."""
+
+    def on_step_end(self, trainer, out: StepOutput) -> None:
+        state = trainer.state
+        if state.step % trainer.cfg.train.checkpoint_every == 0 or state.at_end or state.should_stop:
+            trainer.save_checkpoint()
+
+
+class EarlyStop(Callback):
+    """Stops when the validation metric stops improving (`early_stopping.*`); ends with the best weights."""
+
+    def __init__(self, cfg: Config, task: str, val_data):
+        es = cfg.early_stopping
+        if val_data is None or len(val_data) == 0:
+            raise ConfigError(
+                f"config error: early_stopping.patience={es.patience} needs a validation set; set "
+                "data.val_fraction (e.g. 0.1) or pass val_data (the test set is never used to stop)"
+            )
+        wanted = {"classification": "val_accuracy", "language_model": "val_bpc"}.get(task)
+        if es.metric != "val_loss" and es.metric != wanted:
+            raise ConfigError(
+                f"config error: early_stopping.metric={es.metric} is not reported for a {task} task "
+                f"(allowed: val_loss{', ' + wanted if wanted else ''})"
+            )
+        self.metric = es.metric
+        self.tracker = EarlyStopping(es)
+
+    def on_evaluate(self, trainer, results: dict[str, float]) -> None:
+        if self.tracker.update(results[self.metric], trainer.state.step, trainer.model):
+            trainer.state.should_stop = True
+
+    def on_step_end(self, trainer, out: StepOutput) -> None:
+        state = trainer.state
+        if state.should_stop:
+            t = self.tracker
+            trainer.message(f"early stopping at step {state.step}: {self.metric} has not improved for "
+                            f"{t.bad_evaluations} evaluations (best {t.best_value:.4g} at step {t.best_step})")
+        if (state.should_stop or state.at_end) and self.tracker.restore(trainer.model):
+            state.last_eval = trainer.evaluate_all()
+            trainer.log({"kind": "eval", "step": state.step, "restored_from_step": self.tracker.best_step,
+                         **state.last_eval})
+
+    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
+        payload["early_stopping"] = self.tracker.state_dict()
+
+    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
+        if payload.get("early_stopping"):
+            self.tracker.load_state_dict(payload["early_stopping"])
+
+    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+        summary["early_stopping"] = self.tracker.summary()
+
+
+class GradientHealth(Callback):
+    """Per-layer gradient and update figures every `diagnostics.every` steps: a `kind: health` record and a
+    message (with a remedy) when the verdict turns vanishing or exploding."""
+
+    def __init__(self):
+        self.before = None
+
+    def on_step_start(self, trainer) -> None:
+        every = trainer.cfg.diagnostics.every
+        due = every and (trainer.state.step + 1) % every == 0
+        self.before = [p.detach().clone() for _, p in weight_layers(trainer.model)] if due else None
+
+    def on_step_end(self, trainer, out: StepOutput) -> None:
+        if self.before is None:
+            return
+        d, state = trainer.cfg.diagnostics, trainer.state
+        stats = layer_stats(trainer.model, self.before)
+        self.before = None
+        verdict = judge(stats, d.vanishing_ratio, d.vanishing_norm, d.exploding_norm, d.exploding_update)
+        if verdict.verdict != "healthy" and (state.health or {}).get("verdict") != verdict.verdict:
+            trainer.message(f"gradient health at step {state.step}: {verdict.verdict} in "
+                            f"{', '.join(verdict.layers[:4])}; try: {verdict.remedy}")
+        state.health = {"step": state.step, **verdict.as_dict()}
+        trainer.log({"kind": "health", **state.health, "per_layer": [s.__dict__ for s in stats]})
+

@@ -1,0 +1,192 @@
+"""Built-in callbacks that report: the progress bar, metrics.jsonl, TensorBoard, the train-loss window, the loss scale.
+
+`TrainMetrics` writes a `kind: train` record every `log.every` steps and at the
+end: the mean loss since the last record (averaged over ranks), lr, gradient
+norm, throughput. A window a checkpoint splits is carried into the resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+
+from gradwise.io import write_text
+from gradwise.train.callbacks.base import Callback, StepOutput
+from gradwise.train.metrics import Progress, read_metrics, tensorboard_writer
+
+
+class ProgressBar(Callback):
+    """A tqdm bar on a terminal, plain lines otherwise (`log.progress`); rank 0 only."""
+
+    def __init__(self):
+        self.bar: Progress | None = None
+
+    def on_fit_start(self, trainer) -> None:
+        mode = trainer.cfg.log.progress if trainer.is_main else "off"
+        self.bar = Progress(mode, trainer.state.end, initial=trainer.state.step)
+        if trainer.state.resumed_from is not None:
+            self.bar.message(f"resuming from step {trainer.state.step} of {trainer.state.end}")
+
+    def on_step_end(self, trainer, out: StepOutput) -> None:
+        self.bar.advance()
+
+    def on_log(self, trainer, record: dict[str, Any]) -> None:
+        if record.get("kind") in ("train", "eval") and self.bar is not None:
+            self.bar.show(record)
+
+    def on_message(self, trainer, text: str) -> None:
+        if self.bar is not None:
+            self.bar.message(text)
+
+    def on_exception(self, trainer, error: BaseException) -> None:
+        self._close()
+
+    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class MetricsFile(Callback):
+    """RUN_DIR/metrics.jsonl, one JSON record per line (rank 0). A resumed run first drops records past its step."""
+
+    def __init__(self):
+        self.handle = None
+
+    def on_fit_start(self, trainer) -> None:
+        out = trainer.out_dir
+        if out is None or not trainer.is_main:
+            return
+        path = out / "metrics.jsonl"
+        if trainer.state.resumed_from is not None:
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= trainer.state.resumed_from]
+            write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            trainer.records[:0] = kept
+        self.handle = open(path, "a")
+
+    def on_log(self, trainer, record: dict[str, Any]) -> None:
+        if self.handle is not None:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+
+    def on_exception(self, trainer, error: BaseException) -> None:
+        self._close()
+
+    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+class TensorBoard(Callback):
+    """Mirrors every numeric field of every record as scalar `kind/key` at the record's step (RUN_DIR/tensorboard)."""
+
+    def __init__(self):
+        self.writer = None
+
+    def on_fit_start(self, trainer) -> None:
+        if trainer.out_dir is not None and trainer.is_main:
+            self.writer = tensorboard_writer(trainer.out_dir / "tensorboard")
+
+    def on_log(self, trainer, record: dict[str, Any]) -> None:
+        if self.writer is None or "step" not in record:
+            return
+        kind = record.get("kind", "metrics")
+        for key, value in record.items():
+            if key not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
+
+    def on_exception(self, trainer, error: BaseException) -> None:
+        self._close()
+
+    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class ScalerLog(Callback):
+    """A `kind: scaler` record whenever the fp16 loss scale changes (overflow: halved; growth: doubled)."""
+
+    def __init__(self):
+        self.before: float | None = None
+
+    def on_step_start(self, trainer) -> None:
+        scaler = trainer.engine.scaler
+        self.before = scaler.scale if scaler is not None else None
+
+    def on_step_end(self, trainer, out: StepOutput) -> None:
+        scale = trainer.engine.scaler.scale if self.before is not None else None
+        if scale is not None and scale != self.before:
+            trainer.log({"kind": "scaler", "step": trainer.state.step, "scale": scale,
+                         "event": "overflow" if scale < self.before else "growth"})
+
+
+class TrainMetrics(Callback):
+    """The train-loss window and the `kind: train` record every `log.every` steps and at the end."""
+
+    def __init__(self):
+        self.losses: list[Any] = []  # detached losses (or floats) since the last record
+        self.carry = (0.0, 0)  # (sum, count) of a window that a resume split
+        self.window_start, self.window_samples = 0.0, 0
+
+    def on_fit_start(self, trainer) -> None:
+        self.window_start, self.window_samples = time.perf_counter(), 0
+
+    def window(self, trainer) -> tuple[float, int]:
+        """(sum, count) of the training losses since the last record (averaged over ranks: a collective)."""
+        total, count = self.carry
+        if self.losses:
+            if isinstance(self.losses[0], torch.Tensor):
+                window = torch.stack(self.losses).sum()
+            else:
+                window = torch.tensor(self.losses, dtype=torch.float64).sum()
+            total += float(trainer.sync.all_reduce_sum(window.reshape(1))[0] / trainer.sync.world_size)
+        return total, count + len(self.losses)
+
+    def on_step_end(self, trainer, out: StepOutput) -> None:
+        self.losses.append(out.loss)
+        self.window_samples += out.samples
+        state = trainer.state
+        if state.step % trainer.cfg.log.every and not state.at_end:
+            return
+        now = time.perf_counter()
+        total, count = self.window(trainer)
+        state.last_train_loss = total / count
+        engine = trainer.engine
+        record = {
+            "kind": "train", "step": state.step,
+            "epoch": round(state.samples_seen / len(trainer.train_data), 4),
+            "train_loss": state.last_train_loss,
+            "lr": out.lr,
+            "grad_norm": engine.grad_norm(),
+            **engine.scaler_metrics(),
+            **({"penalty": float(engine.last_penalty)} if engine.last_penalty is not None else {}),
+            "samples_per_s": self.window_samples / max(now - self.window_start, 1e-9),
+            "time": round(trainer.wall_seconds(), 3),
+            **trainer.source.record_fields(), **trainer.source.window_metrics(),
+        }
+        self.losses, self.carry = [], (0.0, 0)
+        self.window_start, self.window_samples = now, 0
+        trainer.log(record)
+
+    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
+        total, count = self.window(trainer)
+        payload["progress"].update({"window_loss": total, "window_steps": count})
+
+    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
+        progress = payload.get("progress", {})
+        self.losses = []
+        self.carry = (float(progress.get("window_loss", 0.0)), int(progress.get("window_steps", 0)))

@@ -1,0 +1,38 @@
+"""The run directory: what marks a folder as holding a run, and the config a resumed run may change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gradwise.config import Config, apply_overrides, read_yaml, validate
+from gradwise.errors import CheckpointError, ConfigError
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+# Keys a resumed run may change: they alter how long it runs and what it reports, never its trajectory.
+RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
+                  "train.checkpoint_every", "log.")
+
+
+def holds_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config of the run in `run_dir` with `overrides` applied (only keys that keep its trajectory)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"checkpoint error: '{run_dir}' is not a run directory (no config.yaml)")
+    overrides = list(overrides or [])
+    for text in overrides:
+        key = text.partition("=")[0]
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+            raise ConfigError(
+                f"config error: '{key}' cannot change on --resume (allowed: {', '.join(RESUMABLE_KEYS)}*)"
+            )
+    raw = read_yaml(run_dir / "config.yaml")
+    keys = {text.partition("=")[0] for text in overrides}
+    if "train.steps" in keys:
+        raw.setdefault("train", {})["epochs"] = None
+    if "train.epochs" in keys:
+        raw.setdefault("train", {})["steps"] = None
+    return validate(apply_overrides(raw, overrides))

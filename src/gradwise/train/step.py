@@ -1,0 +1,214 @@
+"""The step engine: one update from one batch, and nothing else (no files, no logging, no loop).
+
+    loss = engine.train_step(inputs, targets)
+         = zero_grad; compute_gradients (micro-batches, autocast, loss weights, penalty, loss scale)
+           -> unscale and check (fp16 overflow, or the finiteness check naming the layer)
+           -> sync.synchronize (the strategy: nothing, DDP, a push to a parameter server)
+           -> apply_update (clip once, optimizer and schedule) unless an fp16 overflow skips it
+
+Single-process, data-parallel and parameter-server training all run this code;
+they differ only in the `GradientSync` strategy (gradwise.distributed.sync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradwise.config import Config
+from gradwise.diagnostics.health import first_nonfinite_forward, last_nonfinite_grad
+from gradwise.distributed.sync import GradientSync
+from gradwise.errors import ConfigError
+from gradwise.memory.accumulation import item_count, micro_batch_slices
+from gradwise.memory.checkpointing import apply_checkpointing
+from gradwise.memory.precision import LossScaler, autocast
+from gradwise.optim import build_optimizer, build_scheduler, scaled_lr
+from gradwise.optim.penalties import penalised_params, penalty
+
+
+class NonFiniteStep(Exception):
+    """Raised inside a step whose loss or gradients are not finite; `where` names the culprit layer.
+
+    The engine does not count steps: whoever runs the loop sets `step` (the update that failed).
+    """
+
+    def __init__(self, where: str | None, stage: str, step: int | None = None):
+        self.where, self.stage, self.step = where, stage, step
+        super().__init__(where, stage)
+
+    def __str__(self) -> str:
+        return f"non-finite {self.stage} at step {self.step}: first appeared in '{self.where or 'unknown'}'"
+
+
+def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position: (B, C) logits for classification, (B, T, V) for a language model."""
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+
+def _inputs_to_half(_module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+class StepEngine:
+    """Computes gradients and applies updates for `model` as the (resolved) config says.
+
+    `optimizer`/`scheduler` default to the ones `cfg.optim`/`cfg.schedule` describe
+    (the schedule's horizon, `cfg.schedule.total_steps`, is set by `gradwise.resolve`).
+    `count_fn(targets)` counts a batch's loss-bearing items, which weight its
+    micro-batches. `loss_scaling=False` builds no fp16 loss scaler (a parameter
+    server applies gradients its workers already unscaled). `forward_context`
+    wraps each forward (e.g. an ActivationMeter's `track`).
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, *, sync: GradientSync | None = None,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, loss_scaling: bool = True):
+        if cfg.schedule.total_steps is None:
+            raise ConfigError("config error: schedule.total_steps is unset; resolve the config first "
+                              "(gradwise.resolve.resolve_config)")
+        self.cfg = cfg
+        self.sync = sync or GradientSync()
+        self.device = self.sync.device
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn or default_loss
+        self.count_fn = count_fn or item_count
+        self.forward_context: Callable[[], Any] = contextlib.nullcontext
+        apply_checkpointing(self.model, cfg.memory.checkpoint, cfg.memory.modules)
+        if cfg.master_weights == "fp16":  # pure fp16: weights, grads and optimizer state all in half
+            self.model.half()
+            self.model.register_forward_pre_hook(_inputs_to_half)
+        self.forward_model = self.sync.prepare(self.model, cfg)  # what the step calls: the model, or DDP around it
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        use_scaler = loss_scaling and cfg.precision == "fp16" and cfg.scaler.enabled
+        self.scaler = LossScaler(cfg.scaler) if use_scaler else None
+        self.lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.schedule.base_batch, cfg.schedule.scale_rule)
+        self.optimizer = optimizer or build_optimizer(cfg.optim, self.model, self.lr)
+        self.scheduler = scheduler or build_scheduler(cfg.schedule, self.optimizer, cfg.schedule.total_steps)
+        reg = cfg.regularize
+        self.penalised = penalised_params(self.model, cfg.optim.exclude) if reg.l1 or reg.l2 else []
+        self.last_penalty: torch.Tensor | None = None
+        self._nonfinite_flag = torch.zeros(1, device=self.device)  # buffers for the per-step finiteness check
+        self._unit_scale = torch.ones(1, device=self.device)
+
+    # -- the three moves ---------------------------------------------------------------------------------------
+
+    def train_step(self, inputs, targets, global_count: torch.Tensor | None = None) -> torch.Tensor:
+        """One update on one batch; returns its mean loss (detached).
+
+        Raises NonFiniteStep (before any update) when the loss or a gradient is not finite and
+        `diagnostics.check_finite` is on; under fp16 loss scaling the scaler skips the update instead.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.compute_gradients(inputs, targets, global_count)
+        finite = self.unscale_and_check(loss, inputs)
+        if self.sync.synchronize(self.params, finite, loss):
+            self.apply_update(finite)
+        if self.scaler is not None:
+            self.scaler.update(not finite)
+        return loss
+
+    def micro_batches(self, inputs, targets, global_count: torch.Tensor | None = None
+                      ) -> list[tuple[Any, torch.Tensor, torch.Tensor | None]]:
+        """(inputs, targets, loss weight) per micro-batch; weight None when one process does not split the batch.
+
+        When processes share the batch, the weights use the global batch's item count: `global_count`
+        when the caller counted it, else the strategy reduces it.
+        """
+        tc = self.cfg.train
+        shared = self.sync.world_size > 1
+        if not shared and tc.micro_batches == 1:
+            return [(inputs, targets, None)]
+        slices = micro_batch_slices(len(targets), tc.micro_batches, tc.micro_batch_size) or [slice(0, 0)]
+        if not shared and len(slices) == 1:
+            return [(inputs, targets, None)]
+        counts = [self.count_fn(targets[s]) for s in slices]
+        weights = self.sync.loss_weights(counts, global_count)
+        return [(inputs[s], targets[s], w) for s, w in zip(slices, weights)]
+
+    def compute_gradients(self, inputs, targets, global_count: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward and backward over the batch's micro-batches; returns the batch's mean loss (detached).
+
+        Each micro-batch's mean loss is weighted by its share of the batch's
+        loss-bearing items, so the accumulated gradient equals the full batch's.
+        The L1/L2 penalty joins the last micro-batch's objective (once per
+        update, in fp32); the returned loss excludes it (see `last_penalty`).
+        The strategy's `micro_batch(last)` context decides which backward passes communicate.
+        """
+        total = None
+        micro = self.micro_batches(inputs, targets, global_count)
+        for i, (x, y, weight) in enumerate(micro):
+            last = i == len(micro) - 1
+            with self.sync.micro_batch(self.forward_model, last):
+                with self.forward_context(), autocast(self.cfg.precision, self.device):
+                    outputs = self.forward_model(x)
+                    loss = self.loss_fn(outputs, y) if len(y) else outputs.sum() * 0.0  # an empty shard adds 0
+                if weight is not None:
+                    loss = loss * weight
+                objective = loss
+                if self.penalised and last:
+                    extra = penalty(self.penalised, self.cfg.regularize.l1, self.cfg.regularize.l2)
+                    objective = loss + extra
+                    self.last_penalty = extra.detach()
+                (self.scaler.scale_loss(objective) if self.scaler else objective).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    def unscale_and_check(self, loss: torch.Tensor, inputs) -> bool:
+        """fp16: unscale the gradients, False on overflow. Otherwise the finiteness check (raises NonFiniteStep)."""
+        if self.scaler is not None:
+            return self.scaler.unscale_(self.params)
+        if self.cfg.diagnostics.check_finite:
+            self.check_finite(loss, inputs)
+        return True
+
+    def apply_update(self, finite: bool = True) -> None:
+        """Clip (once per update, on unscaled gradients), then step optimizer and schedule; nothing if not finite."""
+        if not finite:
+            return
+        tc = self.cfg.train
+        if tc.clip_value is not None:
+            torch.nn.utils.clip_grad_value_(self.params, tc.clip_value)
+        if tc.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, tc.clip_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    # -- checks and adjustments --------------------------------------------------------------------------------
+
+    def check_finite(self, loss: torch.Tensor, inputs) -> None:
+        # one fused kernel flags any non-finite gradient (it multiplies them by exactly 1.0), one host sync
+        grads = [p.grad for p in self.params if p.grad is not None]
+        found = self._nonfinite_flag.zero_()
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._unit_scale)
+        if not bool(found.add_(~torch.isfinite(loss.float())).item()):
+            return
+        in_forward = first_nonfinite_forward(self.model, inputs)
+        if in_forward is not None:
+            raise NonFiniteStep(in_forward, "activation in forward")
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteStep("loss", "loss")  # finite outputs, non-finite loss
+        raise NonFiniteStep(last_nonfinite_grad(self.model), "gradient in backward")
+
+    def grad_norm(self) -> float:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate, now and for the rest of the schedule."""
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+
+    def scaler_metrics(self) -> dict[str, float]:
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": self.scaler.scale, "skipped_steps": self.scaler.skipped_steps}
