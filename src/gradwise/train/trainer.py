@@ -13,7 +13,6 @@ The trainer composes the parts and runs the loop; it computes nothing itself:
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,14 +27,8 @@ from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_json, write_text
 from gradwise.memory.planner import plan_config
 from gradwise.resolve import resolve_config, run_length
-from gradwise.train.batch import fetch_batch, to_device
-from gradwise.train.callbacks import (
-    Callback,
-    CallbackList,
-    EarlyStop,
-    RunState,
-    builtin_callbacks,
-)
+from gradwise.train.callbacks import Callback, CallbackList, EarlyStop, RunState, builtin_callbacks
+from gradwise.train.evaluation import evaluate
 from gradwise.train.recovery import recover
 from gradwise.train.run_dir import holds_run, resume_config
 from gradwise.train.sampler import Position
@@ -218,33 +211,11 @@ class Trainer:
         result = self.evaluate(self.val_data, prefix="val") if self.val_data is not None else {}
         return {**result, **self.evaluate()}
 
-    @torch.no_grad()
     def evaluate(self, dataset: Dataset | None = None, prefix: str = "test") -> dict[str, float]:
         """Mean loss (and accuracy or bits-per-char) over `dataset` (default: the test set), keys `prefix_*`."""
         dataset = dataset if dataset is not None else self.test_data
-        if dataset is None or len(dataset) == 0:
-            return {}
-        was_training = self.model.training
-        self.model.eval()
-        device, loss_fn = self.engine.device, self.engine.loss_fn
-        total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        n, bs = len(dataset), self.cfg.train.eval_batch_size
-        part = self.sync.shard(n)  # each rank scores its share
-        classify = self.task == "classification"
-        for start in range(part.start, part.stop, bs):
-            inputs, targets = to_device(fetch_batch(dataset, torch.arange(start, min(part.stop, start + bs))), device)
-            outputs = self.model(inputs)
-            total_loss += loss_fn(outputs, targets) * len(targets)
-            if classify and outputs.ndim == 2 and targets.ndim == 1:
-                correct += (outputs.argmax(dim=-1) == targets).sum()
-        self.model.train(was_training)
-        total_loss, correct = self.sync.all_reduce_sum(torch.stack([total_loss, correct]))
-        result = {f"{prefix}_loss": float(total_loss) / n}
-        if self.task == "language_model":
-            result[f"{prefix}_bpc"] = result[f"{prefix}_loss"] / math.log(2)
-        elif classify:
-            result[f"{prefix}_accuracy"] = float(correct) / n
-        return result
+        return evaluate(self.model, dataset, self.engine.loss_fn, task=self.task, sync=self.sync,
+                        batch_size=self.cfg.train.eval_batch_size, prefix=prefix)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
