@@ -1,4 +1,4 @@
-"""`DataBundle` and the dispatcher from `data.name` to a loader."""
+"""`DataBundle`, the splits and the validation carve-out that every loader shares."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Literal
 import torch
 from torch.utils.data import TensorDataset
 
-from gradwise.config import DataConfig
 from gradwise.errors import DataError
 
 Task = Literal["classification", "language_model"]
@@ -65,26 +64,3 @@ def carve_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBund
     bundle.train = TensorDataset(*(t[train_idx] for t in tensors))
     bundle.val = TensorDataset(*(t[val_idx] for t in tensors))
     return bundle
-
-
-def build_data(cfg: DataConfig, context: int = 128) -> DataBundle:
-    """Build the data set named by `cfg.name` (and its validation split). `context` is the LM window length."""
-    return carve_validation(_load(cfg, context), cfg.val_fraction, cfg.generator_seed + 1)
-
-
-def _load(cfg: DataConfig, context: int) -> DataBundle:
-    if cfg.name == "mnist1d":
-        from gradwise.data.mnist1d import load_mnist1d
-
-        return load_mnist1d(cfg)
-    if cfg.name == "digits":
-        from gradwise.data.digits import load_digits
-
-        return load_digits(cfg)
-    if cfg.name == "text":
-        from gradwise.data.text import load_text
-
-        return load_text(cfg, context)
-    from gradwise.data.files import load_file
-
-    return load_file(cfg)
