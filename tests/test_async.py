@@ -186,3 +186,55 @@ def test_async_input_errors(tmp_path, capsys):
     assert "--strategy async" in capsys.readouterr().err
     assert main(["train", "--strategy", "async", "--out", str(tmp_path / "x"), *SMALL, "ps.rule=nope"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+# -- the server runs Trainer.fit: the single-process callbacks work under async -------------------------------
+
+
+def test_async_writes_tensorboard_and_health_records(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = run_async(tmp_path, "tb", 2, "train.steps=40", "log.every=10", "log.tensorboard=true",
+                        "diagnostics.every=10")
+    records = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    health = [r for r in records if r["kind"] == "health"]
+    assert [r["step"] for r in health] == [10, 20, 30, 40] and all(r["per_layer"] for r in health)
+    assert summary["health"]["step"] == 40
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [10, 20, 30, 40] and all("staleness_mean" in r for r in train)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/train_loss", "train/staleness_mean", "train/grad_norm", "eval/test_loss"} <= tags
+    assert [e.step for e in events.Scalars("train/train_loss")] == [10, 20, 30, 40]
+
+
+def test_async_early_stopping_stops_the_workers_and_restores_the_best(tmp_path):
+    # min_delta so large that only the first evaluation improves: patience 1 stops at the second
+    summary = run_async(tmp_path, "early", 2, "train.steps=200", "train.eval_every=5", "data.val_fraction=0.2",
+                        "early_stopping.patience=1", "early_stopping.min_delta=100")
+    assert summary["steps"] == summary["gradients"] == 10
+    assert summary["early_stopping"] == {"metric": "val_loss", "best_value": summary["early_stopping"]["best_value"],
+                                         "best_step": 5, "stopped_at": 10}
+    assert len(updates(tmp_path / "early")) == 10
+    records = [json.loads(line) for line in (tmp_path / "early" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "eval" and records[-1]["restored_from_step"] == 5
+
+
+def test_a_non_finite_gradient_stops_the_async_run_naming_the_layer(tmp_path):
+    from gradwise.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError) as err:
+        run_async(tmp_path, "nan", 2, "train.steps=60", "optim.lr=1e38", "optim.momentum=0")
+    message = str(err.value)
+    assert "\n" not in message and "non-finite" in message and "(worker " in message
+    assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_async_refuses_rollback_with_a_reason(tmp_path, capsys):
+    from gradwise.cli import main
+
+    assert main(["train", "--strategy", "async", "--workers", "2", "--out", str(tmp_path / "r"), *SMALL,
+                 "diagnostics.on_nonfinite=rollback"]) == 2
+    assert "on_nonfinite=rollback is not supported with --strategy async" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -17,6 +17,7 @@ import torch
 
 from conftest import SMALL
 from gradwise.distributed.ddp import shard
+from gradwise.distributed.launch import free_port
 from gradwise.train.sampler import EpochBatches
 
 BASE = [*SMALL, "optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0"]
@@ -225,3 +226,20 @@ def test_bench_distributed_reports_both_group_sizes():
     assert straggler["ssgd_over_asgd"] > 0 and len(straggler["times_s_per_gradient"]["asgd"]) == 1
     assert rows[2]["samples/s"] > 0 and rows[2]["communication share of step"] < 1
     assert len(result["raw"]["2"][0]["nosync_s_per_step"]) == 2  # rounds without the all-reduce were timed
+
+
+def test_every_rank_trains_with_rank_0s_plan_when_their_timings_differ(tmp_path):
+    """memory.auto=true under 2 processes: rank 1's trials favour fp32, rank 0's bf16; both train rank 0's choice."""
+    out = tmp_path / "auto"
+    out.mkdir()
+    worker = Path(__file__).with_name("planner_rank_worker.py")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(worker), "train", "--out", str(out), *BASE,
+         "train.steps=4", "memory.auto=true", "memory.budget=4GiB", "model.channels=[4]", "model.kernel_sizes=[3]"],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["precision"] == "bf16" and ranks[0]["memory"]["auto"] is False
+    assert "precision: bf16" in (out / "config.yaml").read_text()

@@ -28,7 +28,7 @@ class ProgressBar(Callback):
         mode = trainer.cfg.log.progress if trainer.is_main else "off"
         self.bar = Progress(mode, trainer.state.end, initial=trainer.state.step)
         if trainer.state.resumed_from is not None:
-            self.bar.message(f"resuming from step {trainer.state.step} of {trainer.state.end}")
+            trainer.message(f"resuming from step {trainer.state.step} of {trainer.state.end}")
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
         self.bar.advance()
