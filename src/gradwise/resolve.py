@@ -6,7 +6,8 @@ switched off), the schedule horizon (`schedule.total_steps`, fixed for the
 life of the run), and warmup given in epochs (`schedule.warmup_epochs`,
 turned into `schedule.warmup_steps`). The scaled learning rate
 (`schedule.scale_rule`) is a pure function of the resolved config
-(`StepEngine.lr`). Resolving a resolved config changes nothing, so rank 0's
+(`StepEngine.lr`). The result is frozen: setting a key raises TypeError (edit
+`cfg.thawed()` instead). Resolving a resolved config changes nothing, so rank 0's
 resolution broadcast to every rank, or the async driver's handed to the
 server and every worker, is what they all train with.
 """
@@ -28,13 +29,13 @@ def run_length(cfg: Config, train_size: int) -> tuple[int, int]:
 
 def resolve_config(cfg: Config, train_size: int, *, gradients_per_update: int = 1,
                    planner: Callable[[Config], Config] | None = None) -> Config:
-    """A resolved copy of `cfg` for a training set of `train_size` samples.
+    """A resolved, frozen copy of `cfg` for a training set of `train_size` samples.
 
     `planner(cfg) -> cfg` settles `memory.auto=true` (gradwise.memory.planner.plan_config plans on the
     built-in model and data). `gradients_per_update` > 1 (synchronous parameter server: M gradients per
     update) shortens the schedule's horizon to the number of updates.
     """
-    cfg = cfg.model_copy(deep=True)
+    cfg = cfg.thawed()
     if cfg.memory.auto:
         if planner is None:
             raise ConfigError(
@@ -49,4 +50,4 @@ def resolve_config(cfg: Config, train_size: int, *, gradients_per_update: int = 
         sc.total_steps = max(1, total // gradients_per_update)
     if sc.warmup_epochs is not None:
         sc.warmup_epochs, sc.warmup_steps = None, round(sc.warmup_epochs * per_epoch)
-    return cfg
+    return cfg.frozen()

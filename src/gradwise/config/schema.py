@@ -10,11 +10,27 @@ import re
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from gradwise.config.units import parse_bytes
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _frozen: bool = PrivateAttr(default=False)  # set by Config.frozen(): a resolved config is read-only
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "_frozen" and (getattr(self, "__pydantic_private__", None) or {}).get("_frozen"):
+            raise TypeError(f"this config is resolved and frozen (setting {type(self).__name__}.{name}); "
+                            "edit a copy from .thawed() before building the run")
+        super().__setattr__(name, value)
+
+    def _set_frozen(self, frozen: bool) -> None:
+        self._frozen = frozen
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, _Section):
+                value._set_frozen(frozen)
 
 
 class DataConfig(_Section):
@@ -302,18 +318,6 @@ class ScalerConfig(_Section):
     growth_interval: int = Field(2000, gt=0, description="clean updates before the scale grows")
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(text: str | int, key: str = "budget") -> int:
-    """'2GiB' -> 2147483648; '500MB' -> 500000000; a bare number is bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"{key}={text!r} is not a size (e.g. 2GiB, 512MiB, 500MB, or bytes)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
 class DiagnosticsConfig(_Section):
     """Gradient health checks run during training; see docs/diagnostics.md."""
 
@@ -367,6 +371,18 @@ class Config(_Section):
         if self.master_weights == "fp16" and self.precision != "fp16":
             raise ValueError(f"master_weights=fp16 needs precision=fp16 (got precision={self.precision})")
         return self
+
+    def frozen(self) -> "Config":
+        """A read-only deep copy (what `gradwise.resolve.resolve_config` returns)."""
+        copy = self.model_copy(deep=True)
+        copy._set_frozen(True)
+        return copy
+
+    def thawed(self) -> "Config":
+        """An editable deep copy."""
+        copy = self.model_copy(deep=True)
+        copy._set_frozen(False)
+        return copy
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -142,6 +142,9 @@ class DDPSync(GradientSync):
     def shard(self, n: int) -> slice:
         return self.ctx.shard(n)
 
+    def local_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx[self.ctx.shard(len(idx))]
+
     def loss_weights(self, counts: list[torch.Tensor], global_count: torch.Tensor | None) -> list[torch.Tensor]:
         return self.ctx.loss_weights(counts, global_count)
 

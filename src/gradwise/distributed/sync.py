@@ -55,6 +55,10 @@ class GradientSync:
         """The rows of an n-row batch (or evaluation set) this process computes on."""
         return slice(0, n)
 
+    def local_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """This process's part of a global batch's sample indices."""
+        return idx
+
     def loss_weights(self, counts: list[torch.Tensor], global_count: torch.Tensor | None) -> list[torch.Tensor]:
         """Each micro-batch's weight: its share of the batch's loss-bearing items."""
         return loss_weights(counts)
@@ -85,6 +89,11 @@ class GradientSync:
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         return model.state_dict(), optimizer.state_dict()
+
+    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                         optimizer_state: dict) -> None:
+        optimizer.load_state_dict(optimizer_state)
+        model.load_state_dict(model_state)
 
     def save(self, path, payload: dict[str, Any]) -> None:
         """Write a checkpoint (every rank calls this; one file, written by the main process, atomically)."""

@@ -167,11 +167,10 @@ class Trainer:
         engine, s = self.engine, self.state
         check_model_state(self.model, payload["model"], where)
         try:
-            engine.optimizer.load_state_dict(payload["optimizer"])
+            self.sync.load_state_dicts(self.model, engine.optimizer, payload["model"], payload["optimizer"])
             engine.scheduler.load_state_dict(payload["scheduler"])
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint error: '{where}' optimizer/scheduler state does not fit: {err}") from None
-        self.model.load_state_dict(payload["model"])
         if engine.scaler is not None and payload.get("scaler"):
             engine.scaler.load_state_dict(payload["scaler"])
         s.step = int(payload["step"])

@@ -18,46 +18,46 @@ from gradwise.train.callbacks.base import Callback, StepOutput
 from gradwise.train.metrics import Progress, read_metrics, tensorboard_writer
 
 
-class ProgressBar(Callback):
-    """A tqdm bar on a terminal, plain lines otherwise (`log.progress`); rank 0 only."""
+class _HeldForOneFit(Callback):
+    """A callback holding a file, writer or display (`held`) for one `fit` call, closed at its end or on an exception."""
 
-    def __init__(self):
-        self.bar: Progress | None = None
+    held: Any = None
+
+    def close(self) -> None:
+        if self.held is not None:
+            self.held.close()
+            self.held = None
+
+    def on_exception(self, trainer, error: BaseException) -> None:
+        self.close()
+
+    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+        self.close()
+
+
+class ProgressBar(_HeldForOneFit):
+    """A tqdm bar on a terminal, plain lines otherwise (`log.progress`); rank 0 only."""
 
     def on_fit_start(self, trainer) -> None:
         mode = trainer.cfg.log.progress if trainer.is_main else "off"
-        self.bar = Progress(mode, trainer.state.end, initial=trainer.state.step)
+        self.held = Progress(mode, trainer.state.end, initial=trainer.state.step)
         if trainer.state.resumed_from is not None:
             trainer.message(f"resuming from step {trainer.state.step} of {trainer.state.end}")
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
-        self.bar.advance()
+        self.held.advance()
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:
-        if record.get("kind") in ("train", "eval") and self.bar is not None:
-            self.bar.show(record)
+        if record.get("kind") in ("train", "eval") and self.held is not None:
+            self.held.show(record)
 
     def on_message(self, trainer, text: str) -> None:
-        if self.bar is not None:
-            self.bar.message(text)
-
-    def on_exception(self, trainer, error: BaseException) -> None:
-        self._close()
-
-    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self.held is not None:
+            self.held.message(text)
 
 
-class MetricsFile(Callback):
+class MetricsFile(_HeldForOneFit):
     """RUN_DIR/metrics.jsonl, one JSON record per line (rank 0). A resumed run first drops records past its step."""
-
-    def __init__(self):
-        self.handle = None
 
     def on_fit_start(self, trainer) -> None:
         out = trainer.out_dir
@@ -68,53 +68,28 @@ class MetricsFile(Callback):
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= trainer.state.resumed_from]
             write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
             trainer.records[:0] = kept
-        self.handle = open(path, "a")
+        self.held = open(path, "a")
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:
-        if self.handle is not None:
-            self.handle.write(json.dumps(record) + "\n")
-            self.handle.flush()
-
-    def on_exception(self, trainer, error: BaseException) -> None:
-        self._close()
-
-    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        if self.held is not None:
+            self.held.write(json.dumps(record) + "\n")
+            self.held.flush()
 
 
-class TensorBoard(Callback):
+class TensorBoard(_HeldForOneFit):
     """Mirrors every numeric field of every record as scalar `kind/key` at the record's step (RUN_DIR/tensorboard)."""
-
-    def __init__(self):
-        self.writer = None
 
     def on_fit_start(self, trainer) -> None:
         if trainer.out_dir is not None and trainer.is_main:
-            self.writer = tensorboard_writer(trainer.out_dir / "tensorboard")
+            self.held = tensorboard_writer(trainer.out_dir / "tensorboard")
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:
-        if self.writer is None or "step" not in record:
+        if self.held is None or "step" not in record:
             return
         kind = record.get("kind", "metrics")
         for key, value in record.items():
             if key not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
-
-    def on_exception(self, trainer, error: BaseException) -> None:
-        self._close()
-
-    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+                self.held.add_scalar(f"{kind}/{key}", value, record["step"])
 
 
 class ScalerLog(Callback):
