@@ -163,3 +163,32 @@ def test_callbacks_must_be_callbacks():
 
     with pytest.raises(ConfigError, match="subclass gradwise.Callback"):
         Trainer.from_config(small_config(), callbacks=[print])
+
+
+class StopAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, out):
+        if trainer.state.step == self.step:
+            trainer.state.should_stop = True
+
+
+def test_a_run_a_callback_stops_still_ends_with_a_record_an_evaluation_and_a_checkpoint(tmp_path):
+    rec = Recorder()
+    _, summary = run(tmp_path, "train.steps=60", "log.every=4", "train.eval_every=50", callbacks=[StopAt(5), rec])
+    assert summary["steps"] == 5 and "test_accuracy" in summary
+    assert rec.names("on_train_end") == [5]
+    assert [(r["kind"], r["step"]) for r in rec.names("on_log")] == [("train", 4), ("train", 5), ("eval", 5)]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+
+
+def test_the_custom_callback_example_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_callback.py"
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loss target 0.6 reached at step" in done.stdout and "stopped at step" in done.stdout

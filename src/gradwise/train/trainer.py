@@ -249,6 +249,7 @@ class Trainer:
                 state.step += 1
                 state.samples_seen += out.samples
                 self.callbacks.fire("on_step_end", self, out)
+            self.callbacks.fire("on_train_end", self)
         except BaseException as err:
             self.callbacks.fire("on_exception", self, err)
             raise

@@ -8,6 +8,8 @@ set `trainer.state.should_stop`. Events, in the order a run meets them:
     on_fit_start(trainer)                    before the first step of this `fit` call
     on_step_start(trainer)                   before each step
     on_step_end(trainer, out)                after each applied step (`out`: a StepOutput)
+    on_train_end(trainer)                    after the last step (the run's end, or a callback stopped it):
+                                             the final train record, evaluation and checkpoint
     on_evaluate(trainer, results)            after an evaluation ({"val_loss": ..., "test_accuracy": ...})
     on_log(trainer, record)                  for every metrics record (train, eval, health, scaler, ...)
     on_message(trainer, text)                for every human-readable message
@@ -28,7 +30,7 @@ from typing import Any
 
 from gradwise.train.sampler import Position
 
-EVENTS = ("on_fit_start", "on_step_start", "on_step_end", "on_evaluate", "on_log", "on_message",
+EVENTS = ("on_fit_start", "on_step_start", "on_step_end", "on_train_end", "on_evaluate", "on_log", "on_message",
           "on_checkpoint_save", "on_checkpoint_load", "on_exception", "on_fit_end")
 
 
@@ -57,10 +59,6 @@ class RunState:
     end: int = 0  # the step this `fit` call stops at
     should_stop: bool = False  # set by a callback (early stopping) to end the run after this step
 
-    @property
-    def at_end(self) -> bool:
-        return self.step >= self.end
-
 
 class Callback:
     """Override any of the events listed in this module's docstring; the default does nothing."""
@@ -68,6 +66,7 @@ class Callback:
     def on_fit_start(self, trainer) -> None: ...
     def on_step_start(self, trainer) -> None: ...
     def on_step_end(self, trainer, out: StepOutput) -> None: ...
+    def on_train_end(self, trainer) -> None: ...
     def on_evaluate(self, trainer, results: dict[str, float]) -> None: ...
     def on_log(self, trainer, record: dict[str, Any]) -> None: ...
     def on_message(self, trainer, text: str) -> None: ...

@@ -1,8 +1,10 @@
 """Built-in callbacks that act on a cadence: evaluation, checkpoints, early stopping, gradient health.
 
 Their order in the trainer matters and is fixed: evaluate (early stopping
-decides on it), then checkpoint (a stopping run checkpoints first), then early
-stopping's end of run (message, restore the best weights, evaluate them).
+decides on it), then checkpoint, then early stopping's end of run (message,
+restore the best weights, evaluate them). After the last step, however the run
+ended, `on_train_end` evaluates and checkpoints once more unless that step
+already was.
 """
 
 from __future__ import annotations
@@ -17,13 +19,22 @@ from gradwise.train.early_stopping import EarlyStopping
 
 
 class Evaluator(Callback):
-    """Validation and test figures every `train.eval_every` steps and at the end: a `kind: eval` record."""
+    """Validation and test figures every `train.eval_every` steps and after the last: a `kind: eval` record."""
+
+    def __init__(self):
+        self.done_at: int | None = None
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
+        if trainer.state.step % trainer.cfg.train.eval_every == 0:
+            self.evaluate(trainer)
+
+    def on_train_end(self, trainer) -> None:
+        if self.done_at != trainer.state.step:
+            self.evaluate(trainer)
+
+    def evaluate(self, trainer) -> None:
         state = trainer.state
-        if state.step % trainer.cfg.train.eval_every and not state.at_end:
-            return
-        state.last_eval = trainer.evaluate_all()
+        state.last_eval, self.done_at = trainer.evaluate_all(), state.step
         if state.last_eval:
             trainer.log({"kind": "eval", "step": state.step, **trainer.source.record_fields(),
                          "time": round(trainer.wall_seconds(), 3), **state.last_eval})
@@ -31,12 +42,22 @@ class Evaluator(Callback):
 
 
 class Checkpointer(Callback):
-    """checkpoints/last.pt every `train.checkpoint_every` steps, at the end and when the run stops early."""
+    """checkpoints/last.pt every `train.checkpoint_every` steps and after the last step."""
+
+    def __init__(self):
+        self.done_at: int | None = None
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
-        state = trainer.state
-        if state.step % trainer.cfg.train.checkpoint_every == 0 or state.at_end or state.should_stop:
-            trainer.save_checkpoint()
+        if trainer.state.step % trainer.cfg.train.checkpoint_every == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer) -> None:
+        if self.done_at != trainer.state.step:
+            self.save(trainer)
+
+    def save(self, trainer) -> None:
+        trainer.save_checkpoint()
+        self.done_at = trainer.state.step
 
 
 class EarlyStop(Callback):
@@ -62,13 +83,12 @@ class EarlyStop(Callback):
         if self.tracker.update(results[self.metric], trainer.state.step, trainer.model):
             trainer.state.should_stop = True
 
-    def on_step_end(self, trainer, out: StepOutput) -> None:
-        state = trainer.state
-        if state.should_stop:
-            t = self.tracker
+    def on_train_end(self, trainer) -> None:
+        state, t = trainer.state, self.tracker
+        if t.stopped_at == state.step:
             trainer.message(f"early stopping at step {state.step}: {self.metric} has not improved for "
                             f"{t.bad_evaluations} evaluations (best {t.best_value:.4g} at step {t.best_step})")
-        if (state.should_stop or state.at_end) and self.tracker.restore(trainer.model):
+        if self.tracker.restore(trainer.model):
             state.last_eval = trainer.evaluate_all()
             trainer.log({"kind": "eval", "step": state.step, "restored_from_step": self.tracker.best_step,
                          **state.last_eval})

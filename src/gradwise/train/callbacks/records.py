@@ -1,7 +1,7 @@
 """Built-in callbacks that report: the progress bar, metrics.jsonl, TensorBoard, the train-loss window, the loss scale.
 
-`TrainMetrics` writes a `kind: train` record every `log.every` steps and at the
-end: the mean loss since the last record (averaged over ranks), lr, gradient
+`TrainMetrics` writes a `kind: train` record every `log.every` steps and after
+the last step: the mean loss since the last record (averaged over ranks), lr, gradient
 norm, throughput. A window a checkpoint splits is carried into the resumed run.
 """
 
@@ -110,10 +110,11 @@ class ScalerLog(Callback):
 
 
 class TrainMetrics(Callback):
-    """The train-loss window and the `kind: train` record every `log.every` steps and at the end."""
+    """The train-loss window and the `kind: train` record every `log.every` steps and after the last."""
 
     def __init__(self):
         self.losses: list[Any] = []  # detached losses (or floats) since the last record
+        self.lr = 0.0  # the rate the latest step used
         self.carry = (0.0, 0)  # (sum, count) of a window that a resume split
         self.window_start, self.window_samples = 0.0, 0
 
@@ -133,19 +134,25 @@ class TrainMetrics(Callback):
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
         self.losses.append(out.loss)
+        self.lr = out.lr
         self.window_samples += out.samples
-        state = trainer.state
-        if state.step % trainer.cfg.log.every and not state.at_end:
-            return
+        if trainer.state.step % trainer.cfg.log.every == 0:
+            self.record(trainer, out.lr)
+
+    def on_train_end(self, trainer) -> None:
+        if self.losses:  # the last steps since a record
+            self.record(trainer, self.lr)
+
+    def record(self, trainer, lr: float) -> None:
         now = time.perf_counter()
         total, count = self.window(trainer)
+        state, engine = trainer.state, trainer.engine
         state.last_train_loss = total / count
-        engine = trainer.engine
         record = {
             "kind": "train", "step": state.step,
             "epoch": round(state.samples_seen / len(trainer.train_data), 4),
             "train_loss": state.last_train_loss,
-            "lr": out.lr,
+            "lr": lr,
             "grad_norm": engine.grad_norm(),
             **engine.scaler_metrics(),
             **({"penalty": float(engine.last_penalty)} if engine.last_penalty is not None else {}),
