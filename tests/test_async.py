@@ -128,7 +128,8 @@ def worker_pids() -> list[int]:
     return pids
 
 
-def test_a_killed_worker_rejoins_and_every_gradient_is_applied_once(tmp_path):
+@pytest.mark.parametrize("rule", ["dcasgd-a", "ssgd"])
+def test_a_killed_worker_rejoins_and_every_gradient_is_applied_once(tmp_path, rule):
     out = tmp_path / "killed"
     killed = []
 
@@ -146,7 +147,7 @@ def test_a_killed_worker_rejoins_and_every_gradient_is_applied_once(tmp_path):
 
     killer = threading.Thread(target=kill_one_worker)
     killer.start()
-    summary = run_async(tmp_path, "killed", 3, "train.steps=400", "ps.rule=dcasgd-a", "train.checkpoint_every=20",
+    summary = run_async(tmp_path, "killed", 3, "train.steps=400", f"ps.rule={rule}", "train.checkpoint_every=20",
                         "ps.slowdown=2:2")
     killer.join()
     assert killed, "no worker was killed: the run finished first"

@@ -184,3 +184,14 @@ def test_epochs_set_the_run_length():
     assert trainer.total_steps == 2 * 7
     result = trainer.fit()
     assert result["epochs"] == 2.0
+
+
+def test_fit_in_parts_is_one_run(tmp_path):
+    cfg = small_config("train.steps=10", "log.every=2", "optim.name=sgd", "optim.lr=0.05")
+    parts = Trainer.from_config(cfg, out_dir=tmp_path / "parts")
+    assert parts.fit(max_steps=4)["steps"] == 4
+    summary = parts.fit()
+    straight = Trainer.from_config(cfg, out_dir=tmp_path / "straight").fit()
+    assert summary["steps"] == 10 and summary["params_sha256"] == straight["params_sha256"]
+    records = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8, 10]

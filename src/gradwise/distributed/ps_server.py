@@ -77,7 +77,9 @@ class PushedGradients(Callback):
         """A worker (new or restarted) joins: its clock (caught up to the slowest live one) and data position."""
         with self.cond:
             others = [self.clocks[w] for w in self.live if w != worker]
-            if others:
+            if self.rule == "ssgd":  # join the round in progress
+                self.clocks[worker] = self.version
+            elif others:
                 self.clocks[worker] = max(self.clocks[worker], min(others))
             self.live.add(worker)
             self.cond.notify_all()
@@ -151,9 +153,13 @@ class PushedGradients(Callback):
     # -- the fit loop's side (the thread running Trainer.fit, holding the lock) --------------------------------
 
     def next_step(self, trainer) -> StepOutput:
-        self.cond.wait_for(lambda: self.queue or self.failure is not None)
-        if self.failure is not None:
-            raise NonFiniteStep(*self.failure)
+        while True:
+            self.cond.wait_for(lambda: self.queue or self.failure is not None or self._round_complete())
+            if self.failure is not None:
+                raise NonFiniteStep(*self.failure)
+            if self.queue:
+                break
+            self._apply_round()  # ssgd: a worker left mid-round; the others' gradients make the round
         item = self.queue.popleft()
         worker, pulled = item["worker"], item["pulled"]
         staleness = self.version - pulled["version"]
@@ -161,10 +167,8 @@ class PushedGradients(Callback):
         lr = trainer.engine.optimizer.param_groups[0]["lr"]
         if self.rule == "ssgd":
             self.round.append(grads)
-            if len(self.round) >= len(self.live) or trainer.state.step + 1 >= self.budget:
-                mean = [torch.stack(gs).mean(0) for gs in zip(*self.round)]
-                self.round = []
-                self._apply(mean)
+            if self._round_complete() or trainer.state.step + 1 >= self.budget:
+                self._apply_round()
         else:
             weights = [p.detach() for p in self.params]
             self._apply(apply_rule(self.rule, grads, weights, pulled["backup"], staleness, self.rule_state,
@@ -183,6 +187,14 @@ class PushedGradients(Callback):
         item["done"], item["applied"] = True, True
         self.cond.notify_all()
         return StepOutput(item["loss"], item["samples"], lr)
+
+    def _round_complete(self) -> bool:
+        return self.rule == "ssgd" and bool(self.round) and len(self.round) >= len(self.live)
+
+    def _apply_round(self) -> None:
+        mean = [torch.stack(gs).mean(0) for gs in zip(*self.round)]
+        self.round = []
+        self._apply(mean)
 
     def _apply(self, grads: list[torch.Tensor]) -> None:
         for p, g in zip(self.params, grads):

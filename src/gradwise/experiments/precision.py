@@ -82,7 +82,7 @@ def one_run(model: str, variant: str, steps: int, seed: int = 0) -> dict[str, An
         summary = trainer.fit()
     except NonFiniteError as err:
         outcome = f"stopped: {str(err).split(';')[0]}"
-        summary = {**trainer.summary(trainer.evaluate()), "steps": trainer.step}
+        summary = {**trainer.summary(), **trainer.evaluate(), "steps": trainer.state.step}
     seconds = time.perf_counter() - t0
     quality_key = "test_accuracy" if model == "cnn" else "test_bpc"
     quality = summary.get(quality_key, math.nan)

@@ -21,9 +21,9 @@ def recover(trainer, event: NonFiniteStep) -> None:
         why = (f"{state.rollbacks} rollbacks already (diagnostics.max_rollbacks={d.max_rollbacks})"
                if state.rollbacks >= d.max_rollbacks else "no checkpoint to roll back to yet")
         raise NonFiniteError(f"{event}; {why}") from None
-    resumed_from, rollbacks = state.resumed_from, state.rollbacks
+    resumed_from, rollbacks, wall = state.resumed_from, state.rollbacks, trainer.wall_seconds()
     trainer.load_state_dict(load_checkpoint(path), where=str(path))
-    state.resumed_from, state.rollbacks = resumed_from, rollbacks + 1
+    state.resumed_from, state.rollbacks, state.elapsed_seconds = resumed_from, rollbacks + 1, wall  # time goes on
     trainer.engine.scale_lr(d.rollback_lr_factor)
     trainer.log({"kind": "rollback", "step": event.step, "layer": event.where,
                  "to_step": state.step, "lr_factor": d.rollback_lr_factor})

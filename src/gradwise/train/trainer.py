@@ -102,8 +102,8 @@ class Trainer:
                     **kwargs) -> "Trainer":
         """Build data and model from the config (seeded by `cfg.seed`) and return a ready Trainer.
 
-        Rank 0 resolves the config (the planner too, for memory.auto=true) and every rank trains with
-        rank 0's resolution. Every rank builds the same model; ranks other than 0 then reseed, so dropout
+        Every rank resolves the config (the planner too, for memory.auto=true) and trains with rank 0's
+        resolution, broadcast. Every rank builds the same model; ranks other than 0 then reseed, so dropout
         masks differ across shards.
         """
         from gradwise.data import build_data
@@ -112,8 +112,8 @@ class Trainer:
         sync = sync or GradientSync()
         seed_everything(cfg.seed)
         data = build_data(cfg.data, context=cfg.model.context)
-        resolved = resolve_config(cfg, len(data.train), planner=plan_config).to_dict() if sync.is_main else None
-        cfg = validate(sync.broadcast(resolved))
+        resolved = resolve_config(cfg, len(data.train), planner=plan_config)  # each rank, so none waits on a
+        cfg = validate(sync.broadcast(resolved.to_dict()))  # collective while rank 0 plans; rank 0's wins
         model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
         if sync.rank > 0:
             seed_everything(cfg.seed + 1_000_003 * sync.rank)
@@ -222,7 +222,8 @@ class Trainer:
         """Create the run directory and write config.yaml (rank 0); an existing run there is an error."""
         if self.out_dir is None or not self.is_main:
             return
-        if self.state.resumed_from is None and holds_run(self.out_dir):
+        fresh = self.state.resumed_from is None and not self.records  # not a resume, nor this trainer's next fit
+        if fresh and holds_run(self.out_dir):
             raise CheckpointError(f"checkpoint error: '{self.out_dir}' already holds a run; pass --resume "
                                   f"{self.out_dir} to continue it or choose another --out")
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,7 +234,6 @@ class Trainer:
         self.prepare_out_dir()
         state = self.state
         state.end, state.should_stop = self.total_steps if max_steps is None else max_steps, False
-        self.records = []
         self._session_start = time.perf_counter()
         self.model.train()
         try:

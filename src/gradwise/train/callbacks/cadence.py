@@ -19,13 +19,15 @@ from gradwise.train.early_stopping import EarlyStopping
 
 
 class Evaluator(Callback):
-    """Validation and test figures every `train.eval_every` steps and after the last: a `kind: eval` record."""
+    """Validation and test figures every `train.eval_every` steps and at the run's last step (however it
+    ended: `on_train_end` covers a run stopped early): a `kind: eval` record."""
 
     def __init__(self):
         self.done_at: int | None = None
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
-        if trainer.state.step % trainer.cfg.train.eval_every == 0:
+        state = trainer.state
+        if state.step % trainer.cfg.train.eval_every == 0 or state.step == state.end:
             self.evaluate(trainer)
 
     def on_train_end(self, trainer) -> None:
@@ -42,13 +44,14 @@ class Evaluator(Callback):
 
 
 class Checkpointer(Callback):
-    """checkpoints/last.pt every `train.checkpoint_every` steps and after the last step."""
+    """checkpoints/last.pt every `train.checkpoint_every` steps and at the run's last step (however it ended)."""
 
     def __init__(self):
         self.done_at: int | None = None
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
-        if trainer.state.step % trainer.cfg.train.checkpoint_every == 0:
+        state = trainer.state
+        if state.step % trainer.cfg.train.checkpoint_every == 0 or state.step == state.end:
             self.save(trainer)
 
     def on_train_end(self, trainer) -> None:

@@ -64,7 +64,7 @@ class MetricsFile(_HeldForOneFit):
         if out is None or not trainer.is_main:
             return
         path = out / "metrics.jsonl"
-        if trainer.state.resumed_from is not None:
+        if trainer.state.resumed_from is not None and not trainer.records:  # the first fit of a resumed run
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= trainer.state.resumed_from]
             write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
             trainer.records[:0] = kept
@@ -136,11 +136,12 @@ class TrainMetrics(Callback):
         self.losses.append(out.loss)
         self.lr = out.lr
         self.window_samples += out.samples
-        if trainer.state.step % trainer.cfg.log.every == 0:
+        state = trainer.state
+        if state.step % trainer.cfg.log.every == 0 or state.step == state.end:
             self.record(trainer, out.lr)
 
     def on_train_end(self, trainer) -> None:
-        if self.losses:  # the last steps since a record
+        if self.losses:  # a run stopped early: the steps since the last record
             self.record(trainer, self.lr)
 
     def record(self, trainer, lr: float) -> None:
