@@ -177,13 +177,13 @@ def test_fp16_overflow_skips_optimizer_and_scheduler_and_backs_off():
     x, y = trainer.train_data.tensors
     before = [p.detach().clone() for p in trainer.model.parameters()]
     lr_before, epoch_before = trainer.engine.optimizer.param_groups[0]["lr"], trainer.engine.scheduler.last_epoch
-    trainer.engine.train_step(x[:8], y[:8])
+    trainer.engine.train_step((x[:8], y[:8]))
     assert trainer.engine.scaler.skipped_steps == 1 and trainer.engine.scaler.scale == pytest.approx(0.5e30)
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
     assert trainer.engine.scheduler.last_epoch == epoch_before and trainer.engine.optimizer.param_groups[0]["lr"] == lr_before
     # it keeps backing off until the scaled gradients fit, then an update goes through
     for _ in range(200):
-        trainer.engine.train_step(x[:8], y[:8])
+        trainer.engine.train_step((x[:8], y[:8]))
         if trainer.engine.scheduler.last_epoch > epoch_before:
             break
     assert trainer.engine.scheduler.last_epoch == epoch_before + 1
@@ -199,7 +199,7 @@ def test_clipping_happens_after_unscale():
     trainer = tiny_fp16_trainer("train.clip_norm=0.01", "scaler.init_scale=1024")
     x, y = trainer.train_data.tensors
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.engine.train_step(x[:8], y[:8])
+    trainer.engine.train_step((x[:8], y[:8]))
     assert trainer.engine.scaler.skipped_steps == 0
     # SGD with lr 1 moves by exactly the clipped gradient: its norm must be clip_norm, not clip_norm / scale
     moved = torch.sqrt(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, trainer.model.parameters())))
@@ -211,7 +211,7 @@ def test_clipping_happens_after_unscale():
 def test_clip_value_bounds_every_element():
     trainer = tiny_fp16_trainer("precision=fp32", "train.clip_value=1e-4")
     x, y = trainer.train_data.tensors
-    trainer.engine.train_step(x[:8], y[:8])
+    trainer.engine.train_step((x[:8], y[:8]))
     assert max(float(p.grad.abs().max()) for p in trainer.model.parameters()) <= 1e-4
 
 

@@ -63,12 +63,12 @@ def measure(overrides: list[str], precision: str, steps: int, repeats: int) -> d
     inputs, targets = fetch_batch(trainer.train_data, torch.arange(cfg.train.batch_size))
     flops = step_flops(engine, inputs, targets)
     for _ in range(3):
-        engine.train_step(inputs, targets)  # warm-up
+        engine.train_step((inputs, targets))  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            engine.train_step(inputs, targets)
+            engine.train_step((inputs, targets))
         times.append((time.perf_counter() - t0) / steps)
     return {"flops_per_step": flops, "s_per_step": statistics.median(times)}
 

@@ -42,7 +42,7 @@ def variant_engines(overrides: list[str], variants: dict[str, Callable[[Any], No
         trial = cfg.model_copy(deep=True)
         edit(trial)
         engines[name] = StepEngine(copy.deepcopy(initial), resolve_config(trial, len(data.train)))
-        engines[name].train_step(x, y)  # warm-up, optimizer state
+        engines[name].train_step((x, y))  # warm-up, optimizer state
     return engines, x, y
 
 
@@ -55,7 +55,7 @@ def time_rounds(engines: dict[str, StepEngine], x, y, rounds: int, steps: Callab
             n = steps(name)
             t0 = time.perf_counter()
             for _ in range(n):
-                engine.train_step(x, y)
+                engine.train_step((x, y))
             times[name].append((time.perf_counter() - t0) / n)
     return times
 

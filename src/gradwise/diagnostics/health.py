@@ -16,6 +16,7 @@ as in `named_parameters()`, in model order.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -85,8 +86,8 @@ def judge(stats: list[LayerStat], vanishing_ratio: float = 1e-4, vanishing_norm:
     return Verdict("healthy", [], "")
 
 
-def first_nonfinite_forward(model: nn.Module, inputs) -> str | None:
-    """Run a forward pass with hooks; the name of the first leaf module whose output is not finite."""
+def first_nonfinite_forward(model: nn.Module, forward: Callable[[], Any]) -> str | None:
+    """Run `forward()` (a pass of `model`) with hooks; the name of the first leaf module whose output is not finite."""
     found: list[str] = []
     handles = []
 
@@ -101,7 +102,7 @@ def first_nonfinite_forward(model: nn.Module, inputs) -> str | None:
             handles.append(module.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
-            model(inputs)
+            forward()
     finally:
         for h in handles:
             h.remove()

@@ -35,7 +35,7 @@ def inspect_run(cfg: Config, steps: int = 5, probes: int = 8) -> dict[str, Any]:
     for _ in range(steps):
         x, y = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, batches.next()))
         before = [p.detach().clone() for _, p in weight_layers(model)]
-        trainer.engine.train_step(x, y)
+        trainer.engine.train_step((x, y))
         stats = layer_stats(model, before)
     d = cfg.diagnostics
     verdict = judge(stats, d.vanishing_ratio, d.vanishing_norm, d.exploding_norm, d.exploding_update)

@@ -152,7 +152,7 @@ def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
             before = {id(p): p.detach().clone() for p in trainer.engine.params}
             with warnings.catch_warnings():  # the first layer's hook fires on outputs only: expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                trainer.engine.train_step(inputs, targets)
+                trainer.engine.train_step((inputs, targets))
             for p in trainer.engine.params:
                 rec = records.setdefault(owner[id(p)], LayerRecord())
                 if p.grad is not None:

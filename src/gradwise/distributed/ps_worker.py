@@ -105,11 +105,11 @@ class Worker:
         sync.pushed = 0
         while sync.pull(self.engine.model):
             idx = batches.next()
-            inputs, targets = to_device(fetch_batch(self.shard, idx), self.engine.device)
+            batch = to_device(fetch_batch(self.shard, idx), self.engine.device)
             sync.position = {"epoch": batches.position.epoch, "batch": batches.position.batch}
             sync.samples = len(idx)
             try:
-                self.engine.train_step(inputs, targets)
+                self.engine.train_step(batch)
             except NonFiniteStep as event:  # the server stops the run, naming the layer
                 ray.get(self.server.fail.remote(self.worker, event.where, event.stage))
                 break

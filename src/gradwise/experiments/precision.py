@@ -61,7 +61,7 @@ def zero_gradient_fraction(trainer) -> float:
     batch = torch.arange(min(len(trainer.train_data), trainer.cfg.train.batch_size))
     inputs, targets = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, batch))
     trainer.engine.optimizer.zero_grad(set_to_none=True)
-    trainer.engine.compute_gradients(inputs, targets)
+    trainer.engine.compute_gradients((inputs, targets))
     grads = [p.grad for p in trainer.engine.params if p.grad is not None]
     zeros = sum(int((g == 0).sum()) for g in grads)
     trainer.engine.optimizer.zero_grad(set_to_none=True)

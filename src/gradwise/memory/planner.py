@@ -67,18 +67,18 @@ def profile_step(engine: StepEngine, inputs, targets, steps: int = 3, warmup: in
     device = engine.device
     inputs, targets = inputs.to(device), targets.to(device)
     for _ in range(warmup):
-        engine.train_step(inputs, targets)  # allocates optimizer state
+        engine.train_step((inputs, targets))  # allocates optimizer state
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     engine.forward_context = metered
-    engine.train_step(inputs, targets)
+    engine.train_step((inputs, targets))
     engine.forward_context = contextlib.nullcontext
     peak = cuda_peak(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        engine.train_step(inputs, targets)
+        engine.train_step((inputs, targets))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)

@@ -1,47 +1,82 @@
-"""Evaluation: mean loss, and accuracy or bits-per-char, over a dataset (each rank scores its share)."""
+"""Evaluation: mean loss, and accuracy or bits-per-token where they are defined, over a dataset.
+
+The loss is the mean over loss-bearing items (gradwise.train.batch.count_items:
+samples for classification, tokens other than -100 for a language model).
+Accuracy is reported only for a classification task whose every batch has
+(B, C) logits and (B,) integer targets; otherwise it is left out, never 0.0.
+Under data parallel every rank scores its contiguous share and the sums are
+all-reduced.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from gradwise.distributed.sync import GradientSync
-from gradwise.train.batch import fetch_batch, to_device
+from gradwise.train.batch import batch_loss, call_model, count_items, fetch_batch, logits, target, tensors, to_device
+
+INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def infer_task(output: Any, batch: Any) -> str:
+    """"classification" for (B, C) logits and (B,) integer targets, "language_model" for (B, T, V) and (B, T),
+    else "other" (the loss alone is reported)."""
+    pred, found = logits(output), tensors(target(batch))
+    if not isinstance(pred, torch.Tensor) or not found or found[0].dtype not in INTEGER:
+        return "other"
+    if pred.ndim == 2 and found[0].ndim == 1:
+        return "classification"
+    if pred.ndim == 3 and found[0].ndim == 2:
+        return "language_model"
+    return "other"
+
+
+def correct_predictions(output: Any, batch: Any) -> tuple[torch.Tensor, int] | None:
+    """(argmax hits, samples) for (B, C) logits and (B,) integer targets; None where accuracy is not defined."""
+    pred, found = logits(output), tensors(target(batch))
+    if not isinstance(pred, torch.Tensor) or not found:
+        return None
+    y = found[0]
+    if pred.ndim != 2 or y.ndim != 1 or y.dtype not in INTEGER or len(y) != len(pred):
+        return None
+    return (pred.argmax(dim=-1) == y).sum(), len(y)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset | None, loss_fn: Callable, *, task: str, sync: GradientSync,
-             batch_size: int, prefix: str = "test") -> dict[str, float]:
-    """`{prefix}_loss`, plus `{prefix}_accuracy` (classification) or `{prefix}_bpc` (language model).
-
-    Accuracy counts argmax hits for (B, C) outputs and (B,) targets; with data parallel every rank scores
-    its contiguous share and the sums are all-reduced. The model is left in the mode it was in.
-    """
+             batch_size: int, prefix: str = "test", count_fn: Callable | None = None) -> dict[str, float]:
+    """`{prefix}_loss`, plus `{prefix}_accuracy` (classification) or `{prefix}_bpc` (language model: bits per
+    token, per character for the built-in character model). The model is left in the mode it was in."""
     if dataset is None or len(dataset) == 0:
         return {}
     was_training = model.training
     model.eval()
     device = sync.device
-    total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    n = len(dataset)
-    part = sync.shard(n)
-    classify = task == "classification"
+    # loss sum, items, correct, scored, batches without a defined accuracy
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    part = sync.shard(len(dataset))
     for start in range(part.start, part.stop, batch_size):
-        inputs, targets = to_device(fetch_batch(dataset, torch.arange(start, min(part.stop, start + batch_size))),
-                                    device)
-        outputs = model(inputs)
-        total_loss += loss_fn(outputs, targets) * len(targets)
-        if classify and outputs.ndim == 2 and targets.ndim == 1:
-            correct += (outputs.argmax(dim=-1) == targets).sum()
+        batch = to_device(fetch_batch(dataset, torch.arange(start, min(part.stop, start + batch_size))), device)
+        output = call_model(model, batch)
+        items = count_items(batch, count_fn).to(device, torch.float64)
+        sums[0] += batch_loss(output, batch, loss_fn).double() * items
+        sums[1] += items
+        hits = correct_predictions(output, batch) if task == "classification" else None
+        if hits is None:
+            sums[4] += 1
+        else:
+            sums[2] += hits[0]
+            sums[3] += hits[1]
     model.train(was_training)
-    total_loss, correct = sync.all_reduce_sum(torch.stack([total_loss, correct]))
-    result = {f"{prefix}_loss": float(total_loss) / n}
+    loss_sum, items, correct, scored, unscored = sync.all_reduce_sum(sums).tolist()
+    result = {f"{prefix}_loss": loss_sum / max(items, 1.0)}
     if task == "language_model":
         result[f"{prefix}_bpc"] = result[f"{prefix}_loss"] / math.log(2)
-    elif classify:
-        result[f"{prefix}_accuracy"] = float(correct) / n
+    elif task == "classification" and unscored == 0 and scored > 0:
+        result[f"{prefix}_accuracy"] = correct / scored
     return result

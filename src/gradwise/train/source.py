@@ -37,9 +37,9 @@ class BatchSteps:
         global_count = None
         if sync.needs_global_count and isinstance(trainer.train_data, TensorDataset):  # no collective needed
             global_count = engine.count_fn(trainer.train_data.tensors[-1][idx]).to(engine.device)
-        inputs, targets = to_device(fetch_batch(trainer.train_data, sync.local_rows(idx)), engine.device)
+        batch = to_device(fetch_batch(trainer.train_data, sync.local_rows(idx)), engine.device)
         lr = engine.optimizer.param_groups[0]["lr"]  # the rate this update uses
-        loss = engine.train_step(inputs, targets, global_count)
+        loss = engine.train_step(batch, global_count)
         return StepOutput(loss, len(idx), lr)
 
     def record_fields(self) -> dict[str, Any]:

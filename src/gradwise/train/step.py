@@ -1,6 +1,6 @@
 """The step engine: one update from one batch, and nothing else (no files, no logging, no loop).
 
-    loss = engine.train_step(inputs, targets)
+    loss = engine.train_step(batch)
          = zero_grad; compute_gradients (micro-batches, autocast, loss weights, penalty, loss scale)
            -> unscale and check (fp16 overflow, or the finiteness check naming the layer)
            -> sync.synchronize (the strategy: nothing, DDP, a push to a parameter server)
@@ -13,6 +13,7 @@ they differ only in the `GradientSync` strategy (gradwise.distributed.sync).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -23,7 +24,9 @@ from gradwise.config import Config
 from gradwise.diagnostics.health import first_nonfinite_forward, last_nonfinite_grad
 from gradwise.distributed.sync import GradientSync
 from gradwise.errors import ConfigError
-from gradwise.memory.accumulation import item_count, micro_batch_slices
+from gradwise.memory.accumulation import micro_batch_slices
+from gradwise.train.batch import (batch_loss, call_model, count_items, default_count_fn, describe, logits, rows, split,
+                                  tensors)
 from gradwise.memory.checkpointing import apply_checkpointing
 from gradwise.memory.precision import LossScaler, autocast
 from gradwise.optim import build_optimizer, build_scheduler, scaled_lr
@@ -44,9 +47,18 @@ class NonFiniteStep(Exception):
         return f"non-finite {self.stage} at step {self.step}: first appeared in '{self.where or 'unknown'}'"
 
 
-def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every position: (B, C) logits for classification, (B, T, V) for a language model."""
-    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+def default_loss(outputs: Any, targets: Any) -> torch.Tensor:
+    """Mean cross-entropy over every position: (B, C) logits for classification, (B, T, V) for a language model.
+
+    `outputs` may carry its logits (`.logits`); a mapping batch's "labels" are the targets; -100 is ignored.
+    """
+    predictions = logits(outputs)
+    if isinstance(targets, Mapping):
+        targets = targets.get("labels")
+    if not isinstance(predictions, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError(f"the default loss (cross-entropy) needs logits and integer targets; got an output of "
+                        f"{describe(outputs)} and a target of {describe(targets)}: pass loss_fn=, or return a .loss")
+    return F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1))
 
 
 def _inputs_to_half(_module: nn.Module, args: tuple) -> tuple:
@@ -77,7 +89,7 @@ class StepEngine:
         self.device = self.sync.device
         self.model = model.to(self.device)
         self.loss_fn = loss_fn or default_loss
-        self.count_fn = count_fn or item_count
+        self.count_fn = count_fn or default_count_fn(model)
         self.forward_context: Callable[[], Any] = contextlib.nullcontext
         apply_checkpointing(self.model, cfg.memory.checkpoint, cfg.memory.modules)
         if cfg.master_weights == "fp16":  # pure fp16: weights, grads and optimizer state all in half
@@ -98,24 +110,24 @@ class StepEngine:
 
     # -- the three moves ---------------------------------------------------------------------------------------
 
-    def train_step(self, inputs, targets, global_count: torch.Tensor | None = None) -> torch.Tensor:
-        """One update on one batch; returns its mean loss (detached).
+    def train_step(self, batch: Any, global_count: torch.Tensor | None = None) -> torch.Tensor:
+        """One update on one batch (any structure: gradwise.train.batch); returns its mean loss (detached).
 
         Raises NonFiniteStep (before any update) when the loss or a gradient is not finite and
         `diagnostics.check_finite` is on; under fp16 loss scaling the scaler skips the update instead.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.compute_gradients(inputs, targets, global_count)
-        finite = self.unscale_and_check(loss, inputs)
+        loss = self.compute_gradients(batch, global_count)
+        finite = self.unscale_and_check(loss, batch)
         if self.sync.synchronize(self.params, finite, loss):
             self.apply_update(finite)
         if self.scaler is not None:
             self.scaler.update(not finite)
         return loss
 
-    def micro_batches(self, inputs, targets, global_count: torch.Tensor | None = None
-                      ) -> list[tuple[Any, torch.Tensor, torch.Tensor | None]]:
-        """(inputs, targets, loss weight) per micro-batch; weight None when one process does not split the batch.
+    def micro_batches(self, batch: Any, global_count: torch.Tensor | None = None
+                      ) -> list[tuple[Any, torch.Tensor | None]]:
+        """(micro-batch, loss weight) pairs; weight None when one process does not split the batch.
 
         When processes share the batch, the weights use the global batch's item count: `global_count`
         when the caller counted it, else the strategy reduces it.
@@ -123,15 +135,16 @@ class StepEngine:
         tc = self.cfg.train
         shared = self.sync.world_size > 1
         if not shared and tc.micro_batches == 1:
-            return [(inputs, targets, None)]
-        slices = micro_batch_slices(len(targets), tc.micro_batches, tc.micro_batch_size) or [slice(0, 0)]
+            return [(batch, None)]
+        n = rows(batch)
+        slices = micro_batch_slices(n, tc.micro_batches, tc.micro_batch_size) or [slice(0, 0)]
         if not shared and len(slices) == 1:
-            return [(inputs, targets, None)]
-        counts = [self.count_fn(targets[s]) for s in slices]
-        weights = self.sync.loss_weights(counts, global_count)
-        return [(inputs[s], targets[s], w) for s, w in zip(slices, weights)]
+            return [(batch, None)]
+        parts = [split(batch, s, n) for s in slices]
+        weights = self.sync.loss_weights([count_items(p, self.count_fn) for p in parts], global_count)
+        return list(zip(parts, weights))
 
-    def compute_gradients(self, inputs, targets, global_count: torch.Tensor | None = None) -> torch.Tensor:
+    def compute_gradients(self, batch: Any, global_count: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward over the batch's micro-batches; returns the batch's mean loss (detached).
 
         Each micro-batch's mean loss is weighted by its share of the batch's
@@ -141,13 +154,16 @@ class StepEngine:
         The strategy's `micro_batch(last)` context decides which backward passes communicate.
         """
         total = None
-        micro = self.micro_batches(inputs, targets, global_count)
-        for i, (x, y, weight) in enumerate(micro):
+        micro = self.micro_batches(batch, global_count)
+        for i, (part, weight) in enumerate(micro):
             last = i == len(micro) - 1
             with self.sync.micro_batch(self.forward_model, last):
                 with self.forward_context(), autocast(self.cfg.precision, self.device):
-                    outputs = self.forward_model(x)
-                    loss = self.loss_fn(outputs, y) if len(y) else outputs.sum() * 0.0  # an empty shard adds 0
+                    output = call_model(self.forward_model, part)
+                    if self.sync.world_size > 1 and rows(part) == 0:  # an empty shard adds 0
+                        loss = sum(t.sum() for t in tensors(output) if t.is_floating_point()) * 0.0
+                    else:
+                        loss = batch_loss(output, part, self.loss_fn)
                 if weight is not None:
                     loss = loss * weight
                 objective = loss
@@ -159,12 +175,12 @@ class StepEngine:
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
-    def unscale_and_check(self, loss: torch.Tensor, inputs) -> bool:
+    def unscale_and_check(self, loss: torch.Tensor, batch: Any) -> bool:
         """fp16: unscale the gradients, False on overflow. Otherwise the finiteness check (raises NonFiniteStep)."""
         if self.scaler is not None:
             return self.scaler.unscale_(self.params)
         if self.cfg.diagnostics.check_finite:
-            self.check_finite(loss, inputs)
+            self.check_finite(loss, batch)
         return True
 
     def apply_update(self, finite: bool = True) -> None:
@@ -181,7 +197,7 @@ class StepEngine:
 
     # -- checks and adjustments --------------------------------------------------------------------------------
 
-    def check_finite(self, loss: torch.Tensor, inputs) -> None:
+    def check_finite(self, loss: torch.Tensor, batch: Any) -> None:
         # one fused kernel flags any non-finite gradient (it multiplies them by exactly 1.0), one host sync
         grads = [p.grad for p in self.params if p.grad is not None]
         found = self._nonfinite_flag.zero_()
@@ -189,7 +205,7 @@ class StepEngine:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._unit_scale)
         if not bool(found.add_(~torch.isfinite(loss.float())).item()):
             return
-        in_forward = first_nonfinite_forward(self.model, inputs)
+        in_forward = first_nonfinite_forward(self.model, lambda: call_model(self.model, batch))
         if in_forward is not None:
             raise NonFiniteStep(in_forward, "activation in forward")
         if not bool(torch.isfinite(loss)):

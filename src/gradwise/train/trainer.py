@@ -27,7 +27,14 @@ from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_json, write_text
 from gradwise.memory.planner import plan_config
 from gradwise.resolve import resolve_config, run_length
-from gradwise.train.callbacks import Callback, CallbackList, EarlyStop, RunState, builtin_callbacks
+from gradwise.train.callbacks import (
+    Callback,
+    CallbackList,
+    EarlyStop,
+    RunState,
+    builtin_callbacks,
+)
+from gradwise.train.checks import check_first_batch
 from gradwise.train.evaluation import evaluate
 from gradwise.train.recovery import recover
 from gradwise.train.run_dir import holds_run, resume_config
@@ -52,8 +59,10 @@ class Trainer:
     stopping watches; the test set never steers training. `optimizer` and
     `scheduler` default to the ones `config.optim` and `config.schedule`
     describe. `out_dir=None` trains without writing files. `task` selects the
-    reported metric: accuracy for "classification", bits-per-char for
-    "language_model". `count_fn(targets)` counts a batch's loss-bearing items,
+    reported metric: accuracy for "classification", bits per token for
+    "language_model", the loss alone for anything else; by default it is
+    inferred from the first batch. Before anything runs, the first batch is
+    checked (gradwise.train.checks). `count_fn(targets)` counts a batch's loss-bearing items,
     which weight micro-batches under accumulation. `callbacks` are yours, run
     after the built-in ones (docs/callbacks.md). `sync` is the gradient
     synchronisation strategy (default: one process; `DDPSync` for data
@@ -66,7 +75,7 @@ class Trainer:
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, config: Config | None = None,
-                 out_dir: str | Path | None = None, task: str = "classification",
+                 out_dir: str | Path | None = None, task: str | None = None,
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, callbacks: list[Callback] = (),
                  sync: GradientSync | None = None, source: Any = None):
         if len(train_data) < 1:
@@ -81,7 +90,6 @@ class Trainer:
         self.sync = sync or GradientSync()
         self.is_main = self.sync.is_main
         self.train_data, self.test_data, self.val_data = train_data, test_data, val_data
-        self.task = task
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.steps_per_epoch, self.total_steps = run_length(self.cfg, len(train_data))
         self.source = source or BatchSteps()
@@ -89,10 +97,12 @@ class Trainer:
                                  optimizer=optimizer, scheduler=scheduler,
                                  loss_scaling=self.source.computes_gradients)
         self.model = self.engine.model
+        self.task = check_first_batch(self.engine, train_data, val_data if val_data is not None else test_data, task,
+                                      tc.eval_batch_size, trains=self.source.computes_gradients)
         self.state = RunState()
         self.records: list[dict[str, Any]] = []  # this run's metrics records, as written to metrics.jsonl
         own = [self.source] if isinstance(self.source, Callback) else []
-        self.callbacks = CallbackList([*own, *builtin_callbacks(self.cfg, task, val_data), *callbacks])
+        self.callbacks = CallbackList([*own, *builtin_callbacks(self.cfg, self.task, val_data), *callbacks])
         self._session_start = time.perf_counter()
 
     # -- construction from config / run directory ---------------------------------------------------------
@@ -214,7 +224,7 @@ class Trainer:
         """Mean loss (and accuracy or bits-per-char) over `dataset` (default: the test set), keys `prefix_*`."""
         dataset = dataset if dataset is not None else self.test_data
         return evaluate(self.model, dataset, self.engine.loss_fn, task=self.task, sync=self.sync,
-                        batch_size=self.cfg.train.eval_batch_size, prefix=prefix)
+                        batch_size=self.cfg.train.eval_batch_size, prefix=prefix, count_fn=self.engine.count_fn)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -229,8 +239,14 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
 
-    def fit(self, max_steps: int | None = None) -> dict[str, Any]:
-        """Train until the run's last step (or step `max_steps`); returns the summary (also summary.json)."""
+    def fit(self, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:
+        """Train until the run's last step (or step `max_steps`); returns the summary (also summary.json).
+
+        `resume=True` first continues from `out_dir`'s checkpoint when there is one (exactly: weights,
+        optimizer, schedule, data position, RNG), so a script run again picks up where it stopped.
+        """
+        if resume and self.state.resumed_from is None and (self.out_dir / "checkpoints" / "last.pt").is_file():
+            self.restore(self.out_dir)
         self.prepare_out_dir()
         state = self.state
         state.end, state.should_stop = self.total_steps if max_steps is None else max_steps, False

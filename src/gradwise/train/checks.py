@@ -1,0 +1,68 @@
+"""The first-batch check: a bad model / batch / loss combination fails in one line before any training time.
+
+Before a run starts, the trainer runs its model on the first two samples of the
+training set (forward, loss, backward, in eval mode with the RNG restored
+afterwards, so the run itself is unchanged) and on the first two of the
+evaluation set, through the same code the run uses. Whatever fails there is a
+`BatchError` (exit status 2) naming what was received and what is accepted,
+raised before the run directory is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from gradwise.distributed.sync import GradientSync
+from gradwise.errors import UserInputError
+from gradwise.memory.precision import autocast
+from gradwise.train.batch import ACCEPTED, batch_loss, call_model, describe, fetch_batch, to_device
+from gradwise.train.evaluation import evaluate, infer_task
+from gradwise.train.state import capture_rng, restore_rng
+
+
+class BatchError(UserInputError):
+    """The model, the batch and the loss do not fit together."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+def check_first_batch(engine, train_data: Dataset, eval_data: Dataset | None, task: str | None,
+                      batch_size: int, trains: bool = True) -> str:
+    """Run the checks; return the task (inferred from the first batch's output when `task` is None)."""
+    model, rng, was_training = engine.model, capture_rng(), engine.model.training
+    batch: Any = None
+    stage = "reading the first sample"
+    model.eval()
+    try:
+        batch = to_device(fetch_batch(train_data, torch.arange(min(2, len(train_data)))), engine.device)
+        stage = "the model's forward"
+        with autocast(engine.cfg.precision, engine.device), torch.set_grad_enabled(trains):
+            output = call_model(model, batch)
+            stage = "the loss"
+            loss = batch_loss(output, batch, engine.loss_fn)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"the loss must be a one-element tensor, got {describe(loss)}")
+        if trains:
+            stage = "backward through the loss"
+            loss.float().backward()
+        task = task or infer_task(output, batch)
+        if eval_data is not None and len(eval_data):
+            stage, batch = "evaluation", fetch_batch(eval_data, torch.arange(min(2, len(eval_data))))
+            evaluate(model, Subset(eval_data, range(min(2, len(eval_data)))), engine.loss_fn, task=task,
+                     sync=GradientSync(), batch_size=batch_size)
+    except UserInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure here is a bad combination, reported in one line
+        raise BatchError(f"batch error: {stage} failed on the first batch, {describe(batch)}: {_first_line(err)}; "
+                         f"accepted: {ACCEPTED}; the loss comes from output.loss or loss_fn(output, target)") from None
+    finally:
+        engine.optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+        restore_rng(rng)
+    return task
