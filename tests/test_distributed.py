@@ -243,3 +243,17 @@ def test_every_rank_trains_with_rank_0s_plan_when_their_timings_differ(tmp_path)
     assert ranks[0] == ranks[1]
     assert ranks[0]["precision"] == "bf16" and ranks[0]["memory"]["auto"] is False
     assert "precision: bf16" in (out / "config.yaml").read_text()
+
+
+def test_a_users_script_under_torchrun_trains_data_parallel_with_no_extra_code(tmp_path):
+    script = Path(__file__).with_name("user_ddp_script.py")
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                          f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script), str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert summary(tmp_path / "one")["world_size"] == 1 and summary(tmp_path / "two")["world_size"] == 2
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert summary(tmp_path / "two")["test_loss"] == pytest.approx(summary(tmp_path / "one")["test_loss"], rel=1e-5)

@@ -253,3 +253,16 @@ def test_the_examples_run(script, args, expect, tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expect in done.stdout
+
+
+def test_the_summary_and_report_describe_the_users_model_and_data(tmp_path):
+    from gradwise.report import render_report
+
+    torch.manual_seed(0)
+    Trainer(TwoInputModel(), DictSamples(64), config=small_config("train.steps=2", "train.batch_size=32"),
+            out_dir=tmp_path / "run").fit()
+    summary = __import__("json").loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["model_class"], summary["data_class"], summary["train_samples"]) == ("TwoInputModel",
+                                                                                           "DictSamples", 64)
+    page = render_report(tmp_path / "run")
+    assert "TwoInputModel" in page and "DictSamples" in page

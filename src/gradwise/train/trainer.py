@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gradwise.config import Config, validate
+from gradwise.distributed.ddp import environment_sync
 from gradwise.distributed.sync import GradientSync
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_json, write_text
@@ -87,7 +88,7 @@ class Trainer:
                 f"config error: train.batch_size={tc.batch_size} exceeds the {len(train_data)} training samples "
                 f"with train.drop_last=true; use a batch of at most {len(train_data)}"
             )
-        self.sync = sync or GradientSync()
+        self.sync = sync or environment_sync()
         self.is_main = self.sync.is_main
         self.train_data, self.test_data, self.val_data = train_data, test_data, val_data
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -119,7 +120,7 @@ class Trainer:
         from gradwise.data import build_data
         from gradwise.nn import build_model
 
-        sync = sync or GradientSync()
+        sync = sync or environment_sync()
         seed_everything(cfg.seed)
         data = build_data(cfg.data, context=cfg.model.context)
         resolved = resolve_config(cfg, len(data.train), planner=plan_config)  # each rank, so none waits on a
@@ -289,6 +290,8 @@ class Trainer:
             "samples_per_second": s.samples_seen / max(s.elapsed_seconds, 1e-9),
             "params_sha256": params_sha256(self.model),
             "num_parameters": sum(p.numel() for p in self.model.parameters()), "task": self.task,
+            "model_class": type(self.model).__name__, "data_class": type(self.train_data).__name__,
+            "train_samples": len(self.train_data),
             "resumed_from": s.resumed_from, "rollbacks": s.rollbacks, "world_size": self.sync.world_size,
             "restarts": self.sync.restarts, "health": s.health,
             **({"penalty": float(engine.last_penalty)} if engine.last_penalty is not None else {}),
