@@ -266,3 +266,68 @@ def test_the_summary_and_report_describe_the_users_model_and_data(tmp_path):
                                                                                            "DictSamples", 64)
     page = render_report(tmp_path / "run")
     assert "TwoInputModel" in page and "DictSamples" in page
+
+
+class Items(Dataset):
+    """A map-style dataset read item by item (what a DataLoader's workers call)."""
+
+    def __init__(self, n: int = 300):
+        g = torch.Generator().manual_seed(7)
+        self.x, self.y = torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def dropout_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+
+
+def test_loader_workers_give_the_same_run_and_resume_exactly(tmp_path):
+    base = ["train.steps=20", "train.batch_size=32", "train.checkpoint_every=5", "optim.lr=0.01"]
+    straight = Trainer(dropout_mlp(), Items(), config=small_config(*base), out_dir=tmp_path / "in-process").fit()
+    workers = small_config(*base, "loader.num_workers=2")
+    first = Trainer(dropout_mlp(), Items(), config=workers, out_dir=tmp_path / "workers")
+    first.fit(max_steps=13)  # stop mid-epoch (10 batches per epoch), between checkpoints
+    resumed = Trainer(dropout_mlp(), Items(), config=workers, out_dir=tmp_path / "workers").fit(resume=True)
+    assert resumed["resumed_from"] == 13 and resumed["steps"] == 20
+    assert resumed["params_sha256"] == straight["params_sha256"]
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """A deterministic stream of (x, y): the same items in the same order every pass; split across workers."""
+
+    def __init__(self, n: int = 200):
+        g = torch.Generator().manual_seed(11)
+        self.x, self.y = torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rows = range(len(self.y)) if info is None else range(info.id, len(self.y), info.num_workers)
+        for i in rows:
+            yield self.x[i], self.y[i]
+
+
+def test_a_streaming_dataset_trains_across_passes_and_resumes_exactly(tmp_path):
+    base = ["train.steps=25", "train.batch_size=32", "train.checkpoint_every=5", "optim.lr=0.01"]
+    straight = Trainer(dropout_mlp(), Stream(), test_data=Stream(64), config=small_config(*base),
+                       out_dir=tmp_path / "straight").fit()
+    assert straight["epochs"] == 3.0 and "test_accuracy" in straight  # 7 batches a pass: 25 steps end in the 4th
+    first = Trainer(dropout_mlp(), Stream(), test_data=Stream(64), config=small_config(*base), out_dir=tmp_path / "s")
+    first.fit(max_steps=12)
+    resumed = Trainer(dropout_mlp(), Stream(), test_data=Stream(64), config=small_config(*base),
+                      out_dir=tmp_path / "s").fit(resume=True)
+    assert resumed["params_sha256"] == straight["params_sha256"]
+    workers = Trainer(dropout_mlp(), Stream(), config=small_config(*base, "loader.num_workers=2")).fit()
+    assert workers["steps"] == 25 and workers["train_samples"] is None
+
+
+def test_a_streaming_dataset_needs_train_steps():
+    from gradwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.epochs=2 needs a dataset with a length"):
+        Trainer(dropout_mlp(), Stream(), config=small_config("train.epochs=2", "train.steps=null"))

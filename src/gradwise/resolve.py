@@ -21,13 +21,25 @@ from gradwise.errors import ConfigError
 from gradwise.train.sampler import batches_per_epoch
 
 
-def run_length(cfg: Config, train_size: int) -> tuple[int, int]:
-    """(batches per epoch, steps the run takes): `train.steps`, or `train.epochs` passes."""
-    per_epoch = batches_per_epoch(train_size, cfg.train.batch_size, cfg.train.drop_last)
-    return per_epoch, cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * per_epoch
+def run_length(cfg: Config, train_size: int | None) -> tuple[int | None, int]:
+    """(batches per epoch, steps the run takes): `train.steps`, or `train.epochs` passes.
+
+    `train_size` None (an IterableDataset: no length) needs `train.steps`; batches per epoch are then unknown.
+    """
+    tc = cfg.train
+    if train_size is None:
+        if tc.steps is None:
+            raise ConfigError(f"config error: train.epochs={tc.epochs} needs a dataset with a length; a streaming "
+                              "(iterable) dataset has none: set train.steps=N")
+        return None, tc.steps
+    if tc.drop_last and tc.batch_size > train_size:
+        raise ConfigError(f"config error: train.batch_size={tc.batch_size} exceeds the {train_size} training samples "
+                          f"with train.drop_last=true; use a batch of at most {train_size}")
+    per_epoch = batches_per_epoch(train_size, tc.batch_size, tc.drop_last)
+    return per_epoch, tc.steps if tc.steps is not None else tc.epochs * per_epoch
 
 
-def resolve_config(cfg: Config, train_size: int, *, gradients_per_update: int = 1,
+def resolve_config(cfg: Config, train_size: int | None, *, gradients_per_update: int = 1,
                    planner: Callable[[Config], Config] | None = None) -> Config:
     """A resolved, frozen copy of `cfg` for a training set of `train_size` samples.
 
@@ -49,5 +61,8 @@ def resolve_config(cfg: Config, train_size: int, *, gradients_per_update: int = 
     if sc.total_steps is None:
         sc.total_steps = max(1, total // gradients_per_update)
     if sc.warmup_epochs is not None:
+        if per_epoch is None:
+            raise ConfigError(f"config error: schedule.warmup_epochs={sc.warmup_epochs} needs a dataset with a "
+                              "length; for a streaming dataset set schedule.warmup_steps")
         sc.warmup_epochs, sc.warmup_steps = None, round(sc.warmup_epochs * per_epoch)
     return cfg.frozen()

@@ -10,127 +10,14 @@ import re
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, model_validator
 
+from gradwise.config.inputs import DataConfig, LoaderConfig, ModelConfig
+from gradwise.config.section import Section
 from gradwise.config.units import parse_bytes
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    _frozen: bool = PrivateAttr(default=False)  # set by Config.frozen(): a resolved config is read-only
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name != "_frozen" and (getattr(self, "__pydantic_private__", None) or {}).get("_frozen"):
-            raise TypeError(f"this config is resolved and frozen (setting {type(self).__name__}.{name}); "
-                            "edit a copy from .thawed() before building the run")
-        super().__setattr__(name, value)
-
-    def _set_frozen(self, frozen: bool) -> None:
-        self._frozen = frozen
-        for name in type(self).model_fields:
-            value = getattr(self, name)
-            if isinstance(value, _Section):
-                value._set_frozen(frozen)
-
-
-class DataConfig(_Section):
-    """Which data set to train on; see docs/data.md."""
-
-    name: Literal["mnist1d", "digits", "text", "npz", "csv"] = "mnist1d"
-    path: Optional[str] = Field(
-        None, description="npz/csv file, or a text file or folder (text; default: the Python stdlib sources)"
-    )
-    num_samples: int = Field(5000, gt=0, description="mnist1d: samples generated (train+test)")
-    train_split: float = Field(0.8, gt=0, lt=1, description="mnist1d: fraction used for training")
-    generator_seed: int = Field(42, description="mnist1d: generator seed (42 is the standard split)")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="digits/text/npz/csv: held-out fraction")
-    val_fraction: float = Field(
-        0.0, ge=0, lt=1, description="fraction of the training split held out for validation (never the test set)"
-    )
-    label_column: int = Field(-1, description="csv: index of the label column")
-    max_chars: int = Field(2_000_000, gt=0, description="text: characters read from the corpus")
-    cache_dir: Optional[str] = Field(None, description="where generated data is cached (default ~/.cache/gradwise)")
-
-
-class ModelConfig(_Section):
-    """Built-in model and its shape; see docs/models.md."""
-
-    name: Literal["cnn", "mlp", "transformer"] = "cnn"
-    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
-    residual: Optional[Literal["none", "residual", "rezero", "highway"]] = Field(
-        None, description="block type; null: the model's default (mlp/cnn none, transformer residual)"
-    )
-    norm: Optional[Literal["none", "batch", "layer"]] = Field(
-        None, description="normalisation in blocks; null: the model's default (mlp/cnn none, transformer layer)"
-    )
-    norm_position: Literal["pre", "post"] = Field("pre", description="transformer: LayerNorm before or after the sum")
-    highway_bias: float = Field(-2.0, description="highway: initial gate bias (negative: mostly carry)")
-    init: Literal["default", "xavier", "kaiming", "orthogonal"] = "default"
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability after each hidden layer (inverted)")
-    dropconnect: float = Field(
-        0.0, ge=0, lt=1, description="mlp/transformer: DropConnect probability on hidden linear layers' weights"
-    )
-    dropconnect_inference: Literal["mean", "gaussian"] = Field(
-        "mean", description="DropConnect at inference: the mean rule, or Gaussian moment matching (Wan et al.)"
-    )
-    dropconnect_samples: int = Field(32, gt=0, description="gaussian inference: samples per unit")
-    # MLP
-    depth: int = Field(2, ge=1, description="mlp: hidden layers")
-    width: int = Field(256, ge=1, description="mlp: hidden units per layer")
-    # 1-D CNN (MNIST-1D reference family: stride-2 convs then a linear head)
-    channels: list[int] = Field(default_factory=lambda: [96, 96, 96, 96], min_length=1)
-    kernel_sizes: list[int] = Field(default_factory=lambda: [5, 3, 3, 3], min_length=1)
-    # character transformer
-    n_layer: int = Field(4, ge=1)
-    d_model: int = Field(128, ge=1)
-    n_head: int = Field(4, ge=1)
-    context: int = Field(128, ge=2, description="transformer: tokens per window")
-
-    @property
-    def block_residual(self) -> str:
-        if self.residual is not None:
-            return self.residual
-        return "residual" if self.name == "transformer" else "none"
-
-    @property
-    def block_norm(self) -> str:
-        if self.norm is not None:
-            return self.norm
-        if self.name == "transformer":
-            return "none" if self.residual == "rezero" else "layer"
-        return "none"
-
-    @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelConfig":
-        if len(self.channels) != len(self.kernel_sizes):
-            raise ValueError(
-                f"model.channels has {len(self.channels)} entries but model.kernel_sizes has "
-                f"{len(self.kernel_sizes)}; they must be the same length"
-            )
-        if self.block_residual == "rezero" and self.block_norm != "none":
-            raise ValueError(
-                f"model.residual=rezero uses no normalisation (alpha replaces it); got model.norm={self.block_norm}, "
-                "set model.norm=none"
-            )
-        if self.name == "transformer" and self.block_norm == "batch":
-            raise ValueError("model.norm=batch is not for the transformer (allowed there: none, layer)")
-        if self.dropconnect and self.name == "cnn":
-            raise ValueError(
-                f"model.dropconnect={self.dropconnect} applies to hidden linear layers, which model.name=cnn has "
-                "none of (allowed with: mlp, transformer); use model.dropout for the cnn"
-            )
-        if self.dropconnect and self.dropconnect_inference == "gaussian" and self.block_norm != "none" \
-                and self.name == "mlp":
-            raise ValueError(
-                f"model.dropconnect_inference=gaussian needs the activation right after the layer, but "
-                f"model.norm={self.block_norm} sits between them; use model.norm=none or dropconnect_inference=mean"
-            )
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
-        return self
-
-
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """Optimizer; see docs/optim.md."""
 
     name: Literal["sgd", "adam", "adamw", "lars", "lamb"] = "adamw"
@@ -153,7 +40,7 @@ class OptimConfig(_Section):
         return self
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     """Learning-rate schedule as a multiplier of optim.lr."""
 
     name: Literal["constant", "cosine", "poly", "step"] = "cosine"
@@ -183,7 +70,7 @@ class ScheduleConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Loop length, batch size, evaluation, checkpoints."""
 
     batch_size: int = Field(128, gt=0)
@@ -231,7 +118,7 @@ class TrainConfig(_Section):
 CHECKPOINT_POLICY = re.compile(r"^(none|all|sqrt|every:[1-9][0-9]*)$")
 
 
-class MemoryConfig(_Section):
+class MemoryConfig(Section):
     """Activation checkpointing and the memory planner; see docs/memory.md."""
 
     checkpoint: str = Field("none", description="none | all | sqrt | every:K (segments of K blocks)")
@@ -254,7 +141,7 @@ class MemoryConfig(_Section):
         return self
 
 
-class RegularizeConfig(_Section):
+class RegularizeConfig(Section):
     """Penalties added to the training loss (Keras semantics); see docs/regularization.md.
 
     The penalised tensors are those optim.weight_decay applies to (optim.exclude).
@@ -264,7 +151,7 @@ class RegularizeConfig(_Section):
     l2: float = Field(0.0, ge=0, description="adds l2 * sum w^2 (gradient 2 * l2 * w)")
 
 
-class EarlyStoppingConfig(_Section):
+class EarlyStoppingConfig(Section):
     """Stop when a validation metric stops improving; see docs/regularization.md."""
 
     patience: Optional[int] = Field(
@@ -280,7 +167,7 @@ class EarlyStoppingConfig(_Section):
 SLOWDOWN = re.compile(r"^\s*\d+\s*:\s*[0-9]*\.?[0-9]+\s*(,\s*\d+\s*:\s*[0-9]*\.?[0-9]+\s*)*$")
 
 
-class PSConfig(_Section):
+class PSConfig(Section):
     """Asynchronous parameter server (`gradwise train --strategy async`); see docs/async.md."""
 
     rule: Literal["asgd", "ssp", "staleness-aware", "dcasgd-c", "dcasgd-a", "ssgd"] = Field(
@@ -308,7 +195,7 @@ class PSConfig(_Section):
         return {int(w): float(f) for w, f in pairs}
 
 
-class ScalerConfig(_Section):
+class ScalerConfig(Section):
     """Dynamic loss scaling for precision=fp16 (ignored otherwise)."""
 
     enabled: bool = True
@@ -318,7 +205,7 @@ class ScalerConfig(_Section):
     growth_interval: int = Field(2000, gt=0, description="clean updates before the scale grows")
 
 
-class DiagnosticsConfig(_Section):
+class DiagnosticsConfig(Section):
     """Gradient health checks run during training; see docs/diagnostics.md."""
 
     every: int = Field(100, ge=0, description="per-layer health record every N steps (0: off)")
@@ -334,7 +221,7 @@ class DiagnosticsConfig(_Section):
     max_rollbacks: int = Field(3, ge=1)
 
 
-class LogConfig(_Section):
+class LogConfig(Section):
     """Progress output and plots."""
 
     progress: Literal["auto", "bar", "plain", "off"] = Field(
@@ -345,11 +232,12 @@ class LogConfig(_Section):
     tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN_DIR/tensorboard")
 
 
-class Config(_Section):
+class Config(Section):
     """The whole run: every key gradwise reads."""
 
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

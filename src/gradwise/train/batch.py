@@ -18,11 +18,12 @@ its loss. The calling convention:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, TensorDataset, default_collate
 
 from gradwise.memory.accumulation import IGNORE_INDEX, item_count
 
@@ -77,6 +78,18 @@ def fetch_batch(dataset: Dataset, idx: torch.Tensor) -> Any:
     if isinstance(dataset, TensorDataset):
         return tuple(t[idx] for t in dataset.tensors)
     return default_collate([dataset[i] for i in idx.tolist()])
+
+
+def dataset_size(dataset: Dataset) -> int | None:
+    """len(dataset), or None for a streaming (iterable) dataset."""
+    return None if isinstance(dataset, IterableDataset) else len(dataset)
+
+
+def first_rows(dataset: Dataset, n: int) -> Any:
+    """The first `n` samples as one batch (a streaming dataset is iterated from its start)."""
+    if isinstance(dataset, IterableDataset):
+        return default_collate(list(itertools.islice(iter(dataset), n)))
+    return fetch_batch(dataset, torch.arange(min(n, len(dataset))))
 
 
 def is_pair(batch: Any) -> bool:

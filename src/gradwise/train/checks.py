@@ -13,13 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from gradwise.distributed.sync import GradientSync
 from gradwise.errors import UserInputError
 from gradwise.memory.precision import autocast
-from gradwise.train.batch import ACCEPTED, batch_loss, call_model, describe, fetch_batch, to_device
-from gradwise.train.evaluation import evaluate, infer_task
+from gradwise.train.batch import ACCEPTED, batch_loss, call_model, dataset_size, describe, first_rows, to_device
+from gradwise.train.evaluation import infer_task, score_batch
 from gradwise.train.state import capture_rng, restore_rng
 
 
@@ -33,14 +32,14 @@ def _first_line(err: BaseException) -> str:
 
 
 def check_first_batch(engine, train_data: Dataset, eval_data: Dataset | None, task: str | None,
-                      batch_size: int, trains: bool = True) -> str:
+                      trains: bool = True) -> str:
     """Run the checks; return the task (inferred from the first batch's output when `task` is None)."""
     model, rng, was_training = engine.model, capture_rng(), engine.model.training
     batch: Any = None
     stage = "reading the first sample"
     model.eval()
     try:
-        batch = to_device(fetch_batch(train_data, torch.arange(min(2, len(train_data)))), engine.device)
+        batch = to_device(first_rows(train_data, 2), engine.device)
         stage = "the model's forward"
         with autocast(engine.cfg.precision, engine.device), torch.set_grad_enabled(trains):
             output = call_model(model, batch)
@@ -52,10 +51,11 @@ def check_first_batch(engine, train_data: Dataset, eval_data: Dataset | None, ta
             stage = "backward through the loss"
             loss.float().backward()
         task = task or infer_task(output, batch)
-        if eval_data is not None and len(eval_data):
-            stage, batch = "evaluation", fetch_batch(eval_data, torch.arange(min(2, len(eval_data))))
-            evaluate(model, Subset(eval_data, range(min(2, len(eval_data)))), engine.loss_fn, task=task,
-                     sync=GradientSync(), batch_size=batch_size)
+        if eval_data is not None and dataset_size(eval_data) != 0:
+            stage, batch = "evaluation", to_device(first_rows(eval_data, 2), engine.device)
+            with torch.no_grad():
+                score_batch(model, batch, engine.loss_fn, task, engine.count_fn,
+                            torch.zeros(5, dtype=torch.float64, device=engine.device))
     except UserInputError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure here is a bad combination, reported in one line

@@ -11,14 +11,15 @@ all-reduced.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gradwise.distributed.sync import GradientSync
-from gradwise.train.batch import batch_loss, call_model, count_items, fetch_batch, logits, target, tensors, to_device
+from gradwise.train.batch import (batch_loss, call_model, count_items, dataset_size, fetch_batch, logits, target,
+                                  tensors, to_device)
 
 INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -47,33 +48,47 @@ def correct_predictions(output: Any, batch: Any) -> tuple[torch.Tensor, int] | N
     return (pred.argmax(dim=-1) == y).sum(), len(y)
 
 
+def score_batch(model: nn.Module, batch: Any, loss_fn: Callable, task: str, count_fn: Callable | None,
+                sums: torch.Tensor) -> None:
+    """Add one batch's loss sum, items, hits and scored samples (or one unscored batch) to `sums`."""
+    output = call_model(model, batch)
+    items = count_items(batch, count_fn).to(sums.device, torch.float64)
+    sums[0] += batch_loss(output, batch, loss_fn).double() * items
+    sums[1] += items
+    hits = correct_predictions(output, batch) if task == "classification" else None
+    if hits is None:
+        sums[4] += 1
+    else:
+        sums[2] += hits[0]
+        sums[3] += hits[1]
+
+
+def eval_batches(dataset: Dataset, batch_size: int, sync: GradientSync) -> tuple[Iterator[Any], bool]:
+    """(batches, whether ranks share the work): this rank's contiguous share of a sized dataset, or the
+    whole of a streaming one (scored on every rank, not reduced)."""
+    if isinstance(dataset, IterableDataset):
+        # a generator of its own: a DataLoader otherwise draws its base seed from the training RNG
+        return iter(DataLoader(dataset, batch_size=batch_size, generator=torch.Generator().manual_seed(0))), False
+    part = sync.shard(len(dataset))
+    return (fetch_batch(dataset, torch.arange(start, min(part.stop, start + batch_size)))
+            for start in range(part.start, part.stop, batch_size)), True
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset | None, loss_fn: Callable, *, task: str, sync: GradientSync,
              batch_size: int, prefix: str = "test", count_fn: Callable | None = None) -> dict[str, float]:
     """`{prefix}_loss`, plus `{prefix}_accuracy` (classification) or `{prefix}_bpc` (language model: bits per
     token, per character for the built-in character model). The model is left in the mode it was in."""
-    if dataset is None or len(dataset) == 0:
+    if dataset is None or dataset_size(dataset) == 0:
         return {}
     was_training = model.training
     model.eval()
-    device = sync.device
-    # loss sum, items, correct, scored, batches without a defined accuracy
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    part = sync.shard(len(dataset))
-    for start in range(part.start, part.stop, batch_size):
-        batch = to_device(fetch_batch(dataset, torch.arange(start, min(part.stop, start + batch_size))), device)
-        output = call_model(model, batch)
-        items = count_items(batch, count_fn).to(device, torch.float64)
-        sums[0] += batch_loss(output, batch, loss_fn).double() * items
-        sums[1] += items
-        hits = correct_predictions(output, batch) if task == "classification" else None
-        if hits is None:
-            sums[4] += 1
-        else:
-            sums[2] += hits[0]
-            sums[3] += hits[1]
+    sums = torch.zeros(5, dtype=torch.float64, device=sync.device)  # loss sum, items, hits, scored, unscored
+    batches, shared = eval_batches(dataset, batch_size, sync)
+    for batch in batches:
+        score_batch(model, to_device(batch, sync.device), loss_fn, task, count_fn, sums)
     model.train(was_training)
-    loss_sum, items, correct, scored, unscored = sync.all_reduce_sum(sums).tolist()
+    loss_sum, items, correct, scored, unscored = (sync.all_reduce_sum(sums) if shared else sums).tolist()
     result = {f"{prefix}_loss": loss_sum / max(items, 1.0)}
     if task == "language_model":
         result[f"{prefix}_bpc"] = result[f"{prefix}_loss"] / math.log(2)

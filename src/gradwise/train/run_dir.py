@@ -6,15 +6,25 @@ from pathlib import Path
 
 from gradwise.config import Config, apply_overrides, read_yaml, validate
 from gradwise.errors import CheckpointError, ConfigError
+from gradwise.io import write_text
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
 # Keys a resumed run may change: they alter how long it runs and what it reports, never its trajectory.
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
-                  "train.checkpoint_every", "log.")
+                  "train.checkpoint_every", "log.", "loader.")
 
 
 def holds_run(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
+
+
+def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool) -> None:
+    """Create `out_dir` and write the resolved config.yaml; a fresh run refuses a folder that holds one."""
+    if fresh and holds_run(out_dir):
+        raise CheckpointError(f"checkpoint error: '{out_dir}' already holds a run; pass --resume "
+                              f"{out_dir} to continue it or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "config.yaml", cfg.to_yaml())
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:

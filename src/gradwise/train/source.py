@@ -8,42 +8,133 @@ parameter server, whose gradients arrive from workers: gradwise.distributed.ps_s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
-from torch.utils.data import TensorDataset
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from gradwise.train.batch import fetch_batch, to_device
-from gradwise.train.callbacks.base import StepOutput
-from gradwise.train.sampler import EpochBatches
+from gradwise.train.batch import fetch_batch, rows, split, to_device
+from gradwise.train.callbacks.base import Callback, StepOutput
+from gradwise.train.sampler import EpochBatches, Position
 
 
-class BatchSteps:
-    """Each step trains on the next batch in the seeded order (gradwise.train.sampler), resumable by position.
+class _AheadBatches:
+    """The batch sampler a DataLoader reads: this rank's rows of every batch from `position` on, forever."""
 
-    Under data parallel every rank draws the same global batch and keeps its strategy's shard of it.
-    """
+    def __init__(self, batches: EpochBatches, sync):
+        self.batches, self.sync = batches, sync
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.sync.local_rows(self.batches.next()).tolist()
+
+
+class StepSource(Callback):
+    """The defaults every source shares; `close()` drops what it holds (loader workers) when a fit ends."""
 
     computes_gradients = True
-
-    def __init__(self):
-        self.batches: EpochBatches | None = None
-
-    def next_step(self, trainer) -> StepOutput:
-        cfg, state, sync, engine = trainer.cfg, trainer.state, trainer.sync, trainer.engine
-        if self.batches is None or self.batches.position is not state.position:  # a new run, a resume or a rollback
-            self.batches = EpochBatches(len(trainer.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last,
-                                        state.position)
-        idx = self.batches.next()
-        global_count = None
-        if sync.needs_global_count and isinstance(trainer.train_data, TensorDataset):  # no collective needed
-            global_count = engine.count_fn(trainer.train_data.tensors[-1][idx]).to(engine.device)
-        batch = to_device(fetch_batch(trainer.train_data, sync.local_rows(idx)), engine.device)
-        lr = engine.optimizer.param_groups[0]["lr"]  # the rate this update uses
-        loss = engine.train_step(batch, global_count)
-        return StepOutput(loss, len(idx), lr)
 
     def record_fields(self) -> dict[str, Any]:
         return {}
 
     def window_metrics(self) -> dict[str, Any]:
         return {}
+
+    def close(self) -> None: ...
+
+    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+        self.close()
+
+    def on_exception(self, trainer, error: BaseException) -> None:
+        self.close()
+
+
+class BatchSteps(StepSource):
+    """Each step trains on the next batch in the seeded order (gradwise.train.sampler), resumable by position.
+
+    Under data parallel every rank draws the same global batch and keeps its strategy's shard of it. With
+    `loader.num_workers` > 0, torch's DataLoader prepares the batches in worker processes from a sampler
+    that follows the same order, so the batches, and a resume mid-epoch, do not depend on the workers.
+    """
+
+    def __init__(self):
+        self.batches: EpochBatches | None = None
+        self.loader: Iterator[Any] | None = None
+
+    def next_step(self, trainer) -> StepOutput:
+        cfg, state, sync, engine = trainer.cfg, trainer.state, trainer.sync, trainer.engine
+        if self.batches is None or self.batches.position is not state.position:  # a new run, a resume or a rollback
+            self.batches = EpochBatches(len(trainer.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last,
+                                        state.position)
+            self.loader = self._loader(trainer) if cfg.loader.num_workers else None
+        idx = self.batches.next()
+        global_count = None
+        if sync.needs_global_count and isinstance(trainer.train_data, TensorDataset):  # no collective needed
+            global_count = engine.count_fn(trainer.train_data.tensors[-1][idx]).to(engine.device)
+        batch = next(self.loader) if self.loader is not None else fetch_batch(trainer.train_data, sync.local_rows(idx))
+        lr = engine.optimizer.param_groups[0]["lr"]  # the rate this update uses
+        loss = engine.train_step(to_device(batch, engine.device), global_count)
+        return StepOutput(loss, len(idx), lr)
+
+    def _loader(self, trainer) -> Iterator[Any]:
+        cfg, pos = trainer.cfg, trainer.state.position
+        ahead = EpochBatches(len(trainer.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last,
+                             Position(pos.epoch, pos.batch))
+        lc = cfg.loader
+        loader = DataLoader(trainer.train_data, batch_sampler=_AheadBatches(ahead, trainer.sync),
+                            num_workers=lc.num_workers, pin_memory=lc.pin_memory, prefetch_factor=lc.prefetch_factor,
+                            persistent_workers=lc.persistent_workers,
+                            generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
+        return iter(loader)
+
+    def close(self) -> None:
+        self.batches = self.loader = None  # the workers exit
+
+
+class StreamSteps(StepSource):
+    """Each step trains on the next batch of a streaming (iterable) dataset, read through torch's DataLoader
+    (`loader.*` workers and prefetch). When a pass ends the next one starts (an epoch). Under data parallel
+    every rank reads the stream and keeps its share of each batch.
+
+    Resume, and a rollback, reopen the stream and skip the batches the current pass had already given:
+    exact when the stream yields the same items in the same order each pass (randomness from a generator
+    of its own, and with workers, split by `torch.utils.data.get_worker_info`).
+    """
+
+    def __init__(self):
+        self.stream: Iterator[Any] | None = None
+        self.position: Position | None = None
+
+    def next_step(self, trainer) -> StepOutput:
+        state, sync, engine = trainer.state, trainer.sync, trainer.engine
+        pos = state.position
+        if self.stream is None or self.position is not pos:
+            self.position, self.stream = pos, self._open(trainer, skip=pos.batch)
+        batch = next(self.stream, None)
+        if batch is None:  # the pass is over: the next epoch
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            self.stream = self._open(trainer, skip=0)
+            batch = next(self.stream, None)
+            if batch is None:
+                from gradwise.errors import DataError
+
+                raise DataError("data error: the streaming training set yielded no batch in a whole pass")
+        pos.batch += 1
+        n = rows(batch)
+        lr = engine.optimizer.param_groups[0]["lr"]
+        loss = engine.train_step(to_device(split(batch, sync.shard(n), n), engine.device))
+        return StepOutput(loss, n, lr)
+
+    def _open(self, trainer, skip: int) -> Iterator[Any]:
+        cfg, lc = trainer.cfg, trainer.cfg.loader
+        loader = DataLoader(trainer.train_data, batch_size=cfg.train.batch_size, drop_last=cfg.train.drop_last,
+                            num_workers=lc.num_workers, pin_memory=lc.pin_memory, prefetch_factor=lc.prefetch_factor,
+                            persistent_workers=lc.persistent_workers,
+                            generator=torch.Generator().manual_seed(cfg.seed + trainer.state.position.epoch))
+        stream = iter(loader)
+        for _ in range(skip):
+            next(stream)
+        return stream
+
+    def close(self) -> None:
+        self.stream = None

@@ -25,7 +25,7 @@ from gradwise.config import Config, validate
 from gradwise.distributed.ddp import environment_sync
 from gradwise.distributed.sync import GradientSync
 from gradwise.errors import CheckpointError, ConfigError
-from gradwise.io import write_json, write_text
+from gradwise.io import write_json
 from gradwise.memory.planner import plan_config
 from gradwise.resolve import resolve_config, run_length
 from gradwise.train.callbacks import (
@@ -36,11 +36,12 @@ from gradwise.train.callbacks import (
     builtin_callbacks,
 )
 from gradwise.train.checks import check_first_batch
+from gradwise.train.batch import dataset_size
 from gradwise.train.evaluation import evaluate
 from gradwise.train.recovery import recover
-from gradwise.train.run_dir import holds_run, resume_config
+from gradwise.train.run_dir import prepare_run_dir, resume_config
 from gradwise.train.sampler import Position
-from gradwise.train.source import BatchSteps
+from gradwise.train.source import BatchSteps, StreamSteps
 from gradwise.train.state import (
     capture_rng,
     check_model_state,
@@ -79,27 +80,22 @@ class Trainer:
                  out_dir: str | Path | None = None, task: str | None = None,
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, callbacks: list[Callback] = (),
                  sync: GradientSync | None = None, source: Any = None):
-        if len(train_data) < 1:
+        self.train_size = dataset_size(train_data)  # None: a streaming dataset
+        if self.train_size == 0:
             raise ConfigError("config error: the training set is empty")
-        self.cfg = resolve_config(config or Config(), len(train_data))  # a no-op for an already resolved config
-        tc = self.cfg.train
-        if tc.drop_last and tc.batch_size > len(train_data):
-            raise ConfigError(
-                f"config error: train.batch_size={tc.batch_size} exceeds the {len(train_data)} training samples "
-                f"with train.drop_last=true; use a batch of at most {len(train_data)}"
-            )
+        self.cfg = resolve_config(config or Config(), self.train_size)  # a no-op for an already resolved config
         self.sync = sync or environment_sync()
         self.is_main = self.sync.is_main
         self.train_data, self.test_data, self.val_data = train_data, test_data, val_data
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.steps_per_epoch, self.total_steps = run_length(self.cfg, len(train_data))
-        self.source = source or BatchSteps()
+        self.steps_per_epoch, self.total_steps = run_length(self.cfg, self.train_size)
+        self.source = source or (BatchSteps() if self.train_size is not None else StreamSteps())
         self.engine = StepEngine(model, self.cfg, sync=self.sync, loss_fn=loss_fn, count_fn=count_fn,
                                  optimizer=optimizer, scheduler=scheduler,
                                  loss_scaling=self.source.computes_gradients)
         self.model = self.engine.model
         self.task = check_first_batch(self.engine, train_data, val_data if val_data is not None else test_data, task,
-                                      tc.eval_batch_size, trains=self.source.computes_gradients)
+                                      trains=self.source.computes_gradients)
         self.state = RunState()
         self.records: list[dict[str, Any]] = []  # this run's metrics records, as written to metrics.jsonl
         own = [self.source] if isinstance(self.source, Callback) else []
@@ -212,6 +208,11 @@ class Trainer:
     def message(self, text: str) -> None:
         self.callbacks.fire("on_message", self, text)
 
+    def epochs_done(self) -> float:
+        """Passes over the training set so far (a streaming dataset: completed passes)."""
+        s = self.state
+        return round(s.samples_seen / self.train_size, 4) if self.train_size else float(s.position.epoch)
+
     def wall_seconds(self) -> float:
         """Training wall time of the whole run so far, earlier sessions included."""
         return self.state.elapsed_seconds + time.perf_counter() - self._session_start
@@ -231,14 +232,8 @@ class Trainer:
 
     def prepare_out_dir(self) -> None:
         """Create the run directory and write config.yaml (rank 0); an existing run there is an error."""
-        if self.out_dir is None or not self.is_main:
-            return
-        fresh = self.state.resumed_from is None and not self.records  # not a resume, nor this trainer's next fit
-        if fresh and holds_run(self.out_dir):
-            raise CheckpointError(f"checkpoint error: '{self.out_dir}' already holds a run; pass --resume "
-                                  f"{self.out_dir} to continue it or choose another --out")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
+        if self.out_dir is not None and self.is_main:  # fresh: not a resume, nor this trainer's next fit
+            prepare_run_dir(self.out_dir, self.cfg, fresh=self.state.resumed_from is None and not self.records)
 
     def fit(self, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:
         """Train until the run's last step (or step `max_steps`); returns the summary (also summary.json).
@@ -285,13 +280,13 @@ class Trainer:
         s, engine = self.state, self.engine
         return {
             "final_train_loss": s.last_train_loss, **s.last_eval, "steps": s.step, "skipped_steps": 0,
-            **engine.scaler_metrics(), "epochs": round(s.samples_seen / len(self.train_data), 4),
+            **engine.scaler_metrics(), "epochs": self.epochs_done(),
             "wall_seconds": round(s.elapsed_seconds, 3),
             "samples_per_second": s.samples_seen / max(s.elapsed_seconds, 1e-9),
             "params_sha256": params_sha256(self.model),
             "num_parameters": sum(p.numel() for p in self.model.parameters()), "task": self.task,
             "model_class": type(self.model).__name__, "data_class": type(self.train_data).__name__,
-            "train_samples": len(self.train_data),
+            "train_samples": self.train_size,
             "resumed_from": s.resumed_from, "rollbacks": s.rollbacks, "world_size": self.sync.world_size,
             "restarts": self.sync.restarts, "health": s.health,
             **({"penalty": float(engine.last_penalty)} if engine.last_penalty is not None else {}),

@@ -151,7 +151,7 @@ class TrainMetrics(Callback):
         state.last_train_loss = total / count
         record = {
             "kind": "train", "step": state.step,
-            "epoch": round(state.samples_seen / len(trainer.train_data), 4),
+            "epoch": trainer.epochs_done(),
             "train_loss": state.last_train_loss,
             "lr": lr,
             "grad_norm": engine.grad_norm(),
