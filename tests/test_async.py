@@ -239,3 +239,27 @@ def test_async_refuses_rollback_with_a_reason(tmp_path, capsys):
                  "diagnostics.on_nonfinite=rollback"]) == 2
     assert "on_nonfinite=rollback is not supported with --strategy async" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_your_own_model_and_data_through_picklable_factories(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from gradwise.distributed.ps import train_async
+    from gradwise.distributed.ps_worker import UserRun
+    from gradwise.train import seed_everything
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+    def data():
+        g = torch.Generator().manual_seed(3)
+        x, y = torch.randn(200, 10, generator=g), torch.randint(0, 3, (200,), generator=g)
+        return TensorDataset(x, y), TensorDataset(x[:50], y[:50])
+
+    cfg = small_config("optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0", "train.steps=30")
+    summary = train_async(cfg, 1, tmp_path / "user", progress="off", user=UserRun(model, data))
+    seed_everything(cfg.seed)
+    train, test = data()
+    single = Trainer(model(), train, test_data=test, config=cfg).fit()
+    assert summary["model_class"] == "Sequential" and summary["train_samples"] == 200
+    assert summary["params_sha256"] == single["params_sha256"]  # one worker: exactly single-process training

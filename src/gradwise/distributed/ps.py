@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from gradwise.config import Config, validate
+from gradwise.distributed.ps_worker import UserRun, Worker
 from gradwise.errors import CheckpointError, ConfigError, NonFiniteError, UserInputError
 from gradwise.resolve import resolve_config
 
@@ -23,13 +24,20 @@ from gradwise.resolve import resolve_config
 class ParameterServer:
     """The server actor: a Trainer whose step source is `PushedGradients`; `fit` runs on one actor thread."""
 
-    def __init__(self, cfg_dict: dict, out_dir: str | None, workers: int, resume: bool = False):
+    def __init__(self, cfg_dict: dict, out_dir: str | None, workers: int, resume: bool = False,
+                 user: UserRun | None = None):
         from gradwise.distributed.ps_server import PushedGradients
-        from gradwise.train import Trainer
+        from gradwise.train import Trainer, seed_everything
 
         cfg = validate(cfg_dict)
         self.source = PushedGradients(cfg, workers)
-        self.trainer = Trainer.from_config(cfg, out_dir=out_dir, source=self.source)
+        if user is None:
+            self.trainer = Trainer.from_config(cfg, out_dir=out_dir, source=self.source)
+        else:
+            seed_everything(cfg.seed)
+            train, test = user.data()
+            self.trainer = Trainer(user.model(), train, test_data=test, loss_fn=user.loss_fn, config=cfg,
+                                   out_dir=out_dir, source=self.source)
         self.source.attach(self.trainer)
         if resume:
             self.trainer.restore(out_dir)
@@ -82,8 +90,11 @@ def _unwrapped(err: Exception) -> Exception:
 
 
 def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_address: str | None = None,
-                resume: bool = False, progress: str = "auto") -> dict:
-    """Run the parameter server and `workers` workers on Ray until the budget is spent; returns the summary."""
+                resume: bool = False, progress: str = "auto", user: UserRun | None = None) -> dict:
+    """Run the parameter server and `workers` workers on Ray until the budget is spent; returns the summary.
+
+    `user` (a `UserRun` of picklable factories) trains your own model and data instead of the built-in ones.
+    """
     try:
         import ray
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
@@ -91,7 +102,6 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
         raise ConfigError("config error: --strategy async needs Ray: pip install 'gradwise[async]'") from None
 
     from gradwise.data import build_data
-    from gradwise.distributed.ps_worker import Worker
     from gradwise.memory.planner import plan_config
     from gradwise.train.metrics import Progress
     from gradwise.train.run_dir import holds_run
@@ -102,9 +112,9 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
                               "to continue it or choose another --out")
     if out_dir is not None and resume and not (Path(out_dir) / "checkpoints" / "last.pt").is_file():
         raise CheckpointError(f"checkpoint error: '{out_dir}' has no checkpoints/last.pt to resume from")
-    train_size = len(build_data(cfg.data, context=cfg.model.context).train)
+    train_size = len(user.data()[0] if user else build_data(cfg.data, context=cfg.model.context).train)
     cfg = resolve_config(cfg, train_size, gradients_per_update=workers if cfg.ps.rule == "ssgd" else 1,
-                         planner=plan_config)
+                         planner=plan_config if user is None else None)  # the planner measures built-ins
     cfg_dict = cfg.to_dict()
     if not ray.is_initialized():
         if ray_address:
@@ -114,7 +124,7 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     server_cls = ray.remote(num_cpus=0)(ParameterServer)
     worker_cls = ray.remote(num_cpus=0, max_restarts=cfg.ps.max_worker_restarts)(Worker)
     server = server_cls.options(max_concurrency=max(16, 4 * workers + 4)).remote(
-        cfg_dict, str(out_dir) if out_dir else None, workers, resume)
+        cfg_dict, str(out_dir) if out_dir else None, workers, resume, user)
     actors = []
     bar = Progress("off" if progress == "off" else "plain", 0)
     try:
@@ -123,7 +133,7 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
         except RayActorError as err:
             raise _unwrapped(err) from None
         fitting = server.fit.remote()
-        actors = [worker_cls.remote(cfg_dict, m, workers, server) for m in range(workers)]
+        actors = [worker_cls.remote(cfg_dict, m, workers, server, user) for m in range(workers)]
         pids = ray.get([a.pid.remote() for a in actors])
         running = {actors[m].run.remote(): m for m in range(workers)}
         restarts = [0] * workers

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from gradwise.config import validate
 from gradwise.distributed.sync import GradientSync
@@ -22,6 +23,17 @@ from gradwise.train.batch import fetch_batch, to_device
 from gradwise.train.sampler import EpochBatches, Position
 from gradwise.train.state import seed_everything
 from gradwise.train.step import NonFiniteStep, StepEngine
+
+
+@dataclass
+class UserRun:
+    """Your own model and data for the parameter server, as picklable factories each actor calls:
+    `model()` -> nn.Module (seeded by the actor: the server's weights are what workers pull), `data()` ->
+    (train, test or None) map-style datasets, and an optional `loss_fn` (see gradwise.train.batch)."""
+
+    model: Callable[[], torch.nn.Module]
+    data: Callable[[], tuple[Any, Any]]
+    loss_fn: Callable | None = None
 
 
 def worker_shard(n: int, worker: int, workers: int) -> torch.Tensor:
@@ -75,7 +87,7 @@ class PushPull(GradientSync):
 class Worker:
     """A worker actor's logic (wrapped by `ray.remote` in gradwise.distributed.ps): its shard, engine and loop."""
 
-    def __init__(self, cfg_dict: dict, worker: int, workers: int, server: Any):
+    def __init__(self, cfg_dict: dict, worker: int, workers: int, server: Any, user: UserRun | None = None):
         from gradwise.data import build_data
         from gradwise.nn import build_model
 
@@ -83,12 +95,17 @@ class Worker:
         self.cfg, self.worker, self.server = cfg, worker, server
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # M workers share the cores
         seed_everything(cfg.seed + worker)
-        data = build_data(cfg.data, context=cfg.model.context)
-        rows = worker_shard(len(data.train), worker, workers)
-        self.shard = TensorDataset(*(t[rows] for t in data.train.tensors))
-        model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
+        if user is None:
+            data = build_data(cfg.data, context=cfg.model.context)
+            rows = worker_shard(len(data.train), worker, workers)
+            self.shard = TensorDataset(*(t[rows] for t in data.train.tensors))
+            model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
+        else:
+            train = user.data()[0]
+            self.shard = Subset(train, worker_shard(len(train), worker, workers).tolist())
+            model = user.model()
         self.sync = PushPull(server, worker, cfg.ps.slowdowns().get(worker, 1.0))
-        self.engine = StepEngine(model, cfg, sync=self.sync)
+        self.engine = StepEngine(model, cfg, sync=self.sync, loss_fn=user.loss_fn if user else None)
 
     def pid(self) -> int:
         """This incarnation's process id (a restarted actor has a new one)."""
