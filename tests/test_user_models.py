@@ -242,6 +242,7 @@ def test_hf_gpt2_fit_resume_continues_exactly(tmp_path):
 @pytest.mark.parametrize("script, args, expect", [
     ("dict_model.py", ["--steps", "30"], "test accuracy"),
     ("hf_causal_lm.py", ["--steps", "10"], "bits per byte"),
+    ("streaming.py", ["--steps", "20", "--workers", "2"], "test accuracy"),
 ])
 def test_the_examples_run(script, args, expect, tmp_path):
     import subprocess

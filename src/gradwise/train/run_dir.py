@@ -18,13 +18,14 @@ def holds_run(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
 
 
-def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool) -> None:
-    """Create `out_dir` and write the resolved config.yaml; a fresh run refuses a folder that holds one."""
+def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool, about: str = "") -> None:
+    """Create `out_dir` and write the resolved config.yaml (`about`, a line on the model and data trained, as a
+    comment at its top); a fresh run refuses a folder that holds one."""
     if fresh and holds_run(out_dir):
         raise CheckpointError(f"checkpoint error: '{out_dir}' already holds a run; pass --resume "
                               f"{out_dir} to continue it or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "config.yaml", cfg.to_yaml())
+    write_text(out_dir / "config.yaml", (f"# {about}\n" if about else "") + cfg.to_yaml())
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:

@@ -19,13 +19,14 @@ from gradwise.train.sampler import EpochBatches, Position
 
 
 class _AheadBatches:
-    """The batch sampler a DataLoader reads: this rank's rows of every batch from `position` on, forever."""
+    """The batch sampler a DataLoader reads: this rank's rows of the next `count` batches from a position
+    (as many as the fit has steps left, so the workers never prepare a batch nobody will use)."""
 
-    def __init__(self, batches: EpochBatches, sync):
-        self.batches, self.sync = batches, sync
+    def __init__(self, batches: EpochBatches, sync, count: int):
+        self.batches, self.sync, self.count = batches, sync, count
 
     def __iter__(self) -> Iterator[list[int]]:
-        while True:
+        for _ in range(self.count):
             yield self.sync.local_rows(self.batches.next()).tolist()
 
 
@@ -81,7 +82,8 @@ class BatchSteps(StepSource):
         ahead = EpochBatches(len(trainer.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last,
                              Position(pos.epoch, pos.batch))
         lc = cfg.loader
-        loader = DataLoader(trainer.train_data, batch_sampler=_AheadBatches(ahead, trainer.sync),
+        sampler = _AheadBatches(ahead, trainer.sync, trainer.state.end - trainer.state.step)
+        loader = DataLoader(trainer.train_data, batch_sampler=sampler,
                             num_workers=lc.num_workers, pin_memory=lc.pin_memory, prefetch_factor=lc.prefetch_factor,
                             persistent_workers=lc.persistent_workers,
                             generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone

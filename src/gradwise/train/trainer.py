@@ -79,7 +79,7 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, config: Config | None = None,
                  out_dir: str | Path | None = None, task: str | None = None,
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, callbacks: list[Callback] = (),
-                 sync: GradientSync | None = None, source: Any = None):
+                 sync: GradientSync | None = None, source: Any = None, builtin: bool = False):
         self.train_size = dataset_size(train_data)  # None: a streaming dataset
         if self.train_size == 0:
             raise ConfigError("config error: the training set is empty")
@@ -98,6 +98,7 @@ class Trainer:
                                       trains=self.source.computes_gradients)
         self.state = RunState()
         self.records: list[dict[str, Any]] = []  # this run's metrics records, as written to metrics.jsonl
+        self.builtin = builtin  # built from the config's data and model sections (from_config)
         own = [self.source] if isinstance(self.source, Callback) else []
         self.callbacks = CallbackList([*own, *builtin_callbacks(self.cfg, self.task, val_data), *callbacks])
         self._session_start = time.perf_counter()
@@ -125,7 +126,7 @@ class Trainer:
         if sync.rank > 0:
             seed_everything(cfg.seed + 1_000_003 * sync.rank)
         return cls(model, data.train, test_data=data.test, val_data=data.val, config=cfg, out_dir=out_dir,
-                   task=data.task, sync=sync, **kwargs)
+                   task=data.task, sync=sync, builtin=True, **kwargs)
 
     resume_config = staticmethod(resume_config)
 
@@ -233,7 +234,10 @@ class Trainer:
     def prepare_out_dir(self) -> None:
         """Create the run directory and write config.yaml (rank 0); an existing run there is an error."""
         if self.out_dir is not None and self.is_main:  # fresh: not a resume, nor this trainer's next fit
-            prepare_run_dir(self.out_dir, self.cfg, fresh=self.state.resumed_from is None and not self.records)
+            about = (f"model: {type(self.model).__name__} ({sum(p.numel() for p in self.model.parameters())} "
+                     f"parameters); data: {type(self.train_data).__name__} ({self.train_size or 'streaming'} samples)"
+                     f"{'' if self.builtin else '; the data and model sections below describe built-ins, unused'}")
+            prepare_run_dir(self.out_dir, self.cfg, self.state.resumed_from is None and not self.records, about)
 
     def fit(self, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:
         """Train until the run's last step (or step `max_steps`); returns the summary (also summary.json).
