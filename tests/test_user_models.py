@@ -332,3 +332,18 @@ def test_a_streaming_dataset_needs_train_steps():
 
     with pytest.raises(ConfigError, match="train.epochs=2 needs a dataset with a length"):
         Trainer(dropout_mlp(), Stream(), config=small_config("train.epochs=2", "train.steps=null"))
+
+
+def test_metric_functions_of_your_own_are_reported():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g)
+    y = x[:, :1] * 2.0
+    model = nn.Linear(5, 1)
+    trainer = Trainer(model, TensorDataset(x, y), test_data=TensorDataset(x, y), loss_fn=F.mse_loss,
+                      metrics={"mae": lambda out, target: (out - target).abs().mean()},
+                      config=small_config("train.steps=3", "train.batch_size=16", "train.eval_batch_size=10"))
+    summary = trainer.fit()
+    assert trainer.task == "other" and "test_accuracy" not in summary
+    with torch.no_grad():
+        expected = float((model(x) - y).abs().mean())  # batches of 10 weighted by their items: the overall mean
+    assert summary["test_mae"] == pytest.approx(expected, rel=1e-5)

@@ -11,6 +11,7 @@ all-reduced.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -49,12 +50,16 @@ def correct_predictions(output: Any, batch: Any) -> tuple[torch.Tensor, int] | N
 
 
 def score_batch(model: nn.Module, batch: Any, loss_fn: Callable, task: str, count_fn: Callable | None,
-                sums: torch.Tensor) -> None:
-    """Add one batch's loss sum, items, hits and scored samples (or one unscored batch) to `sums`."""
+                sums: torch.Tensor, metrics: dict[str, Callable] | None = None) -> None:
+    """Add one batch's loss sum, items, hits and scored samples (or one unscored batch), then each metric's
+    sum, to `sums`."""
     output = call_model(model, batch)
     items = count_items(batch, count_fn).to(sums.device, torch.float64)
     sums[0] += batch_loss(output, batch, loss_fn).double() * items
     sums[1] += items
+    seen = batch if isinstance(batch, Mapping) else target(batch)
+    for i, fn in enumerate((metrics or {}).values()):
+        sums[5 + i] += torch.as_tensor(fn(output, seen), dtype=torch.float64, device=sums.device) * items
     hits = correct_predictions(output, batch) if task == "classification" else None
     if hits is None:
         sums[4] += 1
@@ -76,20 +81,23 @@ def eval_batches(dataset: Dataset, batch_size: int, sync: GradientSync) -> tuple
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset | None, loss_fn: Callable, *, task: str, sync: GradientSync,
-             batch_size: int, prefix: str = "test", count_fn: Callable | None = None) -> dict[str, float]:
+             batch_size: int, prefix: str = "test", count_fn: Callable | None = None,
+             metrics: dict[str, Callable] | None = None) -> dict[str, float]:
     """`{prefix}_loss`, plus `{prefix}_accuracy` (classification) or `{prefix}_bpc` (language model: bits per
     token, per character for the built-in character model). The model is left in the mode it was in."""
     if dataset is None or dataset_size(dataset) == 0:
         return {}
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=sync.device)  # loss sum, items, hits, scored, unscored
-    batches, shared = eval_batches(dataset, batch_size, sync)
+    metrics = metrics or {}
+    sums = torch.zeros(5 + len(metrics), dtype=torch.float64, device=sync.device)  # loss sum, items, hits,
+    batches, shared = eval_batches(dataset, batch_size, sync)                       # scored, unscored, metrics
     for batch in batches:
-        score_batch(model, to_device(batch, sync.device), loss_fn, task, count_fn, sums)
+        score_batch(model, to_device(batch, sync.device), loss_fn, task, count_fn, sums, metrics)
     model.train(was_training)
-    loss_sum, items, correct, scored, unscored = (sync.all_reduce_sum(sums) if shared else sums).tolist()
+    loss_sum, items, correct, scored, unscored, *extra = (sync.all_reduce_sum(sums) if shared else sums).tolist()
     result = {f"{prefix}_loss": loss_sum / max(items, 1.0)}
+    result.update({f"{prefix}_{name}": value / max(items, 1.0) for name, value in zip(metrics, extra)})
     if task == "language_model":
         result[f"{prefix}_bpc"] = result[f"{prefix}_loss"] / math.log(2)
     elif task == "classification" and unscored == 0 and scored > 0:

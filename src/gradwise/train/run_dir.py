@@ -18,6 +18,13 @@ def holds_run(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
 
 
+def describe_run(model, data, size: int | None, builtin: bool) -> str:
+    """One line on what is trained: the model's class and size, the data's class and length."""
+    return (f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters); data: "
+            f"{type(data).__name__} ({size or 'streaming'} samples)"
+            f"{'' if builtin else '; the data and model sections below describe built-ins, unused'}")
+
+
 def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool, about: str = "") -> None:
     """Create `out_dir` and write the resolved config.yaml (`about`, a line on the model and data trained, as a
     comment at its top); a fresh run refuses a folder that holds one."""

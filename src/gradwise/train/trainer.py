@@ -39,7 +39,7 @@ from gradwise.train.checks import check_first_batch
 from gradwise.train.batch import dataset_size
 from gradwise.train.evaluation import evaluate
 from gradwise.train.recovery import recover
-from gradwise.train.run_dir import prepare_run_dir, resume_config
+from gradwise.train.run_dir import describe_run, prepare_run_dir, resume_config
 from gradwise.train.sampler import Position
 from gradwise.train.source import BatchSteps, StreamSteps
 from gradwise.train.state import (
@@ -65,7 +65,8 @@ class Trainer:
     "language_model", the loss alone for anything else; by default it is
     inferred from the first batch. Before anything runs, the first batch is
     checked (gradwise.train.checks). `count_fn(targets)` counts a batch's loss-bearing items,
-    which weight micro-batches under accumulation. `callbacks` are yours, run
+    which weight micro-batches under accumulation. `metrics={"name": fn(output, target)}` adds
+    `test_name`/`val_name` (each batch's mean, averaged over items). `callbacks` are yours, run
     after the built-in ones (docs/callbacks.md). `sync` is the gradient
     synchronisation strategy (default: one process; `DDPSync` for data
     parallel, where `train.batch_size` stays the global batch and rank 0 alone
@@ -79,7 +80,8 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, config: Config | None = None,
                  out_dir: str | Path | None = None, task: str | None = None,
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, callbacks: list[Callback] = (),
-                 sync: GradientSync | None = None, source: Any = None, builtin: bool = False):
+                 sync: GradientSync | None = None, source: Any = None, builtin: bool = False,
+                 metrics: dict[str, Callable] | None = None):
         self.train_size = dataset_size(train_data)  # None: a streaming dataset
         if self.train_size == 0:
             raise ConfigError("config error: the training set is empty")
@@ -98,7 +100,7 @@ class Trainer:
                                       trains=self.source.computes_gradients)
         self.state = RunState()
         self.records: list[dict[str, Any]] = []  # this run's metrics records, as written to metrics.jsonl
-        self.builtin = builtin  # built from the config's data and model sections (from_config)
+        self.builtin, self.metrics = builtin, metrics or {}  # builtin: data and model from the config (from_config)
         own = [self.source] if isinstance(self.source, Callback) else []
         self.callbacks = CallbackList([*own, *builtin_callbacks(self.cfg, self.task, val_data), *callbacks])
         self._session_start = time.perf_counter()
@@ -227,17 +229,16 @@ class Trainer:
         """Mean loss (and accuracy or bits-per-char) over `dataset` (default: the test set), keys `prefix_*`."""
         dataset = dataset if dataset is not None else self.test_data
         return evaluate(self.model, dataset, self.engine.loss_fn, task=self.task, sync=self.sync,
-                        batch_size=self.cfg.train.eval_batch_size, prefix=prefix, count_fn=self.engine.count_fn)
+                        batch_size=self.cfg.train.eval_batch_size, prefix=prefix, count_fn=self.engine.count_fn,
+                        metrics=self.metrics)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
     def prepare_out_dir(self) -> None:
         """Create the run directory and write config.yaml (rank 0); an existing run there is an error."""
         if self.out_dir is not None and self.is_main:  # fresh: not a resume, nor this trainer's next fit
-            about = (f"model: {type(self.model).__name__} ({sum(p.numel() for p in self.model.parameters())} "
-                     f"parameters); data: {type(self.train_data).__name__} ({self.train_size or 'streaming'} samples)"
-                     f"{'' if self.builtin else '; the data and model sections below describe built-ins, unused'}")
-            prepare_run_dir(self.out_dir, self.cfg, self.state.resumed_from is None and not self.records, about)
+            prepare_run_dir(self.out_dir, self.cfg, self.state.resumed_from is None and not self.records,
+                            describe_run(self.model, self.train_data, self.train_size, self.builtin))
 
     def fit(self, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:
         """Train until the run's last step (or step `max_steps`); returns the summary (also summary.json).
