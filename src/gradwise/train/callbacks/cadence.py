@@ -18,49 +18,56 @@ from gradwise.train.callbacks.base import Callback, StepOutput
 from gradwise.train.early_stopping import EarlyStopping
 
 
-class Evaluator(Callback):
-    """Validation and test figures every `train.eval_every` steps and at the run's last step (however it
-    ended: `on_train_end` covers a run stopped early): a `kind: eval` record."""
+class Cadenced(Callback):
+    """Acts every `every(cfg)` steps and at the run's last step; after the last step (however the run ended)
+    once more, unless that step already did."""
 
     def __init__(self):
         self.done_at: int | None = None
 
+    def every(self, cfg: Config) -> int:
+        raise NotImplementedError
+
+    def act(self, trainer) -> None:
+        raise NotImplementedError
+
     def on_step_end(self, trainer, out: StepOutput) -> None:
         state = trainer.state
-        if state.step % trainer.cfg.train.eval_every == 0 or state.step == state.end:
-            self.evaluate(trainer)
+        if state.step % self.every(trainer.cfg) == 0 or state.step == state.end:
+            self._act(trainer)
 
     def on_train_end(self, trainer) -> None:
         if self.done_at != trainer.state.step:
-            self.evaluate(trainer)
+            self._act(trainer)
 
-    def evaluate(self, trainer) -> None:
+    def _act(self, trainer) -> None:
+        self.done_at = trainer.state.step
+        self.act(trainer)
+
+
+class Evaluator(Cadenced):
+    """Validation and test figures every `train.eval_every` steps and at the end: a `kind: eval` record."""
+
+    def every(self, cfg: Config) -> int:
+        return cfg.train.eval_every
+
+    def act(self, trainer) -> None:
         state = trainer.state
-        state.last_eval, self.done_at = trainer.evaluate_all(), state.step
+        state.last_eval = trainer.evaluate_all()
         if state.last_eval:
             trainer.log({"kind": "eval", "step": state.step, **trainer.source.record_fields(),
                          "time": round(trainer.wall_seconds(), 3), **state.last_eval})
         trainer.callbacks.fire("on_evaluate", trainer, state.last_eval)
 
 
-class Checkpointer(Callback):
-    """checkpoints/last.pt every `train.checkpoint_every` steps and at the run's last step (however it ended)."""
+class Checkpointer(Cadenced):
+    """checkpoints/last.pt every `train.checkpoint_every` steps and at the end."""
 
-    def __init__(self):
-        self.done_at: int | None = None
+    def every(self, cfg: Config) -> int:
+        return cfg.train.checkpoint_every
 
-    def on_step_end(self, trainer, out: StepOutput) -> None:
-        state = trainer.state
-        if state.step % trainer.cfg.train.checkpoint_every == 0 or state.step == state.end:
-            self.save(trainer)
-
-    def on_train_end(self, trainer) -> None:
-        if self.done_at != trainer.state.step:
-            self.save(trainer)
-
-    def save(self, trainer) -> None:
+    def act(self, trainer) -> None:
         trainer.save_checkpoint()
-        self.done_at = trainer.state.step
 
 
 class EarlyStop(Callback):
