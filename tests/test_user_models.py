@@ -347,3 +347,46 @@ def test_metric_functions_of_your_own_are_reported():
     with torch.no_grad():
         expected = float((model(x) - y).abs().mean())  # batches of 10 weighted by their items: the overall mean
     assert summary["test_mae"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_dict_batch_without_labels_counts_what_its_count_fn_says():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(48, 6, generator=g), torch.randint(0, 3, (48, 4), generator=g)
+    y[torch.rand(48, 4, generator=g) < 0.4] = -100  # padded positions
+
+    class Tagged(Dataset):
+        def __len__(self):
+            return 48
+
+        def __getitem__(self, i):
+            return {"x": x[i], "tags": y[i]}
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 12)
+
+        def forward(self, x, tags):
+            return self.fc(x).reshape(-1, 4, 3)
+
+    def token_loss(output, batch):
+        return F.cross_entropy(output.reshape(-1, 3), batch["tags"].reshape(-1), ignore_index=-100)
+
+    kw = {"loss_fn": token_loss, "count_fn": lambda batch: (batch["tags"] != -100).sum()}
+    torch.manual_seed(0)
+    model = Tagger()
+    assert relative_gap(one_sgd_step(model, Tagged(), "train.accumulate=3", **kw),
+                        one_sgd_step(model, Tagged(), **kw)) < 1e-6
+
+
+def test_fit_resume_without_a_run_directory_just_trains():
+    summary = Trainer(nn.Linear(5, 2), TensorDataset(torch.randn(16, 5), torch.zeros(16, dtype=torch.long)),
+                      config=small_config("train.steps=2", "train.batch_size=8")).fit(resume=True)
+    assert summary["steps"] == 2 and summary["resumed_from"] is None
+
+
+def test_a_broken_metric_fails_the_first_batch_check():
+    data = TensorDataset(torch.randn(16, 5), torch.zeros(16, dtype=torch.long))
+    with pytest.raises(BatchError, match="evaluation failed on the first batch"):
+        Trainer(nn.Linear(5, 2), data, test_data=data, metrics={"bad": lambda out, target: out.nonexistent},
+                config=small_config("train.steps=2", "train.batch_size=8"))

@@ -70,7 +70,7 @@ class DistContext:
         `global_count` (the global batch's items, when the caller could count them) saves an all-reduce.
         """
         if global_count is None:
-            local = torch.stack(counts).sum().to(torch.float32).reshape(1)
+            local = torch.stack([c.to(self.device) for c in counts]).sum().to(torch.float32).reshape(1)
             global_count = self.all_reduce_sum(local)[0]
         total = global_count.to(torch.float32).clamp(min=1)
         return [c.to(torch.float32) * self.world_size / total for c in counts]

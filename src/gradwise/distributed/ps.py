@@ -105,6 +105,7 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     from gradwise.memory.planner import plan_config
     from gradwise.train.metrics import Progress
     from gradwise.train.run_dir import holds_run
+    from gradwise.train.state import seed_everything
 
     check_async_config(cfg, workers)
     if out_dir is not None and not resume and holds_run(Path(out_dir)):
@@ -112,6 +113,8 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
                               "to continue it or choose another --out")
     if out_dir is not None and resume and not (Path(out_dir) / "checkpoints" / "last.pt").is_file():
         raise CheckpointError(f"checkpoint error: '{out_dir}' has no checkpoints/last.pt to resume from")
+    if user is not None:
+        seed_everything(cfg.seed)  # as every actor does before calling user.data()
     train_size = len(user.data()[0] if user else build_data(cfg.data, context=cfg.model.context).train)
     cfg = resolve_config(cfg, train_size, gradients_per_update=workers if cfg.ps.rule == "ssgd" else 1,
                          planner=plan_config if user is None else None)  # the planner measures built-ins

@@ -101,8 +101,10 @@ class Worker:
             self.shard = TensorDataset(*(t[rows] for t in data.train.tensors))
             model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
         else:
+            seed_everything(cfg.seed)  # every actor builds the same data, even a seeded random split
             train = user.data()[0]
             self.shard = Subset(train, worker_shard(len(train), worker, workers).tolist())
+            seed_everything(cfg.seed + worker)
             model = user.model()
         self.sync = PushPull(server, worker, cfg.ps.slowdowns().get(worker, 1.0))
         self.engine = StepEngine(model, cfg, sync=self.sync, loss_fn=user.loss_fn if user else None)

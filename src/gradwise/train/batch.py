@@ -3,8 +3,8 @@
 A batch is whatever the data yields, collated: tensors nested in tuples, lists,
 dicts, dataclasses or mapping objects (a Hugging Face `BatchEncoding`). This
 module moves one to the device, cuts it into micro-batches along the first
-dimension, counts its loss-bearing items, calls the model with it and finds
-its loss. The calling convention:
+dimension (any nesting), counts its loss-bearing items, calls the model with
+it and finds its loss. The top level must be a pair or a mapping; the calling convention:
 
     (inputs, target)        model(inputs); inputs a tuple/list -> model(*inputs); a mapping -> model(**inputs)
     a mapping               model(**batch)                     (its "labels" are the target)
@@ -27,8 +27,8 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset, default_co
 
 from gradwise.memory.accumulation import IGNORE_INDEX, item_count
 
-ACCEPTED = ("(inputs, target) pairs, a mapping of tensors (model(**batch)), or tensors nested in tuples, lists, "
-            "dicts or dataclasses")
+ACCEPTED = ("(inputs, target) pairs (inputs a tensor, a tuple or a mapping of tensors) or a mapping of tensors "
+            "(model(**batch))")
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
@@ -111,22 +111,25 @@ def shifted_label_count(labels: torch.Tensor) -> torch.Tensor:
 
 
 def default_count_fn(model: Any) -> Callable:
-    """`shifted_label_count` for a Hugging Face causal LM (`...ForCausalLM`, `...LMHeadModel`), else `item_count`."""
-    return shifted_label_count if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else item_count
+    """`shifted_label_count` for a Hugging Face causal LM (`...ForCausalLM`, `...LMHeadModel`, also inside a
+    `torch.compile` or DDP wrapper), else `item_count`. Pass `count_fn=` to decide yourself."""
+    inner = getattr(model, "_orig_mod", getattr(model, "module", model))
+    return shifted_label_count if type(inner).__name__.endswith(("ForCausalLM", "LMHeadModel")) else item_count
 
 
 def count_items(batch: Any, count_fn: Callable | None = None) -> torch.Tensor:
     """The batch's loss-bearing items (see the module docstring).
 
-    A `count_fn` of your own receives the target as it is (a pair's second element, a mapping's "labels"):
-    e.g. `lambda target: target[1].sum()` for `(inputs, (y, weights))` with a weight-normalised loss.
+    A `count_fn` of your own receives what `loss_fn` receives: a pair's target, or a mapping batch whole
+    (e.g. `lambda target: target[1].sum()` for `(inputs, (y, weights))` with a weight-normalised loss).
     """
     if count_fn is not None and count_fn not in (item_count, shifted_label_count):
-        return count_fn(target(batch))
+        return count_fn(batch if isinstance(batch, Mapping) else target(batch))
     found = tensors(target(batch))
     if found:
         return (count_fn or item_count)(found[0])
-    return torch.tensor(rows(batch))
+    first = next(iter(tensors(batch)), None)
+    return torch.tensor(rows(batch), device=first.device if first is not None else None)
 
 
 def call_model(model: Callable, batch: Any) -> Any:

@@ -32,7 +32,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def check_first_batch(engine, train_data: Dataset, eval_data: Dataset | None, task: str | None,
-                      trains: bool = True) -> str:
+                      trains: bool = True, metrics: dict | None = None) -> str:
     """Run the checks; return the task (inferred from the first batch's output when `task` is None)."""
     model, rng, was_training = engine.model, capture_rng(), engine.model.training
     batch: Any = None
@@ -55,7 +55,7 @@ def check_first_batch(engine, train_data: Dataset, eval_data: Dataset | None, ta
             stage, batch = "evaluation", to_device(first_rows(eval_data, 2), engine.device)
             with torch.no_grad():
                 score_batch(model, batch, engine.loss_fn, task, engine.count_fn,
-                            torch.zeros(5, dtype=torch.float64, device=engine.device))
+                            torch.zeros(5 + len(metrics or {}), dtype=torch.float64, device=engine.device), metrics)
     except UserInputError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure here is a bad combination, reported in one line

@@ -97,7 +97,7 @@ class Trainer:
                                  loss_scaling=self.source.computes_gradients)
         self.model = self.engine.model
         self.task = check_first_batch(self.engine, train_data, val_data if val_data is not None else test_data, task,
-                                      trains=self.source.computes_gradients)
+                                      trains=self.source.computes_gradients, metrics=metrics)
         self.state = RunState()
         self.records: list[dict[str, Any]] = []  # this run's metrics records, as written to metrics.jsonl
         self.builtin, self.metrics = builtin, metrics or {}  # builtin: data and model from the config (from_config)
@@ -246,7 +246,8 @@ class Trainer:
         `resume=True` first continues from `out_dir`'s checkpoint when there is one (exactly: weights,
         optimizer, schedule, data position, RNG), so a script run again picks up where it stopped.
         """
-        if resume and self.state.resumed_from is None and (self.out_dir / "checkpoints" / "last.pt").is_file():
+        if resume and self.out_dir is not None and self.state.resumed_from is None \
+                and (self.out_dir / "checkpoints" / "last.pt").is_file():
             self.restore(self.out_dir)
         self.prepare_out_dir()
         state = self.state
