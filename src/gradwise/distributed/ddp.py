@@ -178,6 +178,3 @@ class DDPSync(GradientSync):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def barrier(self) -> None:
-        dist.barrier()

@@ -82,9 +82,6 @@ class GradientSync:
         """Rank 0's `obj` on every rank."""
         return obj
 
-    def barrier(self) -> None:
-        pass
-
     # -- checkpoint format: a sharded strategy gathers and writes its own ----------------------------------------
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -63,7 +63,7 @@ class LRMultiplier:
 def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A scheduler over `total_steps` updates (cfg.total_steps overrides the run length).
 
-    `cfg.warmup_epochs` must already be resolved into `cfg.warmup_steps` (the Trainer does this).
+    `cfg.warmup_epochs` must already be resolved into `cfg.warmup_steps` (gradwise.resolve does this).
     """
     fn = LRMultiplier(cfg.name, cfg.warmup_steps, cfg.total_steps or total_steps, cfg.min_lr_ratio,
                       cfg.power, cfg.step_every, cfg.gamma)

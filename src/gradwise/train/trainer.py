@@ -90,7 +90,7 @@ class Trainer:
         self.is_main = self.sync.is_main
         self.train_data, self.test_data, self.val_data = train_data, test_data, val_data
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.steps_per_epoch, self.total_steps = run_length(self.cfg, self.train_size)
+        self.total_steps = run_length(self.cfg, self.train_size)[1]
         self.source = source or (BatchSteps() if self.train_size is not None else StreamSteps())
         self.engine = StepEngine(model, self.cfg, sync=self.sync, loss_fn=loss_fn, count_fn=count_fn,
                                  optimizer=optimizer, scheduler=scheduler,
