@@ -263,3 +263,26 @@ def test_your_own_model_and_data_through_picklable_factories(tmp_path):
     single = Trainer(model(), train, test_data=test, config=cfg).fit()
     assert summary["model_class"] == "Sequential" and summary["train_samples"] == 200
     assert summary["params_sha256"] == single["params_sha256"]  # one worker: exactly single-process training
+
+
+def test_a_streaming_dataset_is_refused_by_the_parameter_server_before_ray_starts(tmp_path):
+    from gradwise.distributed.ps import train_async
+    from gradwise.distributed.ps_worker import UserRun
+    from gradwise.errors import DataError
+
+    with pytest.raises(DataError, match="got the streaming Stream; train it with the Trainer"):
+        train_async(small_config("train.steps=5"), 2, tmp_path / "s", progress="off", user=UserRun(_mlp, _stream_data))
+    assert not (tmp_path / "s").exists()
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from zip(torch.randn(8, 10), torch.randint(0, 3, (8,)))
+
+
+def _mlp():
+    return torch.nn.Linear(10, 3)
+
+
+def _stream_data():
+    return Stream(), None

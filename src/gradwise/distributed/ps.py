@@ -15,9 +15,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from torch.utils.data import IterableDataset
+
 from gradwise.config import Config, validate
 from gradwise.distributed.ps_worker import UserRun, Worker
-from gradwise.errors import CheckpointError, ConfigError, NonFiniteError, UserInputError
+from gradwise.errors import CheckpointError, ConfigError, DataError, NonFiniteError, UserInputError
 from gradwise.resolve import resolve_config
 
 
@@ -115,7 +117,12 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
         raise CheckpointError(f"checkpoint error: '{out_dir}' has no checkpoints/last.pt to resume from")
     if user is not None:
         seed_everything(cfg.seed)  # as every actor does before calling user.data()
-    train_size = len(user.data()[0] if user else build_data(cfg.data, context=cfg.model.context).train)
+    train = user.data()[0] if user else build_data(cfg.data, context=cfg.model.context).train
+    if isinstance(train, IterableDataset):
+        raise DataError(f"data error: the parameter server splits a map-style training set's rows between its "
+                        f"workers; got the streaming {type(train).__name__}; train it with the Trainer "
+                        "(one process, or torchrun for data parallel)")
+    train_size = len(train)
     cfg = resolve_config(cfg, train_size, gradients_per_update=workers if cfg.ps.rule == "ssgd" else 1,
                          planner=plan_config if user is None else None)  # the planner measures built-ins
     cfg_dict = cfg.to_dict()

@@ -8,10 +8,12 @@ parameter server, whose gradients arrive from workers: gradwise.distributed.ps_s
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gradwise.train.batch import fetch_batch, rows, split, to_device
 from gradwise.train.callbacks.base import Callback, StepOutput
@@ -94,28 +96,32 @@ class BatchSteps(StepSource):
 
 
 class StreamSteps(StepSource):
-    """Each step trains on the next batch of a streaming (iterable) dataset, read through torch's DataLoader
-    (`loader.*` workers and prefetch). When a pass ends the next one starts (an epoch). Under data parallel
-    every rank reads the stream and keeps its share of each batch.
+    """Each step trains on the next batch of a streaming (iterable) dataset, read through torchdata's
+    `StatefulDataLoader` (`loader.*` workers and prefetch). When a pass ends the next one starts (an epoch).
+    Under data parallel every rank reads the stream and keeps its share of each batch.
 
-    Resume, and a rollback, reopen the stream and skip the batches the current pass had already given:
-    exact when the stream yields the same items in the same order each pass (randomness from a generator
-    of its own, and with workers, split by `torch.utils.data.get_worker_info`).
+    A checkpoint holds the loader's state (`payload["stream"]`). Resume, and a rollback, restore it:
+    a dataset (or its iterator) with `state_dict()`/`load_state_dict()` continues from its own state,
+    in each worker; any other stream is reopened and the batches the pass had already given are skipped,
+    exact when it yields the same items in the same order each pass (randomness from a generator of its
+    own, and with workers, split by `torch.utils.data.get_worker_info`).
     """
 
     def __init__(self):
+        self.loader: StatefulDataLoader | None = None
         self.stream: Iterator[Any] | None = None
         self.position: Position | None = None
+        self.restored: dict[str, Any] | None = None  # the loader state of the checkpoint just loaded
 
     def next_step(self, trainer) -> StepOutput:
         state, sync, engine = trainer.state, trainer.sync, trainer.engine
         pos = state.position
         if self.stream is None or self.position is not pos:
-            self.position, self.stream = pos, self._open(trainer, skip=pos.batch)
+            self.position, self.stream = pos, self._open(trainer, self._resume_state(pos))
         batch = next(self.stream, None)
         if batch is None:  # the pass is over: the next epoch
             pos.epoch, pos.batch = pos.epoch + 1, 0
-            self.stream = self._open(trainer, skip=0)
+            self.stream = self._open(trainer, None)
             batch = next(self.stream, None)
             if batch is None:
                 from gradwise.errors import DataError
@@ -127,16 +133,36 @@ class StreamSteps(StepSource):
         loss = engine.train_step(to_device(split(batch, sync.shard(n), n), engine.device))
         return StepOutput(loss, n, lr)
 
-    def _open(self, trainer, skip: int) -> Iterator[Any]:
-        cfg, lc = trainer.cfg, trainer.cfg.loader
-        loader = DataLoader(trainer.train_data, batch_size=cfg.train.batch_size, drop_last=cfg.train.drop_last,
-                            num_workers=lc.num_workers, pin_memory=lc.pin_memory, prefetch_factor=lc.prefetch_factor,
-                            persistent_workers=lc.persistent_workers,
-                            generator=torch.Generator().manual_seed(cfg.seed + trainer.state.position.epoch))
-        stream = iter(loader)
-        for _ in range(skip):
+    def _resume_state(self, pos: Position) -> dict[str, Any] | None:
+        """The checkpoint's loader state when it was saved at `pos` (None: a fresh pass, or skip to `pos`)."""
+        restored, self.restored = self.restored, None
+        if restored is not None and (restored["epoch"], restored["batch"]) == (pos.epoch, pos.batch):
+            return restored["loader"]
+        return None
+
+    def _open(self, trainer, loader_state: dict[str, Any] | None) -> Iterator[Any]:
+        cfg, lc, pos = trainer.cfg, trainer.cfg.loader, trainer.state.position
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.13
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            self.loader = StatefulDataLoader(
+                trainer.train_data, batch_size=cfg.train.batch_size, drop_last=cfg.train.drop_last,
+                num_workers=lc.num_workers, pin_memory=lc.pin_memory, prefetch_factor=lc.prefetch_factor,
+                persistent_workers=lc.persistent_workers,
+                generator=torch.Generator().manual_seed(cfg.seed + pos.epoch))
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
+        stream = iter(self.loader)
+        for _ in range(pos.batch if loader_state is None else 0):  # no saved state: replay the pass so far
             next(stream)
         return stream
 
+    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
+        if self.loader is not None and self.position is trainer.state.position:
+            pos = self.position
+            payload["stream"] = {"epoch": pos.epoch, "batch": pos.batch, "loader": self.loader.state_dict()}
+
+    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
+        self.restored, self.stream = payload.get("stream"), None
+
     def close(self) -> None:
-        self.stream = None
+        self.loader = self.stream = None
