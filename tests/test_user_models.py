@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
@@ -267,6 +268,15 @@ def test_the_summary_and_report_describe_the_users_model_and_data(tmp_path):
                                                                                            "DictSamples", 64)
     page = render_report(tmp_path / "run")
     assert "TwoInputModel" in page and "DictSamples" in page
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    params = sum(p.numel() for p in TwoInputModel().parameters())
+    assert recorded["model"] == {"name": "user", "class": "TwoInputModel", "parameters": params}
+    assert recorded["data"] == {"name": "user", "class": "DictSamples", "samples": 64}
+    assert "cnn" not in page and "mnist1d" not in page  # nothing of the built-in defaults
+    from gradwise.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"trained a model of your own \(TwoInputModel\); continue it from"):
+        Trainer.resume(tmp_path / "run")
 
 
 class Items(Dataset):
@@ -323,8 +333,51 @@ def test_a_streaming_dataset_trains_across_passes_and_resumes_exactly(tmp_path):
     resumed = Trainer(dropout_mlp(), Stream(), test_data=Stream(64), config=small_config(*base),
                       out_dir=tmp_path / "s").fit(resume=True)
     assert resumed["params_sha256"] == straight["params_sha256"]
-    workers = Trainer(dropout_mlp(), Stream(), config=small_config(*base, "loader.num_workers=2")).fit()
+    two = small_config(*base, "loader.num_workers=2")
+    workers = Trainer(dropout_mlp(), Stream(), config=two, out_dir=tmp_path / "w").fit()
     assert workers["steps"] == 25 and workers["train_samples"] is None
+    Trainer(dropout_mlp(), Stream(), config=two, out_dir=tmp_path / "w2").fit(max_steps=9)  # mid-pass, 2 workers
+    resumed = Trainer(dropout_mlp(), Stream(), config=two, out_dir=tmp_path / "w2").fit(resume=True)
+    assert resumed["resumed_from"] == 9 and resumed["params_sha256"] == workers["params_sha256"]
+
+
+class Passes(torch.utils.data.IterableDataset):
+    """A stream whose every pass is a new order (a pass counter of its own): replaying a fresh copy of it
+    does not give the batches a run had next; only its own state (`state_dict`) does."""
+
+    def __init__(self, n: int = 200):
+        g = torch.Generator().manual_seed(11)
+        self.x, self.y = torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
+        self.passes, self.cursor, self.loads = 0, 0, 0
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(100 + self.passes))
+        while self.cursor < len(order):
+            i = order[self.cursor]
+            self.cursor += 1
+            yield self.x[i], self.y[i]
+        self.passes, self.cursor = self.passes + 1, 0
+
+
+class StatefulPasses(Passes):
+    def state_dict(self):
+        return {"passes": self.passes, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.passes, self.cursor, self.loads = state["passes"], state["cursor"], self.loads + 1
+
+
+def test_a_stream_with_its_own_state_resumes_from_it(tmp_path):
+    base = ["train.steps=20", "train.batch_size=32", "train.checkpoint_every=5", "optim.lr=0.01"]
+    straight = Trainer(dropout_mlp(), StatefulPasses(), config=small_config(*base), out_dir=tmp_path / "a").fit()
+    Trainer(dropout_mlp(), StatefulPasses(), config=small_config(*base), out_dir=tmp_path / "b").fit(max_steps=11)
+    stream = StatefulPasses()
+    resumed = Trainer(dropout_mlp(), stream, config=small_config(*base), out_dir=tmp_path / "b").fit(resume=True)
+    assert stream.loads == 1 and resumed["params_sha256"] == straight["params_sha256"]
+    # the same stream without a state of its own is replayed from a fresh pass counter: a different run
+    Trainer(dropout_mlp(), Passes(), config=small_config(*base), out_dir=tmp_path / "c").fit(max_steps=11)
+    replayed = Trainer(dropout_mlp(), Passes(), config=small_config(*base), out_dir=tmp_path / "c").fit(resume=True)
+    assert replayed["params_sha256"] != straight["params_sha256"]
 
 
 def test_a_streaming_dataset_needs_train_steps():
