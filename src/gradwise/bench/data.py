@@ -4,7 +4,7 @@ The dataset is read item by item with a CPU-bound, GIL-holding per-item
 transform of about 2 ms (a pure-Python loop, calibrated at start), so only
 worker processes can overlap it. Both sides train the same small MLP from the
 same initial weights for one epoch with the same batch size and number of
-workers: the plain side is `for x, y in DataLoader(...)`: zero_grad, forward,
+workers, after one untimed warm-up epoch each: the plain side is `for x, y in DataLoader(...)`: zero_grad, forward,
 backward, step; gradwise is `Trainer.fit` with `loader.num_workers`. Rounds
 alternate which side goes first; the figure is the median per-round ratio.
 """
@@ -80,6 +80,7 @@ def run(steps: int = 300, repeats: int = 5) -> dict[str, Any]:
             plain_epoch(model, data, workers)
             return time.perf_counter() - t0
 
+        time_trainer(), time_plain()  # untimed warm-up: first-call costs (lazy imports, allocator, worker start-up code)
         times: dict[str, list[float]] = {"gradwise": [], "plain": []}
         for r in range(max(3, repeats)):
             order = (("gradwise", time_trainer), ("plain", time_plain))
