@@ -1,7 +1,8 @@
 """Checkpoint contents and I/O: model, optimizer, scheduler, data position, RNG states, config.
 
 `last.pt` loads with `torch.load(path, weights_only=True)`; every value is a
-tensor or a plain Python container of numbers and strings. The gradient-sync strategy
+tensor or a plain Python container of numbers and strings, and `sha256` is the
+checksum of all the rest (`content_sha256`), checked on every load. The gradient-sync strategy
 writes them (atomically; gradwise.distributed.sync). `seed_everything` and the RNG
 capture live here too.
 """
@@ -22,7 +23,7 @@ from torch import nn
 from gradwise.errors import CheckpointError
 
 FORMAT = "gradwise-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: a content checksum (`sha256`)
 
 
 def seed_everything(seed: int) -> None:
@@ -57,9 +58,35 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def content_sha256(payload: Any) -> str:
+    """SHA-256 over a checkpoint's content: every key and value in order, each tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().to("cpu").contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            digest.update(f"D{len(obj)}|".encode())
+            for key, value in obj.items():
+                feed(key)
+                feed(value)
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"L{len(obj)}|".encode())
+            for value in obj:
+                feed(value)
+        else:
+            digest.update(f"{type(obj).__name__}:{obj!r}|".encode())
+
+    feed(payload)
+    return digest.hexdigest()
+
+
 def with_header(payload: dict[str, Any]) -> dict[str, Any]:
-    """`payload` marked as a gradwise checkpoint of this format version."""
-    return {"format": FORMAT, "version": VERSION, **payload}
+    """`payload` marked as a gradwise checkpoint of this format version, with the checksum of its content."""
+    marked = {"format": FORMAT, "version": VERSION, **payload}
+    return {**marked, "sha256": content_sha256(marked)}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -78,6 +105,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint error: '{path}' has format version {payload.get('version')}; this gradwise reads {VERSION}"
         )
+    stored = payload.pop("sha256", None)
+    if stored != content_sha256(payload):
+        raise CheckpointError(f"checkpoint error: '{path}' is corrupt (its content does not match the checksum "
+                              "written with it); resume from another copy or start the run again")
     missing = [k for k in ("model", "optimizer", "scheduler", "step", "position", "rng", "config") if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint error: '{path}' lacks {missing}")
