@@ -22,7 +22,6 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from gradwise.errors import UserInputError
 
@@ -135,9 +134,3 @@ def launch(opts: LaunchOptions, worker_args: list[str], module: str = "gradwise"
     except RendezvousError as err:
         raise UserInputError(f"rendezvous error at {args.rdzv_endpoint}: {err}") from None
     return 0
-
-
-def clear_failed_attempt(run_dir: Path) -> None:
-    """Remove what a failed attempt wrote before its first checkpoint, so the restarted group starts clean."""
-    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
-        (run_dir / name).unlink(missing_ok=True)

@@ -1,11 +1,49 @@
-"""What the loop does with a non-finite step: stop naming the layer, or roll back to the last checkpoint."""
+"""Continuing a run from its checkpoint: a resume (whatever moment the last session ended at) and, on a
+non-finite step, stopping with the layer's name or rolling back to the last checkpoint."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from gradwise.diagnostics.health import REMEDIES
-from gradwise.errors import NonFiniteError
+from gradwise.errors import CheckpointError, ConfigError, NonFiniteError
+from gradwise.train.run_dir import check_same_trajectory
 from gradwise.train.state import load_checkpoint
 from gradwise.train.step import NonFiniteStep
+
+
+def resume_from(trainer, run_dir: str | Path) -> None:
+    """Load `run_dir`'s checkpoints/last.pt into `trainer`, from whatever moment the last session ended at:
+
+    - no checkpoint yet (it crashed before the first): nothing to load, the run starts again from step 0;
+    - mid-run: the weights, optimizer, schedule, data position, RNG and callbacks' state (its config must
+      match the checkpoint's, but for the keys a resume may change);
+    - at the end (the last step, or stopped early) but before summary.json: the fit completes the outputs;
+    - finished (summary.json written): an error, with how to train further.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        if (run_dir / "summary.json").is_file():
+            raise CheckpointError(f"checkpoint error: the run in '{run_dir}' finished, but has no checkpoint to "
+                                  "resume from (checkpoints/last.pt is missing)")
+        if trainer.is_main:
+            print(f"gradwise: '{run_dir}' has no checkpoint yet; starting the run from step 0", file=sys.stderr)
+        return
+    payload = load_checkpoint(path)
+    check_same_trajectory(payload["config"], trainer.cfg.to_dict(), str(path))
+    trainer.load_state_dict(payload, where=str(path))
+    stopped_at = (payload.get("early_stopping") or {}).get("stopped_at")
+    state = trainer.state
+    state.finished = stopped_at is not None or state.step >= trainer.total_steps
+    if state.finished and (run_dir / "summary.json").is_file():
+        raise ConfigError(
+            f"config error: the run in '{run_dir}' stopped early at step {stopped_at} "
+            f"(early_stopping.patience={trainer.cfg.early_stopping.patience}); there is nothing to resume"
+            if stopped_at is not None else
+            f"config error: the run in '{run_dir}' is finished (step {state.step} of {trainer.total_steps}); "
+            f"pass train.steps=M with M > {state.step} to train further")
 
 
 def recover(trainer, event: NonFiniteStep) -> None:

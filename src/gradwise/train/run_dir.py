@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import yaml
@@ -10,14 +12,98 @@ from gradwise.config import Config, apply_overrides, read_yaml, validate
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_text
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+LOCK = ".gradwise.lock"
 # Keys a resumed run may change: they alter how long it runs and what it reports, never its trajectory.
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
                   "train.checkpoint_every", "log.", "loader.")
 
 
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def check_same_trajectory(saved: dict, current: dict, where: str) -> None:
+    """Refuse a config that differs from the checkpoint's in a key that would change the run's trajectory
+    (config.yaml edited by hand, or a script passing another config), as an override on --resume is refused."""
+    before, now = _flat(saved), _flat(current)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and not _resumable(k))
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"config error: '{key}' is {now.get(key)!r} now but {before.get(key)!r} in the checkpoint "
+                          f"'{where}'{f' (and {len(changed) - 1} more keys)' if len(changed) > 1 else ''}; it cannot "
+                          f"change on resume (allowed: {', '.join(RESUMABLE_KEYS)}*)")
+
+
 def holds_run(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
+    """Whether `folder` holds a run worth keeping: one that reached a checkpoint or finished. An attempt
+    that crashed before its first checkpoint (config.yaml, metrics) holds nothing a resume could use."""
+    return folder.is_dir() and ((folder / "checkpoints" / "last.pt").is_file() or (folder / "summary.json").is_file())
+
+
+def clear_attempt(folder: Path) -> None:
+    """Remove what an attempt that never reached a checkpoint wrote (only gradwise's own file names, and only
+    where its config.yaml says an attempt was there), so a new one starts clean."""
+    if not (folder / "config.yaml").is_file():
+        return
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "updates.jsonl"):  # updates: the async server's
+        (folder / name).unlink(missing_ok=True)
+    for pattern in ("tensorboard/events.out.tfevents.*", "plots/*.png"):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temp files of writes a killed process left (gradwise.io names them `.NAME.*.tmp`)."""
+    for sub in (folder, folder / "checkpoints"):
+        if sub.is_dir():
+            for tmp in sub.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An advisory lock (`fcntl.flock`) on RUN_DIR/.gradwise.lock, held by the one process that trains into
+    the folder; the kernel releases it when that process ends, however it ends."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.fd = Path(folder), None
+
+    def acquire(self) -> "RunLock":
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CheckpointError(f"checkpoint error: the run directory '{self.folder}' is a file, not a folder")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise CheckpointError(f"checkpoint error: cannot use '{self.folder}' as a run directory "
+                                  f"({err.strerror or type(err).__name__})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(f"checkpoint error: '{self.folder}' is in use by process {holder}, which is "
+                                  "training into it; wait for it to end or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def check_free(self) -> None:
+        """Raise the same error as `acquire` if another process holds the lock (for a launcher, before it starts
+        the processes that will take it)."""
+        self.acquire().release()
 
 
 def describe_run(model, data, size: int | None, builtin: bool) -> tuple[str, dict[str, dict] | None]:
@@ -33,13 +119,15 @@ def describe_run(model, data, size: int | None, builtin: bool) -> tuple[str, dic
 
 
 def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool, about: tuple[str, dict | None] = ("", None)) -> None:
-    """Create `out_dir` and write the resolved config.yaml (`about`, from `describe_run`: a line on what is
-    trained, as a comment at its top, and the user's data and model sections); a fresh run refuses a folder
-    that holds one."""
+    """Make `out_dir` ready and write the resolved config.yaml (`about`, from `describe_run`: a line on what is
+    trained, as a comment at its top, and the user's data and model sections). A fresh run refuses a folder
+    that holds a run and replaces an attempt that crashed before its first checkpoint."""
     if fresh and holds_run(out_dir):
         raise CheckpointError(f"checkpoint error: '{out_dir}' already holds a run; pass --resume "
                               f"{out_dir} to continue it or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
+    if fresh:
+        clear_attempt(out_dir)
     line, sections = about
     text = cfg.to_yaml() if sections is None else yaml.safe_dump({**cfg.to_dict(), **sections}, sort_keys=False)
     write_text(out_dir / "config.yaml", (f"# {line}\n" if line else "") + text)
@@ -53,7 +141,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     overrides = list(overrides or [])
     for text in overrides:
         key = text.partition("=")[0]
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+        if not _resumable(key):
             raise ConfigError(
                 f"config error: '{key}' cannot change on --resume (allowed: {', '.join(RESUMABLE_KEYS)}*)"
             )

@@ -31,21 +31,19 @@ from gradwise.resolve import resolve_config, run_length
 from gradwise.train.callbacks import (
     Callback,
     CallbackList,
-    EarlyStop,
     RunState,
     builtin_callbacks,
 )
 from gradwise.train.checks import check_first_batch
 from gradwise.train.batch import dataset_size
 from gradwise.train.evaluation import evaluate
-from gradwise.train.recovery import recover
-from gradwise.train.run_dir import describe_run, prepare_run_dir, resume_config
+from gradwise.train.recovery import recover, resume_from
+from gradwise.train.run_dir import RunLock, describe_run, prepare_run_dir, resume_config
 from gradwise.train.sampler import Position
 from gradwise.train.source import BatchSteps, StreamSteps
 from gradwise.train.state import (
     capture_rng,
     check_model_state,
-    load_checkpoint,
     params_sha256,
     restore_rng,
     seed_everything,
@@ -141,20 +139,8 @@ class Trainer:
         return trainer
 
     def restore(self, run_dir: str | Path) -> None:
-        """Load `run_dir`'s checkpoints/last.pt into this trainer; an error if the run has nothing left to do."""
-        path = Path(run_dir) / "checkpoints" / "last.pt"
-        self.load_state_dict(load_checkpoint(path), where=str(path))
-        early = self.callbacks.find(EarlyStop)
-        if early is not None and early.tracker.stopped_at is not None:
-            raise ConfigError(
-                f"config error: the run in '{run_dir}' stopped early at step {early.tracker.stopped_at} "
-                f"(early_stopping.patience={self.cfg.early_stopping.patience}); there is nothing to resume"
-            )
-        if self.state.step >= self.total_steps:
-            raise ConfigError(
-                f"config error: the checkpoint is at step {self.state.step} and the run is {self.total_steps} "
-                f"steps long; pass train.steps=M with M > {self.state.step} to train further"
-            )
+        """Continue the run in `run_dir` from its checkpoint, whatever moment it ended at (gradwise.train.recovery)."""
+        resume_from(self, run_dir)
 
     # -- state -----------------------------------------------------------------------------------------------
 
@@ -246,12 +232,20 @@ class Trainer:
         `resume=True` first continues from `out_dir`'s checkpoint when there is one (exactly: weights,
         optimizer, schedule, data position, RNG), so a script run again picks up where it stopped.
         """
-        if resume and self.out_dir is not None and self.state.resumed_from is None \
-                and (self.out_dir / "checkpoints" / "last.pt").is_file():
+        lock = RunLock(self.out_dir).acquire() if self.out_dir is not None and self.is_main else None
+        try:
+            return self._fit(max_steps, resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, max_steps: int | None, resume: bool) -> dict[str, Any]:
+        if resume and self.out_dir is not None and self.state.resumed_from is None:
             self.restore(self.out_dir)
         self.prepare_out_dir()
         state = self.state
-        state.end, state.should_stop = self.total_steps if max_steps is None else max_steps, False
+        state.end = state.step if state.finished else self.total_steps if max_steps is None else max_steps
+        state.should_stop = state.finished = False
         self._session_start = time.perf_counter()
         self.model.train()
         try:

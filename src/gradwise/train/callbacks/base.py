@@ -58,6 +58,7 @@ class RunState:
     rollbacks: int = 0
     end: int = 0  # the step this `fit` call stops at
     should_stop: bool = False  # set by a callback (early stopping) to end the run after this step
+    finished: bool = False  # resumed at its end (last step or stopped early): the fit only completes the outputs
 
 
 class Callback:

@@ -59,6 +59,13 @@ class Evaluator(Cadenced):
                          "time": round(trainer.wall_seconds(), 3), **state.last_eval})
         trainer.callbacks.fire("on_evaluate", trainer, state.last_eval)
 
+    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
+        payload["evaluation"] = {"step": self.done_at, "results": dict(trainer.state.last_eval)}
+
+    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
+        saved = payload.get("evaluation") or {}
+        self.done_at, trainer.state.last_eval = saved.get("step"), dict(saved.get("results") or {})
+
 
 class Checkpointer(Cadenced):
     """checkpoints/last.pt every `train.checkpoint_every` steps and at the end."""

@@ -57,7 +57,11 @@ class ProgressBar(_HeldForOneFit):
 
 
 class MetricsFile(_HeldForOneFit):
-    """RUN_DIR/metrics.jsonl, one JSON record per line (rank 0). A resumed run first drops records past its step."""
+    """RUN_DIR/metrics.jsonl, one JSON record per line (rank 0). A resumed run first keeps only the records
+    written before its checkpoint was (their count is in the checkpoint)."""
+
+    def __init__(self):
+        self.resumed_records: int | None = None
 
     def on_fit_start(self, trainer) -> None:
         out = trainer.out_dir
@@ -65,10 +69,16 @@ class MetricsFile(_HeldForOneFit):
             return
         path = out / "metrics.jsonl"
         if trainer.state.resumed_from is not None and not trainer.records:  # the first fit of a resumed run
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= trainer.state.resumed_from]
+            kept = read_metrics(path)[:self.resumed_records]
             write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
             trainer.records[:0] = kept
         self.held = open(path, "a")
+
+    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
+        payload["metrics_records"] = len(trainer.records)
+
+    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
+        self.resumed_records = payload.get("metrics_records")
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:
         if self.held is not None:
