@@ -1,17 +1,19 @@
 """The `gradwise` command line: `train`, `plan`, `inspect`, `repro` and `bench`.
 
-Exit status: 0 ok; 2 bad input (config, CLI, data, checkpoint) with a one-line
-message and no traceback; 1 any other failure.
+Exit status: 0 ok; 2 bad input (config, CLI, data, checkpoint, a path that cannot
+be used) with a one-line message and no traceback; 1 a non-finite run, or the
+machine failing a write (a full disk: one line too); 1 any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
 
-from gradwise.errors import NonFiniteError, UserInputError
+from gradwise.errors import NonFiniteError, UserInputError, describe_os_error, os_error_status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,18 +72,19 @@ def _report(run_dir, summary: dict) -> None:
 def _launch_target(args: argparse.Namespace):
     """(config, run directory) that a launcher hands to its workers, checked before anything starts."""
     from gradwise.config import load_config
-    from gradwise.train.run_dir import holds_run, resume_config
+    from gradwise.train.run_dir import RunLock, holds_run, resume_config
 
     if args.resume:
         cfg = resume_config(args.resume, args.overrides)
-        if not (Path(args.resume) / "checkpoints" / "last.pt").is_file():
-            raise UserInputError(f"checkpoint error: '{args.resume}' has no checkpoints/last.pt to resume from")
+        RunLock(Path(args.resume)).check_free()
         return cfg, Path(args.resume)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else _default_out_dir()
     if holds_run(out):
         raise UserInputError(f"checkpoint error: '{out}' already holds a run; pass --resume {out} "
                              "to continue it or choose another --out")
+    if out.exists():
+        RunLock(out).check_free()
     return cfg, out
 
 
@@ -95,12 +98,17 @@ def _train_async(args: argparse.Namespace) -> int:
         raise UserInputError("usage error: --print-config does not train; drop --strategy async")
     workers = args.workers if args.workers is not None else 4
     cfg, out = _launch_target(args)
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM ends like Ctrl-C: Ray's processes are shut down at exit
     summary = train_async(cfg, workers, out, ray_address=args.ray_address, resume=bool(args.resume),
                           progress=cfg.log.progress)
     print(f"async ({cfg.ps.rule}, {workers} workers): {summary['gradients']} gradients, {summary['updates']} "
           f"updates, staleness mean {summary['staleness_mean']:.2f} max {summary['staleness_max']}")
     _report(Path(out), summary)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -141,7 +149,6 @@ def _train_worker(args: argparse.Namespace) -> int:
 
     from gradwise.config import load_config
     from gradwise.distributed.ddp import DDPSync, init_process_group
-    from gradwise.distributed.launch import clear_failed_attempt
     from gradwise.train import Trainer
 
     ctx = init_process_group()
@@ -155,10 +162,7 @@ def _train_worker(args: argparse.Namespace) -> int:
             out = Path(sync.broadcast(str(args.out or _default_out_dir())))  # one run directory for every rank
             if restarts and (out / "checkpoints" / "last.pt").is_file():
                 trainer = Trainer.resume(out, sync=sync)
-            else:
-                if restarts and ctx.is_main:
-                    clear_failed_attempt(out)
-                ctx.barrier()
+            else:  # a restart before the first checkpoint: the fit replaces that attempt's files
                 trainer = Trainer.from_config(cfg, out_dir=out, sync=sync)
         if restarts and ctx.is_main:
             print(f"gradwise: restart {restarts}: continuing from step {trainer.state.step}", flush=True)
@@ -168,6 +172,9 @@ def _train_worker(args: argparse.Namespace) -> int:
     except (UserInputError, NonFiniteError) as err:
         print(f"gradwise: {err}", file=sys.stderr, flush=True)
         os._exit(2 if isinstance(err, UserInputError) else 1)
+    except OSError as err:
+        print(f"gradwise: {describe_os_error(err)}", file=sys.stderr, flush=True)
+        os._exit(os_error_status(err))
     ctx.finish()
     return 0
 
@@ -344,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as err:
         print(f"gradwise: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        print(f"gradwise: {describe_os_error(err)}", file=sys.stderr)
+        return os_error_status(err)
     except KeyboardInterrupt:
         print("gradwise: interrupted", file=sys.stderr)
         return 130

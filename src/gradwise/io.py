@@ -1,7 +1,8 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename.
 
 A crash at any point leaves either the old file or the new one, never half of
-either. Every file gradwise writes goes through `atomic_write`.
+either; a failed write (a full disk) removes its temp file and raises the
+OSError. Every file gradwise writes goes through `atomic_write`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name ours
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -64,4 +67,9 @@ def write_json(path: str | Path, obj: Any) -> None:
 def write_with(path: str | Path, save: Callable[[IO[bytes]], None]) -> None:
     """Atomically write whatever `save(handle)` writes (e.g. torch.save, np.savez, savefig)."""
     with atomic_write(path, "wb") as handle:
-        save(handle)
+        try:
+            save(handle)
+        except RuntimeError as err:  # torch.save reports a failed write (a full disk) as "unexpected pos"
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise

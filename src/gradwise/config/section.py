@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # no inf/nan anywhere
     _frozen: bool = PrivateAttr(default=False)  # set by Config.frozen(): a resolved config is read-only
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -17,11 +17,19 @@ from gradwise.data.bundle import DataBundle, classification_bundle, split_indice
 from gradwise.errors import DataError
 
 
+MAX_CLASSES = 100_000  # a label above this is not a class index (the output layer would have that many units)
+
+
 def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
     if y.ndim != 1:
         raise DataError(f"data error: {where} labels must be 1-D, got shape {tuple(y.shape)}")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
+        raise DataError(f"data error: {where} labels must be numbers (class indices), got dtype {y.dtype}")
     if y.size and (not np.all(np.isfinite(y)) or np.any(y < 0) or np.any(y != np.round(y))):
         raise DataError(f"data error: {where} labels must be non-negative integers (class indices)")
+    if y.size and y.max() >= MAX_CLASSES:
+        raise DataError(f"data error: {where} has a label of {int(y.max())}; labels are class indices "
+                        f"0..{MAX_CLASSES - 1} (one output unit per class)")
     return y.astype(np.int64)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 import random
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def load_mnist1d(cfg: DataConfig) -> DataBundle:
         try:
             with np.load(path) as f:
                 arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             arrays = None  # a damaged cache is regenerated
     if arrays is None:
         arrays = generate(cfg.num_samples, cfg.train_split, cfg.generator_seed)

@@ -12,6 +12,8 @@ which writes the summary (with the restart counts) and returns it.
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 from pathlib import Path
 
@@ -24,10 +26,14 @@ from gradwise.resolve import resolve_config
 
 
 class ParameterServer:
-    """The server actor: a Trainer whose step source is `PushedGradients`; `fit` runs on one actor thread."""
+    """The server actor: a Trainer whose step source is `PushedGradients`; `fit` runs on one actor thread.
 
-    def __init__(self, cfg_dict: dict, out_dir: str | None, workers: int, resume: bool = False,
-                 user: UserRun | None = None):
+    Everything that can fail on bad input (the config, the user's factories, the checkpoint) happens in
+    `setup`, a method, so its error reaches the driver as the error itself (an actor's failed constructor
+    reaches it only as a dead actor with a traceback)."""
+
+    def setup(self, cfg_dict: dict, out_dir: str | None, workers: int, resume: bool = False,
+              user: UserRun | None = None) -> None:
         from gradwise.distributed.ps_server import PushedGradients
         from gradwise.train import Trainer, seed_everything
 
@@ -43,9 +49,6 @@ class ParameterServer:
         self.source.attach(self.trainer)
         if resume:
             self.trainer.restore(out_dir)
-
-    def ready(self) -> bool:
-        return True
 
     def fit(self) -> dict:
         return self.trainer.fit()
@@ -85,10 +88,23 @@ def check_async_config(cfg: Config, workers: int) -> None:
                           "diagnostics.on_nonfinite=stop and resume with a lower optim.lr")
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in at most `timeout_s` with one line when nothing listens at a Ray cluster's `host:port`."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"usage error: --ray-address={address}: no Ray cluster answers there "
+                          f"({getattr(err, 'strerror', None) or err}); start one with `ray start --head` or "
+                          "drop --ray-address to run on a fresh local instance") from None
+
+
 def _unwrapped(err: Exception) -> Exception:
     """The gradwise error inside a Ray task error (a one-line message), else the Ray error itself."""
     cause = getattr(err, "cause", None)
-    return cause if isinstance(cause, (UserInputError, NonFiniteError)) else err
+    return cause if isinstance(cause, (UserInputError, NonFiniteError, OSError)) else err
 
 
 def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_address: str | None = None,
@@ -113,8 +129,6 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     if out_dir is not None and not resume and holds_run(Path(out_dir)):
         raise CheckpointError(f"checkpoint error: '{out_dir}' already holds a run; pass --resume {out_dir} "
                               "to continue it or choose another --out")
-    if out_dir is not None and resume and not (Path(out_dir) / "checkpoints" / "last.pt").is_file():
-        raise CheckpointError(f"checkpoint error: '{out_dir}' has no checkpoints/last.pt to resume from")
     if user is not None:
         seed_everything(cfg.seed)  # as every actor does before calling user.data()
     train = user.data()[0] if user else build_data(cfg.data, context=cfg.model.context).train
@@ -128,19 +142,19 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     cfg_dict = cfg.to_dict()
     if not ray.is_initialized():
         if ray_address:
+            check_reachable(ray_address)
             ray.init(address=ray_address, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=True)
+        else:  # a fresh local instance, never a cluster some earlier `ray start` left (nor RAY_ADDRESS)
+            ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR)
     server_cls = ray.remote(num_cpus=0)(ParameterServer)
     worker_cls = ray.remote(num_cpus=0, max_restarts=cfg.ps.max_worker_restarts)(Worker)
-    server = server_cls.options(max_concurrency=max(16, 4 * workers + 4)).remote(
-        cfg_dict, str(out_dir) if out_dir else None, workers, resume, user)
+    server = server_cls.options(max_concurrency=max(16, 4 * workers + 4)).remote()
     actors = []
     bar = Progress("off" if progress == "off" else "plain", 0)
     try:
-        try:
-            ray.get(server.ready.remote())  # surfaces construction errors (a bad checkpoint) here
-        except RayActorError as err:
+        try:  # input errors (a bad checkpoint, a user's model) surface here, as themselves
+            ray.get(server.setup.remote(cfg_dict, str(out_dir) if out_dir else None, workers, resume, user))
+        except (RayTaskError, RayActorError) as err:
             raise _unwrapped(err) from None
         fitting = server.fit.remote()
         actors = [worker_cls.remote(cfg_dict, m, workers, server, user) for m in range(workers)]
