@@ -189,6 +189,71 @@ def test_async_input_errors(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_async_resume_errors_are_one_line_and_change_nothing(tmp_path, capsys):
+    from gradwise.cli import main
+
+    run_async(tmp_path, "run", 2, "train.steps=10")
+    run = tmp_path / "run"
+    snapshot = lambda: {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}  # noqa: E731
+    before = snapshot()
+    capsys.readouterr()
+    assert main(["train", "--strategy", "async", "--workers", "1", "--resume", str(run), "train.steps=20"]) == 2
+    err = capsys.readouterr().err
+    assert "started with 2 workers; resume it with --workers 2" in err and len(err.strip().splitlines()) == 1
+    assert snapshot() == before
+    checkpoint = run / "checkpoints" / "last.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:3000])
+    before = snapshot()
+    assert main(["train", "--strategy", "async", "--workers", "2", "--resume", str(run), "train.steps=20"]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable or corrupt" in err and len(err.strip().splitlines()) == 1
+    assert snapshot() == before
+
+
+def test_a_ray_address_with_nothing_listening_fails_fast_in_one_line():
+    import socket
+    import time
+
+    from gradwise.distributed.ps import check_reachable
+    from gradwise.errors import ConfigError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match=f"--ray-address=127.0.0.1:{port}: no Ray cluster answers there"):
+            check_reachable(f"127.0.0.1:{port}", timeout_s=2.0)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_the_cli_starts_its_own_ray_and_a_sigterm_shuts_it_down(tmp_path):
+    """A RAY_ADDRESS left in the environment (a dead cluster) is ignored: the run starts a fresh local
+    instance; SIGTERM to the driver ends the run and every Ray process it started."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gradwise", "train", "--strategy", "async", "--workers", "1",
+                             "--out", str(tmp_path / "run"), *SMALL, "train.steps=100000", "log.every=5",
+                             "log.progress=plain"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline, started = time.time() + 120, []
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "run" / "metrics.jsonl").stat().st_size:
+            started = psutil.Process(proc.pid).children(recursive=True)
+            break
+        time.sleep(0.2)
+    assert started, "the async run never started training"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in stderr
+    gone, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.cmdline()[:3] for p in alive]
+
+
 # -- the server runs Trainer.fit: the single-process callbacks work under async -------------------------------
 
 

@@ -257,3 +257,10 @@ def test_a_users_script_under_torchrun_trains_data_parallel_with_no_extra_code(t
     assert summary(tmp_path / "one")["world_size"] == 1 and summary(tmp_path / "two")["world_size"] == 2
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     assert summary(tmp_path / "two")["test_loss"] == pytest.approx(summary(tmp_path / "one")["test_loss"], rel=1e-5)
+    # a rank that dies after the final checkpoint: torchrun restarts the group, which completes the run
+    died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
+                           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script),
+                           str(tmp_path / "died"), "die-after-final"], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # pytorch/pytorch#135712
+    assert died.returncode == 0, died.stderr[-2000:]
+    assert summary(tmp_path / "died")["params_sha256"] == summary(tmp_path / "two")["params_sha256"]

@@ -8,7 +8,6 @@ machine failing a write (a full disk: one line too); 1 any other failure.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
@@ -98,17 +97,12 @@ def _train_async(args: argparse.Namespace) -> int:
         raise UserInputError("usage error: --print-config does not train; drop --strategy async")
     workers = args.workers if args.workers is not None else 4
     cfg, out = _launch_target(args)
-    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM ends like Ctrl-C: Ray's processes are shut down at exit
     summary = train_async(cfg, workers, out, ray_address=args.ray_address, resume=bool(args.resume),
                           progress=cfg.log.progress)
     print(f"async ({cfg.ps.rule}, {workers} workers): {summary['gradients']} gradients, {summary['updates']} "
           f"updates, staleness mean {summary['staleness_mean']:.2f} max {summary['staleness_max']}")
     _report(Path(out), summary)
     return 0
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -149,24 +143,25 @@ def _train_worker(args: argparse.Namespace) -> int:
 
     from gradwise.config import load_config
     from gradwise.distributed.ddp import DDPSync, init_process_group
+    from gradwise.io import read_json
     from gradwise.train import Trainer
+    from gradwise.train.run_dir import resume_config
 
     ctx = init_process_group()
     try:
         sync = DDPSync(ctx)
         restarts = sync.restarts
-        if args.resume:
-            trainer = Trainer.resume(args.resume, args.overrides, sync=sync)
-        else:
-            cfg = load_config(args.config, args.overrides)
-            out = Path(sync.broadcast(str(args.out or _default_out_dir())))  # one run directory for every rank
-            if restarts and (out / "checkpoints" / "last.pt").is_file():
-                trainer = Trainer.resume(out, sync=sync)
-            else:  # a restart before the first checkpoint: the fit replaces that attempt's files
-                trainer = Trainer.from_config(cfg, out_dir=out, sync=sync)
+        out = Path(args.resume) if args.resume else Path(sync.broadcast(str(args.out or _default_out_dir())))
+        if args.resume or (restarts and (out / "checkpoints" / "last.pt").is_file()):
+            trainer = Trainer.from_config(resume_config(out, args.overrides if args.resume else None), out_dir=out,
+                                          sync=sync)
+            complete = trainer.restore(out, finished_ok=restarts > 0)  # a rank died after the run had finished
+        else:  # a fresh run, or a restart before the first checkpoint: the fit replaces that attempt's files
+            trainer, complete = Trainer.from_config(load_config(args.config, args.overrides), out_dir=out,
+                                                    sync=sync), False
         if restarts and ctx.is_main:
             print(f"gradwise: restart {restarts}: continuing from step {trainer.state.step}", flush=True)
-        summary = trainer.fit()
+        summary = read_json(out / "summary.json") if complete else trainer.fit()
         if ctx.is_main:
             _report(trainer.out_dir, summary)
     except (UserInputError, NonFiniteError) as err:

@@ -60,6 +60,10 @@ def write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

@@ -13,7 +13,9 @@ which writes the summary (with the restart counts) and returns it.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -101,6 +103,18 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                           "drop --ray-address to run on a fresh local instance") from None
 
 
+def _interrupt_on_sigterm():
+    """Make SIGTERM end the driver like Ctrl-C (KeyboardInterrupt: the actors are killed, and Ray's processes
+    shut down at exit); returns the handler it replaced (None off the main thread, where it cannot)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def _unwrapped(err: Exception) -> Exception:
     """The gradwise error inside a Ray task error (a one-line message), else the Ray error itself."""
     cause = getattr(err, "cause", None)
@@ -146,6 +160,7 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
             ray.init(address=ray_address, log_to_driver=True)
         else:  # a fresh local instance, never a cluster some earlier `ray start` left (nor RAY_ADDRESS)
             ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR)
+    previous = _interrupt_on_sigterm()  # after ray.init, which installs a handler of its own
     server_cls = ray.remote(num_cpus=0)(ParameterServer)
     worker_cls = ray.remote(num_cpus=0, max_restarts=cfg.ps.max_worker_restarts)(Worker)
     server = server_cls.options(max_concurrency=max(16, 4 * workers + 4)).remote()
@@ -203,3 +218,5 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
         for actor in actors:
             ray.kill(actor, no_restart=True)
         ray.kill(server, no_restart=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -13,14 +13,15 @@ from gradwise.train.state import load_checkpoint
 from gradwise.train.step import NonFiniteStep
 
 
-def resume_from(trainer, run_dir: str | Path) -> None:
+def resume_from(trainer, run_dir: str | Path, finished_ok: bool = False) -> bool:
     """Load `run_dir`'s checkpoints/last.pt into `trainer`, from whatever moment the last session ended at:
 
     - no checkpoint yet (it crashed before the first): nothing to load, the run starts again from step 0;
     - mid-run: the weights, optimizer, schedule, data position, RNG and callbacks' state (its config must
       match the checkpoint's, but for the keys a resume may change);
     - at the end (the last step, or stopped early) but before summary.json: the fit completes the outputs;
-    - finished (summary.json written): an error, with how to train further.
+    - finished (summary.json written): an error, with how to train further; with `finished_ok` (a script
+      run again, a restarted group) True is returned instead and nothing is loaded: the run is complete.
     """
     run_dir = Path(run_dir)
     path = run_dir / "checkpoints" / "last.pt"
@@ -30,7 +31,7 @@ def resume_from(trainer, run_dir: str | Path) -> None:
                                   "resume from (checkpoints/last.pt is missing)")
         if trainer.is_main:
             print(f"gradwise: '{run_dir}' has no checkpoint yet; starting the run from step 0", file=sys.stderr)
-        return
+        return False
     payload = load_checkpoint(path)
     check_same_trajectory(payload["config"], trainer.cfg.to_dict(), str(path))
     trainer.load_state_dict(payload, where=str(path))
@@ -38,12 +39,15 @@ def resume_from(trainer, run_dir: str | Path) -> None:
     state = trainer.state
     state.finished = stopped_at is not None or state.step >= trainer.total_steps
     if state.finished and (run_dir / "summary.json").is_file():
+        if finished_ok:
+            return True
         raise ConfigError(
             f"config error: the run in '{run_dir}' stopped early at step {stopped_at} "
             f"(early_stopping.patience={trainer.cfg.early_stopping.patience}); there is nothing to resume"
             if stopped_at is not None else
             f"config error: the run in '{run_dir}' is finished (step {state.step} of {trainer.total_steps}); "
             f"pass train.steps=M with M > {state.step} to train further")
+    return False
 
 
 def recover(trainer, event: NonFiniteStep) -> None:

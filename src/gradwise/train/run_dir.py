@@ -74,7 +74,8 @@ class RunLock:
     def __init__(self, folder: Path):
         self.folder, self.fd = Path(folder), None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, mark: bool = True) -> "RunLock":
+        """Take the lock (an error naming the holder if another process has it); `mark`: write our PID in it."""
         if self.folder.exists() and not self.folder.is_dir():
             raise CheckpointError(f"checkpoint error: the run directory '{self.folder}' is a file, not a folder")
         try:
@@ -90,8 +91,9 @@ class RunLock:
             os.close(fd)
             raise CheckpointError(f"checkpoint error: '{self.folder}' is in use by process {holder}, which is "
                                   "training into it; wait for it to end or stop it") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if mark:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return self
 
@@ -103,7 +105,7 @@ class RunLock:
     def check_free(self) -> None:
         """Raise the same error as `acquire` if another process holds the lock (for a launcher, before it starts
         the processes that will take it)."""
-        self.acquire().release()
+        self.acquire(mark=False).release()
 
 
 def describe_run(model, data, size: int | None, builtin: bool) -> tuple[str, dict[str, dict] | None]:

@@ -25,7 +25,7 @@ from gradwise.config import Config, validate
 from gradwise.distributed.ddp import environment_sync
 from gradwise.distributed.sync import GradientSync
 from gradwise.errors import CheckpointError, ConfigError
-from gradwise.io import write_json
+from gradwise.io import read_json, write_json
 from gradwise.memory.planner import plan_config
 from gradwise.resolve import resolve_config, run_length
 from gradwise.train.callbacks import (
@@ -138,9 +138,10 @@ class Trainer:
         trainer.restore(run_dir)
         return trainer
 
-    def restore(self, run_dir: str | Path) -> None:
-        """Continue the run in `run_dir` from its checkpoint, whatever moment it ended at (gradwise.train.recovery)."""
-        resume_from(self, run_dir)
+    def restore(self, run_dir: str | Path, finished_ok: bool = False) -> bool:
+        """Continue the run in `run_dir` from its checkpoint, whatever moment it ended at; True: it is complete
+        (only with `finished_ok`; otherwise an error). gradwise.train.recovery.resume_from."""
+        return resume_from(self, run_dir, finished_ok)
 
     # -- state -----------------------------------------------------------------------------------------------
 
@@ -230,7 +231,8 @@ class Trainer:
         """Train until the run's last step (or step `max_steps`); returns the summary (also summary.json).
 
         `resume=True` first continues from `out_dir`'s checkpoint when there is one (exactly: weights,
-        optimizer, schedule, data position, RNG), so a script run again picks up where it stopped.
+        optimizer, schedule, data position, RNG), so a script run again picks up where it stopped (and,
+        run again after it finished, returns the recorded summary).
         """
         lock = RunLock(self.out_dir).acquire() if self.out_dir is not None and self.is_main else None
         try:
@@ -240,8 +242,9 @@ class Trainer:
                 lock.release()
 
     def _fit(self, max_steps: int | None, resume: bool) -> dict[str, Any]:
-        if resume and self.out_dir is not None and self.state.resumed_from is None:
-            self.restore(self.out_dir)
+        if resume and self.out_dir is not None and self.state.resumed_from is None \
+                and self.restore(self.out_dir, finished_ok=True):
+            return read_json(self.out_dir / "summary.json")  # run again after it finished: its summary
         self.prepare_out_dir()
         state = self.state
         state.end = state.step if state.finished else self.total_steps if max_steps is None else max_steps
