@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 RUN = ["data.num_samples=500", "model.channels=[8,8]", "model.kernel_sizes=[5,3]", "train.batch_size=64",
-       "log.progress=off", "log.plots=false", "train.steps=60", "train.checkpoint_every=10", "train.eval_every=20",
+       "log.progress=off", "log.plots=false", "train.steps=1500", "train.checkpoint_every=100", "train.eval_every=500",
        "diagnostics.every=0"]
 
 

@@ -213,3 +213,23 @@ def test_a_truncated_mnist1d_cache_is_regenerated(tmp_path):
     cached.write_bytes(cached.read_bytes()[:1000])
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert summary(tmp_path / "a")["params_sha256"] == summary(tmp_path / "b")["params_sha256"]
+
+
+def test_the_checksum_of_a_set_does_not_depend_on_the_hash_seed():
+    code = "from gradwise.train.state import content_sha256; print(content_sha256({'s': {'alpha', 'beta', 'gamma'}}))"
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(digests) == 1
+
+
+def test_files_gradwise_did_not_write_are_never_replaced(tmp_path, capsys):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.yaml").write_text("my: own config\n")
+    (out / "plots").mkdir()
+    (out / "plots" / "figure.png").write_bytes(b"mine")
+    before = files(out)
+    assert main(["train", "--out", str(out), *SMALL, "train.steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "has a config.yaml that no gradwise run wrote" in err and len(err.strip().splitlines()) == 1
+    assert {k: v for k, v in files(out).items() if k != ".gradwise.lock"} == before

@@ -155,7 +155,9 @@ def _train_worker(args: argparse.Namespace) -> int:
         if args.resume or (restarts and (out / "checkpoints" / "last.pt").is_file()):
             trainer = Trainer.from_config(resume_config(out, args.overrides if args.resume else None), out_dir=out,
                                           sync=sync)
-            complete = trainer.restore(out, finished_ok=restarts > 0)  # a rank died after the run had finished
+            # a restarted group whose run had finished (a rank died after it): done; `--resume` of a finished
+            # run stays an error on every attempt
+            complete = trainer.restore(out, finished_ok=restarts > 0 and not args.resume)
         else:  # a fresh run, or a restart before the first checkpoint: the fit replaces that attempt's files
             trainer, complete = Trainer.from_config(load_config(args.config, args.overrides), out_dir=out,
                                                     sync=sync), False

@@ -92,9 +92,10 @@ def check_async_config(cfg: Config, workers: int) -> None:
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in at most `timeout_s` with one line when nothing listens at a Ray cluster's `host:port`."""
-    if address == "auto":
+    if address in ("auto", "local"):
         return
     host, _, port = address.split("://", 1)[-1].rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal: [::1]:6379
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as err:
@@ -105,9 +106,10 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def _interrupt_on_sigterm():
     """Make SIGTERM end the driver like Ctrl-C (KeyboardInterrupt: the actors are killed, and Ray's processes
-    shut down at exit); returns the handler it replaced (None off the main thread, where it cannot)."""
+    shut down at exit); returns the handler it replaced (None: one set from C; False off the main thread,
+    where it cannot)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return False
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -160,12 +162,12 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
             ray.init(address=ray_address, log_to_driver=True)
         else:  # a fresh local instance, never a cluster some earlier `ray start` left (nor RAY_ADDRESS)
             ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR)
-    previous = _interrupt_on_sigterm()  # after ray.init, which installs a handler of its own
     server_cls = ray.remote(num_cpus=0)(ParameterServer)
     worker_cls = ray.remote(num_cpus=0, max_restarts=cfg.ps.max_worker_restarts)(Worker)
     server = server_cls.options(max_concurrency=max(16, 4 * workers + 4)).remote()
     actors = []
     bar = Progress("off" if progress == "off" else "plain", 0)
+    previous = _interrupt_on_sigterm()  # after ray.init, which installs a handler of its own
     try:
         try:  # input errors (a bad checkpoint, a user's model) surface here, as themselves
             ray.get(server.setup.remote(cfg_dict, str(out_dir) if out_dir else None, workers, resume, user))
@@ -218,5 +220,5 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
         for actor in actors:
             ray.kill(actor, no_restart=True)
         ray.kill(server, no_restart=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not False:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

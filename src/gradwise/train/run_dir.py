@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 import yaml
@@ -41,6 +42,14 @@ def check_same_trajectory(saved: dict, current: dict, where: str) -> None:
                           f"change on resume (allowed: {', '.join(RESUMABLE_KEYS)}*)")
 
 
+MARK = "# gradwise run: "  # config.yaml's first line: what tells gradwise's own attempt from a user's file
+
+
+def _written_by_gradwise(config: Path) -> bool:
+    with open(config, errors="replace") as f:
+        return f.readline().startswith(MARK)
+
+
 def holds_run(folder: Path) -> bool:
     """Whether `folder` holds a run worth keeping: one that reached a checkpoint or finished. An attempt
     that crashed before its first checkpoint (config.yaml, metrics) holds nothing a resume could use."""
@@ -48,8 +57,8 @@ def holds_run(folder: Path) -> bool:
 
 
 def clear_attempt(folder: Path) -> None:
-    """Remove what an attempt that never reached a checkpoint wrote (only gradwise's own file names, and only
-    where its config.yaml says an attempt was there), so a new one starts clean."""
+    """Remove what an attempt that never reached a checkpoint wrote (only gradwise's own file names; the caller
+    has checked that config.yaml is gradwise's), so a new one starts clean."""
     if not (folder / "config.yaml").is_file():
         return
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "updates.jsonl"):  # updates: the async server's
@@ -65,6 +74,16 @@ def remove_stale_temp_files(folder: Path) -> None:
         if sub.is_dir():
             for tmp in sub.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunLock:
@@ -84,13 +103,18 @@ class RunLock:
         except OSError as err:
             raise CheckpointError(f"checkpoint error: cannot use '{self.folder}' as a run directory "
                                   f"({err.strerror or type(err).__name__})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CheckpointError(f"checkpoint error: '{self.folder}' is in use by process {holder}, which is "
-                                  "training into it; wait for it to end or stop it") from None
+        for attempt in range(40):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                if attempt < 39 and not _alive(holder):  # its forked loader workers may hold it a few seconds more
+                    time.sleep(0.25)
+                    continue
+                os.close(fd)
+                raise CheckpointError(f"checkpoint error: '{self.folder}' is in use by process {holder}, which is "
+                                      "training into it; wait for it to end or stop it") from None
         if mark:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -127,12 +151,16 @@ def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool, about: tuple[str, d
     if fresh and holds_run(out_dir):
         raise CheckpointError(f"checkpoint error: '{out_dir}' already holds a run; pass --resume "
                               f"{out_dir} to continue it or choose another --out")
+    foreign = [name for name in ("config.yaml", "metrics.jsonl") if (out_dir / name).is_file()]
+    if fresh and foreign and not ((out_dir / "config.yaml").is_file() and _written_by_gradwise(out_dir / "config.yaml")):
+        raise CheckpointError(f"checkpoint error: '{out_dir}' has a {foreign[0]} that no gradwise run wrote; "
+                              "choose another --out (gradwise never replaces files it did not write)")
     remove_stale_temp_files(out_dir)
     if fresh:
         clear_attempt(out_dir)
     line, sections = about
     text = cfg.to_yaml() if sections is None else yaml.safe_dump({**cfg.to_dict(), **sections}, sort_keys=False)
-    write_text(out_dir / "config.yaml", (f"# {line}\n" if line else "") + text)
+    write_text(out_dir / "config.yaml", f"{MARK}{line}\n" + text)
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:

@@ -160,6 +160,8 @@ class StreamSteps(StepSource):
         if self.loader is not None and self.position is trainer.state.position:
             pos = self.position
             payload["stream"] = {"epoch": pos.epoch, "batch": pos.batch, "loader": self.loader.state_dict()}
+        elif self.restored is not None:  # nothing read since the resume (a fit that only completes the outputs)
+            payload["stream"] = self.restored
 
     def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
         self.restored, self.stream = payload.get("stream"), None

@@ -76,6 +76,8 @@ def content_sha256(payload: Any) -> str:
             digest.update(f"L{len(obj)}|".encode())
             for value in obj:
                 feed(value)
+        elif isinstance(obj, (set, frozenset)):  # no order to trust: the elements' own digests, sorted
+            digest.update(f"S{len(obj)}|{''.join(sorted(content_sha256(v) for v in obj))}".encode())
         else:
             digest.update(f"{type(obj).__name__}:{obj!r}|".encode())
 
@@ -83,10 +85,11 @@ def content_sha256(payload: Any) -> str:
     return digest.hexdigest()
 
 
-def with_header(payload: dict[str, Any]) -> dict[str, Any]:
-    """`payload` marked as a gradwise checkpoint of this format version, with the checksum of its content."""
+def with_header(payload: dict[str, Any], checksum: bool = True) -> dict[str, Any]:
+    """`payload` marked as a gradwise checkpoint of this format version, with the checksum of its content
+    (`checksum=False` where the payload is not written: ranks other than the one that writes)."""
     marked = {"format": FORMAT, "version": VERSION, **payload}
-    return {**marked, "sha256": content_sha256(marked)}
+    return {**marked, "sha256": content_sha256(marked)} if checksum else marked
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

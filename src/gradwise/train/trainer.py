@@ -186,7 +186,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write checkpoints/last.pt (the strategy decides who writes; every rank must call this)."""
         if self.out_dir is not None:
-            self.sync.save(self.out_dir / "checkpoints" / "last.pt", with_header(self.state_dict()))
+            self.sync.save(self.out_dir / "checkpoints" / "last.pt", with_header(self.state_dict(), checksum=self.is_main))
 
     # -- what callbacks call ---------------------------------------------------------------------------------
 
