@@ -219,13 +219,18 @@ def test_sync_batchnorm_on_cpu_is_a_config_error(tmp_path):
 def test_bench_distributed_reports_both_group_sizes():
     from gradwise.bench.distributed import run
 
-    result = run(steps=3, repeats=1, overrides=["model.channels=[8,8]", "model.kernel_sizes=[5,3]"])
+    result = run(steps=3, repeats=1, overrides=["model.channels=[8,8]", "model.kernel_sizes=[5,3]"],
+                 sharding_counts=(1, 2))
     rows = {r["processes"]: r for r in result["rows"] if isinstance(r["processes"], int)}
     assert set(rows) == {1, 2} and rows[1]["throughput vs 1 process"] == 1.0
     straggler = result["straggler"]  # SSGD vs ASGD with a slow worker, on the Ray parameter server
     assert straggler["ssgd_over_asgd"] > 0 and len(straggler["times_s_per_gradient"]["asgd"]) == 1
     assert rows[2]["samples/s"] > 0 and rows[2]["communication share of step"] < 1
     assert len(result["raw"]["2"][0]["nosync_s_per_step"]) == 2  # rounds without the all-reduce were timed
+    memory = {r["strategy"]: r for r in result["tables"]["DDP vs FSDP, per rank"]}
+    assert set(memory) == {"one process", "ddp", "fsdp"}
+    assert memory["ddp"]["total vs one process"] == 1.0  # a full replica
+    assert memory["fsdp"]["total vs one process"] < 0.6  # each rank holds about half (and FSDP's padding)
 
 
 def test_every_rank_trains_with_rank_0s_plan_when_their_timings_differ(tmp_path):
@@ -264,3 +269,57 @@ def test_a_users_script_under_torchrun_trains_data_parallel_with_no_extra_code(t
                           env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # pytorch/pytorch#135712
     assert died.returncode == 0, died.stderr[-2000:]
     assert summary(tmp_path / "died")["params_sha256"] == summary(tmp_path / "two")["params_sha256"]
+
+
+# -- FSDP -----------------------------------------------------------------------------------------------------
+
+
+def relative_differences(a: dict, b: dict) -> dict[str, float]:
+    out = {}
+    for run in b:
+        num = sum(((a[run][k] - b[run][k]).double() ** 2).sum() for k in b[run]) ** 0.5
+        out[run] = float(num / sum((a[run][k].double() ** 2).sum() for k in b[run]) ** 0.5)
+    return out
+
+
+def test_fsdp_over_2_processes_matches_one_and_lamb_lars_need_whole_tensor_norms(tmp_path):
+    """SGD+momentum, AdamW, LAMB and LARS on the MLP and the transformer, 20 steps, and accumulation /
+    activation checkpointing with clipping: 2-process FSDP vs 1 process within 1e-5 relative; LAMB/LARS with
+    each shard's own norms (no reduction) miss that by far."""
+    worker = str(Path(__file__).with_name("fsdp_worker.py"))
+
+    def torchrun(*args):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", worker, *args],
+                              capture_output=True, text=True, timeout=300)
+
+    one = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    for args in ([str(tmp_path / "two.pt")], [str(tmp_path / "local.pt"), "local-norms"]):
+        run = torchrun(*args)
+        assert run.returncode == 0, run.stderr[-2000:]
+    single = torch.load(tmp_path / "one.pt")
+    sharded = relative_differences(single, torch.load(tmp_path / "two.pt"))
+    assert len(sharded) == 10 and max(sharded.values()) < 1e-5, sharded
+    per_shard = relative_differences(single, torch.load(tmp_path / "local.pt"))
+    assert len(per_shard) == 4 and min(per_shard.values()) > 1e-4, per_shard
+
+
+def test_an_fsdp_run_resumes_on_another_number_of_processes(tmp_path):
+    """2 -> 1 and 1 -> 2 processes mid-run: the final weights match an uninterrupted 2-process FSDP run."""
+    args = [*SMALL, "model.name=mlp", "optim.name=adamw", "schedule.name=constant", "diagnostics.every=0",
+            "train.checkpoint_every=5", "train.parallel=fsdp"]
+    straight = gradwise("train", "--nproc", "2", "--strategy", "fsdp", "--out", str(tmp_path / "straight"),
+                        *args[:-1], "train.steps=20")  # --strategy fsdp is train.parallel=fsdp
+    assert straight.returncode == 0 and "parallel: fsdp" in (tmp_path / "straight" / "config.yaml").read_text()
+    assert gradwise("train", "--nproc", "2", "--out", str(tmp_path / "two-one"), *args, "train.steps=10").returncode == 0
+    assert gradwise("train", "--resume", str(tmp_path / "two-one"), "train.steps=20").returncode == 0
+    assert gradwise("train", "--out", str(tmp_path / "one-two"), *args, "train.steps=10").returncode == 0
+    assert gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "one-two"), "train.steps=20").returncode == 0
+    straight = weights(tmp_path / "straight")
+    for name, world in (("two-one", 1), ("one-two", 2)):
+        resumed = weights(tmp_path / name)
+        num = sum(((straight[k] - resumed[k]).double() ** 2).sum() for k in straight) ** 0.5
+        assert float(num / sum((straight[k].double() ** 2).sum() for k in straight) ** 0.5) < 1e-5, name
+        assert summary(tmp_path / name)["resumed_from"] == 10 and summary(tmp_path / name)["world_size"] == world

@@ -36,6 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gradwise.distributed.ddp import launched_by_torchrun
     from gradwise.train import Trainer
 
+    if args.strategy == "fsdp":  # sharded data parallel: the same launch as DDP, with train.parallel=fsdp
+        args.strategy, args.overrides = "sync", [*args.overrides, "train.parallel=fsdp"]
     if args.resume and (args.config or args.out):
         raise UserInputError("usage error: --resume DIR continues that run with its own config; drop --config/--out")
     if launched_by_torchrun():
@@ -142,14 +144,16 @@ def _train_worker(args: argparse.Namespace) -> int:
     import os
 
     from gradwise.config import load_config
-    from gradwise.distributed.ddp import DDPSync, init_process_group
+    from gradwise.distributed.ddp import init_process_group
+    from gradwise.distributed.environment import group_sync
     from gradwise.io import read_json
     from gradwise.train import Trainer
     from gradwise.train.run_dir import resume_config
 
     ctx = init_process_group()
     try:
-        sync = DDPSync(ctx)
+        parallel = (resume_config(args.resume) if args.resume else load_config(args.config, args.overrides)).train.parallel
+        sync = group_sync(ctx, parallel)
         restarts = sync.restarts
         out = Path(args.resume) if args.resume else Path(sync.broadcast(str(args.out or _default_out_dir())))
         if args.resume or (restarts and (out / "checkpoints" / "last.pt").is_file()):
@@ -268,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly; train.steps=M extends it")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ps = train.add_argument_group("asynchronous parameter server on Ray (see docs/async.md)")
-    ps.add_argument("--strategy", choices=["sync", "async"], default="sync",
-                    help="sync: one process or --nproc data parallel; async: a Ray parameter server")
+    ps.add_argument("--strategy", choices=["sync", "fsdp", "async"], default="sync",
+                    help="sync: one process or --nproc data parallel (DDP); fsdp: --nproc sharded data parallel "
+                         "(train.parallel=fsdp); async: a Ray parameter server")
     ps.add_argument("--workers", type=int, help="async: worker actors (default 4)")
     ps.add_argument("--ray-address", help="async: a running Ray cluster (default: start a local Ray)")
     dp = train.add_argument_group("data parallel (see docs/distributed.md)")

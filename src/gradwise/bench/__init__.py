@@ -63,6 +63,8 @@ def markdown_report(results: dict[str, Any]) -> str:
              + f"; `--steps {results['steps']} --repeats {results['repeats']}`.", ""]
     for name, result in results["benchmarks"].items():
         lines += [f"### {name}", "", markdown_table(result["rows"]), ""]
+        for title, rows in result.get("tables", {}).items():
+            lines += [f"#### {title}", "", markdown_table(rows), ""]
         lines += [f"{note}" for note in result.get("notes", [])]
         lines.append("")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ gradient all-reduce; 1 - (time without) / (time with) is the exposed
 communication share. 1- and N-process groups alternate `repeats` times; ratios
 are medians over those repeats.
 
+Then DDP vs FSDP (gradwise.bench.sharding): per-rank memory and step time at N = 1, 2, 4.
+
 Then synchronous vs asynchronous with a straggler, on the Ray parameter server
 (when Ray is installed): 4 workers, worker 3 three times slower, the same number
 of gradient computations under SSGD (every update waits for the straggler) and
@@ -41,7 +43,8 @@ def measure_group(nproc: int, steps: int, rounds: int, overrides: list[str]) -> 
         return json.loads(out.read_text())
 
 
-def run(steps: int = 300, repeats: int = 5, overrides: list[str] | None = None) -> dict[str, Any]:
+def run(steps: int = 300, repeats: int = 5, overrides: list[str] | None = None,
+        sharding_counts: tuple[int, ...] = (1, 2, 4)) -> dict[str, Any]:
     overrides = list(overrides or [])
     groups: dict[int, list[dict[str, Any]]] = {n: [] for n in PROCESSES}
     for _ in range(max(1, repeats)):
@@ -76,8 +79,15 @@ def run(steps: int = 300, repeats: int = 5, overrides: list[str] | None = None) 
         notes.append("sync vs async with a straggler: skipped (Ray not installed; pip install 'gradwise[async]')")
     else:
         rows.extend(straggler["rows"])
+    from gradwise.bench.sharding import rows as sharding_rows
+
+    memory = sharding_rows(steps=max(5, steps // 20), repeats=max(1, repeats // 3), overrides=overrides,
+                           counts=sharding_counts)
+    notes.append("DDP vs FSDP: bytes of the parameters, gradients and optimizer state each rank holds after a "
+                 "step (the largest rank's, counted from the live tensors), and ms per step, N processes on "
+                 "this machine's cores (gradwise.bench.sharding).")
     return {"steps": steps, "repeats": repeats, "rows": rows, "raw": {str(n): g for n, g in groups.items()},
-            "straggler": straggler, "notes": notes}
+            "straggler": straggler, "notes": notes, "tables": {"DDP vs FSDP, per rank": memory}}
 
 
 STRAGGLER = {"workers": 4, "slowdown": "3:3"}

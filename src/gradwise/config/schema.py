@@ -85,6 +85,12 @@ class TrainConfig(Section):
     clip_norm: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this, once per update")
     clip_value: Optional[float] = Field(None, gt=0, description="clip each gradient element to [-v, v], once per update")
     sync_batchnorm: bool = Field(False, description="multi-process: BatchNorm statistics over the global batch (CUDA)")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="multi-process: ddp (a full replica per process) or fsdp (parameters, gradients and "
+                           "optimizer state sharded across processes: FSDP2)")
+    shard_modules: list[str] = Field(
+        default_factory=list, description="fsdp: module classes sharded as units (default: each block of a "
+                                          "built-in model; your model: e.g. [GPT2Block]); the root always is")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":

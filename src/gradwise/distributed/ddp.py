@@ -9,7 +9,6 @@ single-process gradient however unevenly items fall. gloo on CPU, NCCL on CUDA.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime
 import os
@@ -101,19 +100,6 @@ def init_process_group(timeout_s: float = 300.0) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return ctx
-
-
-def environment_sync() -> GradientSync:
-    """The strategy this process's environment asks for: `DDPSync` when torchrun started it in a group of
-    more than one (the process group is joined here), else one process. So a user's script that builds a
-    Trainer trains data-parallel under `torchrun --nproc-per-node N script.py` with no extra code."""
-    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-        joined = not dist.is_initialized()
-        sync = DDPSync(init_process_group())
-        if joined:  # leave the group before interpreter teardown (gloo's threads must not outlive it)
-            atexit.register(dist.destroy_process_group)
-        return sync
-    return GradientSync()
 
 
 class DDPSync(GradientSync):

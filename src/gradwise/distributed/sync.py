@@ -37,6 +37,7 @@ class GradientSync:
     world_size = 1  # processes that share one batch (and average their gradients)
     needs_global_count = False  # True: loss weights need the whole global batch's item count
     restarts = 0  # times the process group was restarted (torchrun's elastic agent)
+    sharded = False  # True: each process holds only shards of the parameters (FSDP); see `shard_sum`
 
     @property
     def is_main(self) -> bool:
@@ -74,6 +75,11 @@ class GradientSync:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def shard_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a per-process partial (e.g. squared norms of this process's shards) over the shards of every
+        tensor: identity unless parameters are sharded (FSDP)."""
+        return tensor
+
     def rank_states(self, obj: Any) -> list[Any] | None:
         """`obj` from every rank in rank order (a collective), or None for one process."""
         return None
@@ -85,12 +91,18 @@ class GradientSync:
     # -- checkpoint format: a sharded strategy gathers and writes its own ----------------------------------------
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        return model.state_dict(), optimizer.state_dict()
+        """Full (unsharded) model and optimizer state keyed by parameter name, whatever the strategy, so a
+        checkpoint resumes on any number of processes (torch.distributed.checkpoint's state-dict API)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                          optimizer_state: dict) -> None:
-        optimizer.load_state_dict(optimizer_state)
-        model.load_state_dict(model_state)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True))
 
     def save(self, path, payload: dict[str, Any]) -> None:
         """Write a checkpoint (every rank calls this; one file, written by the main process, atomically)."""

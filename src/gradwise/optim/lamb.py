@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from gradwise.optim.layerwise import LayerwiseOptimizer, as_fp32, for_each_chunk, norms, trust_ratios, write_back
+from gradwise.optim.layerwise import LayerwiseOptimizer, as_fp32, local, trust_ratios, write_back
 
 
 def _per_tensor(values: list[float]) -> float | list[float]:
@@ -53,10 +53,10 @@ class LAMB(LayerwiseOptimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             state["step"] += 1
-        if not group["adapt"] and len({self.state[p]["step"] for p in params}) == 1:
+        if not group["adapt"] and self.shard_sum is None and len({self.state[p]["step"] for p in params}) == 1:
             self._update_flat(params, group)
             return
-        for_each_chunk(params, lambda run: self._update(run, group))
+        self.for_each_run(params, lambda run: self._update(run, group))
 
     def _flat_moments(self, params: list[torch.Tensor], group: dict) -> dict:
         """One fp32 buffer each for m and v of `params`; the per-tensor state becomes views into it."""
@@ -95,10 +95,11 @@ class LAMB(LayerwiseOptimizer):
     def _update(self, params: list[torch.Tensor], group: dict) -> None:
         beta1, beta2 = group["betas"]
         states = [self.state[p] for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        exp_avgs = [local(s["exp_avg"]) for s in states]
+        exp_avg_sqs = [local(s["exp_avg_sq"]) for s in states]
         steps = [s["step"] for s in states]
-        grads = as_fp32([p.grad for p in params])
+        grads = as_fp32([local(p.grad) for p in params])
+        params = [local(p) for p in params]
         params32 = as_fp32(params)
 
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -119,7 +120,8 @@ class LAMB(LayerwiseOptimizer):
         # w -= lr * r * u with u = c * update; for an adapted tensor r * c = ||w|| / ||update||
         c = torch.tensor(scale, dtype=torch.float32, device=params[0].device)
         if group["adapt"]:
-            ratios = trust_ratios(norms(params32), norms(update) * c, clip=group["trust_clip"])
+            w_norms, u_norms = self.tensor_norms(params32, update)
+            ratios = trust_ratios(w_norms, u_norms * c, clip=group["trust_clip"])
             for s, r in zip(states, ratios.unbind(0)):
                 s["trust_ratio"] = r
             c = ratios * c

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gradwise.optim.layerwise import LayerwiseOptimizer, as_fp32, for_each_chunk, norms, trust_ratios, write_back
+from gradwise.optim.layerwise import LayerwiseOptimizer, as_fp32, local, trust_ratios, write_back
 
 
 class LARS(LayerwiseOptimizer):
@@ -33,23 +33,24 @@ class LARS(LayerwiseOptimizer):
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-        for_each_chunk(params, lambda run: self._update(run, group))
+        self.for_each_run(params, lambda run: self._update(run, group))
 
     def _update(self, params: list[torch.Tensor], group: dict) -> None:
         wd = group["weight_decay"]
         states = [self.state[p] for p in params]
-        bufs = [s["momentum_buffer"] for s in states]
-        grads = as_fp32([p.grad for p in params])
+        bufs = [local(s["momentum_buffer"]) for s in states]
+        grads = as_fp32([local(p.grad) for p in params])
+        params = [local(p) for p in params]
         params32 = as_fp32(params)
         direction = torch._foreach_add(grads, params32, alpha=wd) if wd else grads
         torch._foreach_mul_(bufs, group["momentum"])
         if group["adapt"]:
-            w_norms = norms(params32)
-            local = trust_ratios(w_norms, norms(grads) + wd * w_norms, group["trust_coefficient"],
-                                 group["trust_clip"]).unbind(0)
-            for s, r in zip(states, local):
+            w_norms, g_norms = self.tensor_norms(params32, grads)
+            local_lr = trust_ratios(w_norms, g_norms + wd * w_norms, group["trust_coefficient"],
+                                    group["trust_clip"]).unbind(0)
+            for s, r in zip(states, local_lr):
                 s["trust_ratio"] = r
-            torch._foreach_addcmul_(bufs, direction, list(local), value=group["lr"])  # v = m v + lr local (g + wd w)
+            torch._foreach_addcmul_(bufs, direction, list(local_lr), value=group["lr"])  # v = m v + lr local (g + wd w)
         else:
             torch._foreach_add_(bufs, direction, alpha=group["lr"])
         torch._foreach_sub_(params32, bufs)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def trust_ratios(
@@ -39,6 +40,12 @@ def trust_ratios(
     if clip is not None:
         ratio = ratio.clamp(max=clip)
     return ratio
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a (possibly sharded, DTensor) tensor: the tensor itself when not sharded.
+    In-place ops on it update the DTensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def as_fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -109,7 +116,28 @@ def for_each_chunk(params: list[torch.Tensor], update: Callable[[list[torch.Tens
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
-    """What LARS and LAMB share: closure handling and the walk over groups with gradients."""
+    """What LARS and LAMB share: closure handling, the walk over groups with gradients, and whole-tensor norms.
+
+    Under sharding (FSDP: parameters are DTensors) the update runs on each process's local shards and
+    `shard_sum` (set by the strategy: gradwise.train.step) adds the shards' squared norms up, all
+    tensors' at once in one reduction, so each trust ratio is the unsharded tensor's.
+    """
+
+    shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def tensor_norms(self, *lists: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-tensor L2 norms of each list of (local) tensors, over whole tensors: one reduction for all."""
+        if self.shard_sum is None:
+            return [norms(ts) for ts in lists]
+        squares = self.shard_sum(torch.cat([norms(ts).square() for ts in lists]))
+        return list(squares.sqrt().split([len(ts) for ts in lists]))
+
+    def for_each_run(self, params: list[torch.Tensor], update: Callable[[list[torch.Tensor]], None]) -> None:
+        """`update` over cache-sized chunks; sharded, over all of them at once (one norm reduction)."""
+        if self.shard_sum is not None:
+            update(params)
+        else:
+            for_each_chunk(params, update)
 
     @torch.no_grad()
     def step(self, closure=None):

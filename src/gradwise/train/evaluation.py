@@ -74,9 +74,10 @@ def eval_batches(dataset: Dataset, batch_size: int, sync: GradientSync) -> tuple
     if isinstance(dataset, IterableDataset):
         # a generator of its own: a DataLoader otherwise draws its base seed from the training RNG
         return iter(DataLoader(dataset, batch_size=batch_size, generator=torch.Generator().manual_seed(0))), False
-    part = sync.shard(len(dataset))
+    # sharded parameters (FSDP): every forward is a collective, so every rank scores the whole set
+    part = slice(0, len(dataset)) if sync.sharded else sync.shard(len(dataset))
     return (fetch_batch(dataset, torch.arange(start, min(part.stop, start + batch_size)))
-            for start in range(part.start, part.stop, batch_size)), True
+            for start in range(part.start, part.stop, batch_size)), not sync.sharded
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from gradwise.io import write_text
 LOCK = ".gradwise.lock"
 # Keys a resumed run may change: they alter how long it runs and what it reports, never its trajectory.
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
-                  "train.checkpoint_every", "log.", "loader.")
+                  "train.checkpoint_every", "train.parallel", "train.shard_modules", "log.", "loader.")
 
 
 def _resumable(key: str) -> bool:

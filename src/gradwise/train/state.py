@@ -136,10 +136,14 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: s
 
 
 def params_sha256(model: nn.Module) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of every parameter in `named_parameters()` order."""
+    """SHA-256 over (name, dtype, shape, bytes) of every parameter in `named_parameters()` order (a sharded
+    parameter is gathered whole first: a collective, every rank calls this)."""
+    from torch.distributed.tensor import DTensor
+
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
-        t = p.detach().to("cpu").contiguous()
+        # a copy: numpy would pin the parameter's storage, which FSDP frees and refills between passes
+        t = (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu").clone()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

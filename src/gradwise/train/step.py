@@ -30,6 +30,7 @@ from gradwise.train.batch import (batch_loss, call_model, count_items, default_c
 from gradwise.memory.checkpointing import apply_checkpointing
 from gradwise.memory.precision import LossScaler, autocast
 from gradwise.optim import build_optimizer, build_scheduler, scaled_lr
+from gradwise.optim.layerwise import LayerwiseOptimizer, local
 from gradwise.optim.penalties import penalised_params, penalty
 
 
@@ -101,6 +102,8 @@ class StepEngine:
         self.scaler = LossScaler(cfg.scaler) if use_scaler else None
         self.lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.schedule.base_batch, cfg.schedule.scale_rule)
         self.optimizer = optimizer or build_optimizer(cfg.optim, self.model, self.lr)
+        if isinstance(self.optimizer, LayerwiseOptimizer):  # its trust ratios need whole-tensor norms
+            self.optimizer.shard_sum = self.sync.shard_sum if self.sync.sharded else None
         self.scheduler = scheduler or build_scheduler(cfg.schedule, self.optimizer, cfg.schedule.total_steps)
         reg = cfg.regularize
         self.penalised = penalised_params(self.model, cfg.optim.exclude) if reg.l1 or reg.l2 else []
@@ -199,11 +202,12 @@ class StepEngine:
 
     def check_finite(self, loss: torch.Tensor, batch: Any) -> None:
         # one fused kernel flags any non-finite gradient (it multiplies them by exactly 1.0), one host sync
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [local(p.grad) for p in self.params if p.grad is not None]  # this process's shards
         found = self._nonfinite_flag.zero_()
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._unit_scale)
-        if not bool(found.add_(~torch.isfinite(loss.float())).item()):
+        found.add_(~torch.isfinite(loss.float()))
+        if not bool((self.sync.shard_sum(found) if self.sync.sharded else found).item()):
             return
         in_forward = first_nonfinite_forward(self.model, lambda: call_model(self.model, batch))
         if in_forward is not None:
@@ -213,10 +217,13 @@ class StepEngine:
         raise NonFiniteStep(last_nonfinite_grad(self.model), "gradient in backward")
 
     def grad_norm(self) -> float:
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
         if not grads:
             return 0.0
-        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        if not self.sync.sharded:
+            return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        squares = torch.stack(torch._foreach_norm(grads)).square().sum()  # over this process's shards
+        return float(self.sync.shard_sum(squares.reshape(1)).sqrt()[0])
 
     def scale_lr(self, factor: float) -> None:
         """Multiply the learning rate, now and for the rest of the schedule."""

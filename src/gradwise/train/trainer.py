@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gradwise.config import Config, validate
-from gradwise.distributed.ddp import environment_sync
+from gradwise.distributed.environment import environment_sync
 from gradwise.distributed.sync import GradientSync
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import read_json, write_json
@@ -84,7 +84,7 @@ class Trainer:
         if self.train_size == 0:
             raise ConfigError("config error: the training set is empty")
         self.cfg = resolve_config(config or Config(), self.train_size)  # a no-op for an already resolved config
-        self.sync = sync or environment_sync()
+        self.sync = sync or environment_sync(self.cfg.train.parallel)
         self.is_main = self.sync.is_main
         self.train_data, self.test_data, self.val_data = train_data, test_data, val_data
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -117,7 +117,7 @@ class Trainer:
         from gradwise.data import build_data
         from gradwise.nn import build_model
 
-        sync = sync or environment_sync()
+        sync = sync or environment_sync(cfg.train.parallel)
         seed_everything(cfg.seed)
         data = build_data(cfg.data, context=cfg.model.context)
         resolved = resolve_config(cfg, len(data.train), planner=plan_config)  # each rank, so none waits on a

@@ -1,0 +1,31 @@
+"""Which gradient-sync strategy this process runs: one process, or the torchrun group's DDP or FSDP."""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch.distributed as dist
+
+from gradwise.distributed.ddp import DDPSync, DistContext, init_process_group, launched_by_torchrun
+from gradwise.distributed.fsdp import FSDPSync
+from gradwise.distributed.sync import GradientSync
+
+
+def environment_sync(parallel: str = "ddp") -> GradientSync:
+    """The strategy this process's environment asks for: when torchrun started it in a group of more than
+    one (the process group is joined here), `DDPSync`, or `FSDPSync` for `parallel="fsdp"`
+    (`train.parallel`); else one process. So a user's script that builds a Trainer trains data-parallel
+    under `torchrun --nproc-per-node N script.py` with no extra code."""
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        joined = not dist.is_initialized()
+        sync = group_sync(init_process_group(), parallel)
+        if joined:  # leave the group before interpreter teardown (gloo's threads must not outlive it)
+            atexit.register(dist.destroy_process_group)
+        return sync
+    return GradientSync()
+
+
+def group_sync(ctx: DistContext, parallel: str = "ddp") -> DDPSync:
+    """The multi-process strategy `train.parallel` names, over the group `ctx` describes."""
+    return FSDPSync(ctx) if parallel == "fsdp" else DDPSync(ctx)
