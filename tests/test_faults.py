@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import resource
 import signal
 import subprocess
@@ -98,7 +99,7 @@ CORRUPTIONS = {
     "checkpoint tensor bytes": ("checkpoints/last.pt", damage_tensor_bytes, "is corrupt (its content does not match"),
     "checkpoint truncated": ("checkpoints/last.pt", lambda p: p.write_bytes(p.read_bytes()[:5000]),
                              "unreadable or corrupt"),
-    "checkpoint replaced by garbage": ("checkpoints/last.pt", lambda p: p.write_bytes(os.urandom(2000)),
+    "checkpoint replaced by garbage": ("checkpoints/last.pt", lambda p: p.write_bytes(random.Random(0).randbytes(2000)),
                                        "unreadable or corrupt"),
     "config.yaml garbage": ("config.yaml", lambda p: p.write_text("{{{ not yaml"), "config error"),
     "config.yaml lr edited": ("config.yaml", lambda p: p.write_text(p.read_text().replace("lr: 0.01", "lr: 0.02")),
