@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import gradwise.data
 from gradwise import Trainer, load_config
 from gradwise.train.state import seed_everything
 
@@ -21,8 +22,8 @@ COMMON = ["train.steps=20", "train.batch_size=32", "log.progress=off", "log.plot
           "train.eval_every=1000", "train.checkpoint_every=1000", "train.parallel=fsdp", "schedule.name=constant"]
 MODELS = {
     "mlp": ["model.name=mlp", "data.num_samples=400"],
-    "transformer": ["model.name=transformer", "data.name=text", "model.context=16", "model.d_model=32",
-                    "model.n_layer=2", "model.n_head=2"],
+    "transformer": ["model.name=transformer", "data.name=text", "data.test_fraction=0.01", "model.context=16",
+                    "model.d_model=32", "model.n_layer=2", "model.n_head=2"],
 }
 OPTIMIZERS = {"sgd": ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"],
               "adamw": ["optim.name=adamw", "optim.lr=0.003"],
@@ -35,6 +36,18 @@ COMPOSED = {"mlp-adamw-accumulate4-clip": ["model.name=mlp", "data.num_samples=4
             "transformer-lamb-checkpointed-clip": [*MODELS["transformer"], *OPTIMIZERS["lamb"],
                                                    "memory.checkpoint=all", "train.clip_norm=0.5"]}
 
+built = {}
+real_build = gradwise.data.build_data
+
+
+def build_once(cfg, context):  # the text corpus takes ~1.5 s to build: once per process, not once per run
+    key = (repr(cfg), context)
+    if key not in built:
+        built[key] = real_build(cfg, context=context)
+    return built[key]
+
+
+gradwise.data.build_data = build_once
 out = Path(sys.argv[1])
 local_norms = sys.argv[2:] == ["local-norms"]
 results = {}
