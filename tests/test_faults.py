@@ -234,3 +234,12 @@ def test_files_gradwise_did_not_write_are_never_replaced(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has a config.yaml that no gradwise run wrote" in err and len(err.strip().splitlines()) == 1
     assert {k: v for k, v in files(out).items() if k != ".gradwise.lock"} == before
+
+
+def test_a_stateless_optimizer_resumes_exactly(tmp_path):
+    """Plain SGD (momentum 0) keeps no optimizer state: its checkpoint still resumes, to the straight run."""
+    args = [*SMALL, "optim.name=sgd", "optim.momentum=0", "optim.lr=0.05", "schedule.name=constant"]
+    assert main(["train", "--out", str(tmp_path / "straight"), *args, "train.steps=8"]) == 0
+    assert main(["train", "--out", str(tmp_path / "split"), *args, "train.steps=4"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "split"), "train.steps=8"]) == 0
+    assert summary(tmp_path / "split")["params_sha256"] == summary(tmp_path / "straight")["params_sha256"]

@@ -152,7 +152,8 @@ def _train_worker(args: argparse.Namespace) -> int:
 
     ctx = init_process_group()
     try:
-        parallel = (resume_config(args.resume) if args.resume else load_config(args.config, args.overrides)).train.parallel
+        parallel = (resume_config(args.resume, args.overrides) if args.resume
+                    else load_config(args.config, args.overrides)).train.parallel
         sync = group_sync(ctx, parallel)
         restarts = sync.restarts
         out = Path(args.resume) if args.resume else Path(sync.broadcast(str(args.out or _default_out_dir())))

@@ -11,8 +11,9 @@ FSDP's reduce-scatter averages gradients over ranks as DDP's all-reduce does). W
 - `micro_batch` turns the reduce-scatter off on every micro-batch but the last (`set_requires_gradient_sync`).
 - `shard_sum` adds a tensor over the shards (one all-reduce): the whole-tensor norms LARS/LAMB need, the
   global gradient norm, the finiteness flag.
-- checkpoints hold the full (unsharded) state, gathered by torch.distributed.checkpoint's state-dict API,
-  so a run resumes on any number of processes, and under any strategy.
+- checkpoints hold the full (unsharded) state, gathered by torch.distributed.checkpoint's state-dict API
+  and stored in torch's own formats (the optimizer's state keyed by parameter index, as
+  `optimizer.state_dict()` keys it), so a run resumes on any number of processes, and under any strategy.
 """
 
 from __future__ import annotations
@@ -68,3 +69,39 @@ class FSDPSync(DDPSync):
 
     def shard_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.ctx.all_reduce_sum(tensor)
+
+    def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, by_name = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return model_state, _by_index(by_name)
+
+    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                         optimizer_state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=model_state,
+                       optim_state_dict=_by_name(optimizer_state, model, optimizer),
+                       options=StateDictOptions(full_state_dict=True))
+
+
+def _by_index(state: dict) -> dict:
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's) keyed by index instead
+    (`optimizer.state_dict()`'s: parameters numbered in param-group order)."""
+    if "param_groups" not in state:  # ranks other than 0 get nothing (rank 0 alone writes the checkpoint)
+        return state
+    index, groups = {}, []
+    for group in state["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def _by_name(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The inverse of `_by_index`, numbering this optimizer's parameters in its param-group order."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}

@@ -91,18 +91,14 @@ class GradientSync:
     # -- checkpoint format: a sharded strategy gathers and writes its own ----------------------------------------
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """Full (unsharded) model and optimizer state keyed by parameter name, whatever the strategy, so a
-        checkpoint resumes on any number of processes (torch.distributed.checkpoint's state-dict API)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        """Model and optimizer state in torch's own formats (a sharded strategy gathers its shards into them,
+        so a checkpoint resumes under any strategy and process count)."""
+        return model.state_dict(), optimizer.state_dict()
 
     def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                          optimizer_state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=StateDictOptions(full_state_dict=True))
+        optimizer.load_state_dict(optimizer_state)
+        model.load_state_dict(model_state)
 
     def save(self, path, payload: dict[str, Any]) -> None:
         """Write a checkpoint (every rank calls this; one file, written by the main process, atomically)."""
