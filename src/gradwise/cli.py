@@ -152,20 +152,17 @@ def _train_worker(args: argparse.Namespace) -> int:
 
     ctx = init_process_group()
     try:
-        parallel = (resume_config(args.resume, args.overrides) if args.resume
-                    else load_config(args.config, args.overrides)).train.parallel
-        sync = group_sync(ctx, parallel)
+        cfg = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
+        sync = group_sync(ctx, cfg.train.parallel)
         restarts = sync.restarts
         out = Path(args.resume) if args.resume else Path(sync.broadcast(str(args.out or _default_out_dir())))
         if args.resume or (restarts and (out / "checkpoints" / "last.pt").is_file()):
-            trainer = Trainer.from_config(resume_config(out, args.overrides if args.resume else None), out_dir=out,
-                                          sync=sync)
+            trainer = Trainer.from_config(cfg if args.resume else resume_config(out), out_dir=out, sync=sync)
             # a restarted group whose run had finished (a rank died after it): done; `--resume` of a finished
             # run stays an error on every attempt
             complete = trainer.restore(out, finished_ok=restarts > 0 and not args.resume)
         else:  # a fresh run, or a restart before the first checkpoint: the fit replaces that attempt's files
-            trainer, complete = Trainer.from_config(load_config(args.config, args.overrides), out_dir=out,
-                                                    sync=sync), False
+            trainer, complete = Trainer.from_config(cfg, out_dir=out, sync=sync), False
         if restarts and ctx.is_main:
             print(f"gradwise: restart {restarts}: continuing from step {trainer.state.step}", flush=True)
         summary = read_json(out / "summary.json") if complete else trainer.fit()

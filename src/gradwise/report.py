@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gradwise.config import read_yaml
+from gradwise.config import flatten, read_yaml
 from gradwise.errors import UserInputError
 from gradwise.train.metrics import read_metrics
 
@@ -175,16 +175,6 @@ def render_report(folder: str | Path) -> str:
     return _page(f"gradwise report: {run.name}", "".join(body))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def render_compare(folders: list[str | Path]) -> str:
     runs = [Run(f) for f in folders]
     names = [r.name for r in runs]
@@ -193,7 +183,7 @@ def render_compare(folders: list[str | Path]) -> str:
             r.name = str(r.folder)
     keys = [k for k in SUMMARY_KEYS if any(k in r.summary for r in runs)]
     summary_rows = [[k, *[r.summary.get(k, "") for r in runs]] for k in keys]
-    configs = [_flatten(r.config) for r in runs]
+    configs = [flatten(r.config) for r in runs]
     differing = sorted(k for k in set().union(*configs) if len({json.dumps(c.get(k)) for c in configs}) > 1)
     config_rows = [[k, *[c.get(k, "") for c in configs]] for k in differing]
     body = [

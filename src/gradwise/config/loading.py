@@ -42,6 +42,14 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
 def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from gradwise.config import Config, apply_overrides, read_yaml, validate
+from gradwise.config import Config, apply_overrides, flatten, read_yaml, validate
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_text
 
@@ -23,17 +23,10 @@ def _resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def check_same_trajectory(saved: dict, current: dict, where: str) -> None:
     """Refuse a config that differs from the checkpoint's in a key that would change the run's trajectory
     (config.yaml edited by hand, or a script passing another config), as an override on --resume is refused."""
-    before, now = _flat(saved), _flat(current)
+    before, now = flatten(saved), flatten(current)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and not _resumable(k))
     if changed:
         key = changed[0]

@@ -207,7 +207,7 @@ class StepEngine:
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._unit_scale)
         found.add_(~torch.isfinite(loss.float()))
-        if not bool((self.sync.shard_sum(found) if self.sync.sharded else found).item()):
+        if not bool(self.sync.shard_sum(found).item()):  # any rank's shard
             return
         in_forward = first_nonfinite_forward(self.model, lambda: call_model(self.model, batch))
         if in_forward is not None:
