@@ -7,6 +7,8 @@ POINT is where the process dies:
   mid-checkpoint-write      the second checkpoint's file half written (its temp file left behind)
   during-evaluation         inside the second evaluation
   after-final-checkpoint    after the last checkpoint, before summary.json
+  mid-shard-save            under torchrun with train.parallel=fsdp: rank 1, once the second sharded
+                            checkpoint's folder is written, before last.pt names it
 """
 
 import io
@@ -15,6 +17,7 @@ import signal
 import sys
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 import gradwise.train.callbacks as callbacks
 import gradwise.train.trainer as trainer_module
@@ -68,6 +71,18 @@ elif point == "after-final-checkpoint":
             die()
 
     trainer_module.builtin_callbacks = lambda *a: [*real_builtins(*a), AfterFinal()]
+elif point == "mid-shard-save":
+    if os.environ.get("RANK") == "1":
+        real_dcp_save, saves = dcp.save, []
+
+        def save_then_die_the_second_time(*args, **kwargs):
+            result = real_dcp_save(*args, **kwargs)
+            saves.append(1)
+            if len(saves) == 2:
+                die()
+            return result
+
+        dcp.save = save_then_die_the_second_time
 else:
     raise SystemExit(f"unknown point {point}")
 raise SystemExit(main(argv))

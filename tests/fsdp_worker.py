@@ -4,8 +4,8 @@ parameters: tests/test_distributed.py compares them.
     python tests/fsdp_worker.py OUT [local-norms]                     one process
     torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT [local-norms]   FSDP over 2 processes
 
-Runs: {mlp, transformer} x {sgd (momentum), adamw, lamb, lars}, 20 steps each, fp32, and two composed runs
-(accumulation 4 with clipping; activation checkpointing with clipping). `local-norms` makes
+Runs: {mlp, transformer} x {sgd (momentum), adamw, lamb, lars}, 20 steps each, fp32, and three composed runs
+(accumulation 4 with clipping; activation checkpointing with clipping; L1/L2 penalties with early stopping). `local-norms` makes
 LAMB/LARS use each shard's own norms (what a naive sharded implementation does): the test expects that to fail.
 """
 
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import gradwise.data
 from gradwise import Trainer, load_config
@@ -34,7 +35,12 @@ OPTIMIZERS = {"sgd": ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"],
 COMPOSED = {"mlp-adamw-accumulate4-clip": ["model.name=mlp", "data.num_samples=400", *OPTIMIZERS["adamw"],
                                            "train.accumulate=4", "train.clip_norm=0.5"],
             "transformer-lamb-checkpointed-clip": [*MODELS["transformer"], *OPTIMIZERS["lamb"],
-                                                   "memory.checkpoint=all", "train.clip_norm=0.5"]}
+                                                   "memory.checkpoint=all", "train.clip_norm=0.5"],
+            # L1/L2 penalties on the shards; early stopping that stops at step 8 and restores step 4's weights
+            "mlp-sgd-l1-l2-early-stopping": ["model.name=mlp", "data.num_samples=400", "data.val_fraction=0.2",
+                                             *OPTIMIZERS["sgd"], "regularize.l1=0.001", "regularize.l2=0.01",
+                                             "train.eval_every=4", "early_stopping.patience=1",
+                                             "early_stopping.min_delta=1e9"]}
 
 built = {}
 real_build = gradwise.data.build_data
@@ -45,6 +51,11 @@ def build_once(cfg, context):  # the text corpus takes ~1.5 s to build: once per
     if key not in built:
         built[key] = real_build(cfg, context=context)
     return built[key]
+
+
+def whole(model) -> dict:
+    """The model's parameters and buffers, each gathered whole (a collective under FSDP)."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
 
 
 gradwise.data.build_data = build_once
@@ -60,14 +71,14 @@ for model_name, model_args in MODELS.items():
         if local_norms:
             trainer.engine.optimizer.shard_sum = lambda squares: squares  # no reduction: each shard's own norms
         trainer.fit()
-        state = trainer.sync.state_dicts(trainer.model, trainer.engine.optimizer)[0]
-        results[f"{model_name}-{opt_name}"] = {k: v.detach().clone() for k, v in state.items()}
+        results[f"{model_name}-{opt_name}"] = whole(trainer.model)
         seed_everything(0)
 for name, args in ({} if local_norms else COMPOSED).items():
     trainer = Trainer.from_config(load_config(None, [*COMMON, *args]))
-    trainer.fit()
-    results[name] = {k: v.detach().clone() for k, v in
-                     trainer.sync.state_dicts(trainer.model, trainer.engine.optimizer)[0].items()}
+    done = trainer.fit()
+    if "early_stopping" in done:
+        assert done["early_stopping"]["stopped_at"] == 8 and done["early_stopping"]["best_step"] == 4, done
+    results[name] = whole(trainer.model)
 if trainer.sync.is_main:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(results, out)

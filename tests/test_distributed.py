@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,9 +17,11 @@ import pytest
 import torch
 
 from conftest import SMALL
+from gradwise.distributed.checkpoint import full_states
 from gradwise.distributed.ddp import shard
 from gradwise.distributed.launch import free_port
 from gradwise.train.sampler import EpochBatches
+from gradwise.train.state import load_checkpoint
 
 BASE = [*SMALL, "optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0"]
 
@@ -28,7 +31,12 @@ def gradwise(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    """The model state of the run's last checkpoint (a sharded one read whole)."""
+    return full_states(load_checkpoint(run_dir / "checkpoints" / "last.pt"))[0]
+
+
+def shards_folder(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["shards"]["dir"]
 
 
 def assert_same_weights(a: Path, b: Path, rtol: float = 1e-5) -> None:
@@ -153,9 +161,19 @@ def worker_with_rank(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_worker_is_restarted_and_the_result_is_unchanged(tmp_path):
-    args = [*SMALL, "model.channels=[32,32]", "optim.name=sgd", "train.steps=1500", "train.checkpoint_every=50",
-            "log.every=50", "log.progress=plain", "diagnostics.every=0"]
+KILLED_RUNS = {  # (steps, args): long enough that a worker is still training once the first checkpoint exists
+    "ddp": (1500, [*SMALL, "model.channels=[32,32]", "optim.name=sgd"]),
+    "fsdp": (600, [*SMALL, "model.name=mlp", "optim.name=adamw", "train.parallel=fsdp"]),
+}
+
+
+@pytest.mark.parametrize("strategy", KILLED_RUNS)
+def test_a_killed_worker_is_restarted_and_the_result_is_unchanged(tmp_path, strategy):
+    """SIGKILL of rank 1 with --max-restarts 1: the group restarts from the last (FSDP: sharded) checkpoint and
+    ends on the uninterrupted run's exact weights."""
+    steps, run = KILLED_RUNS[strategy]
+    args = [*run, f"train.steps={steps}", "train.checkpoint_every=50", "log.every=50", "log.progress=plain",
+            "diagnostics.every=0"]
     straight = gradwise("train", "--nproc", "2", "--out", str(tmp_path / "straight"), *args)
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "killed"
@@ -176,7 +194,7 @@ def test_a_killed_worker_is_restarted_and_the_result_is_unchanged(tmp_path):
     assert proc.returncode == 0, stderr
     assert "restart 1: continuing from step" in stdout
     result = summary(out)
-    assert result["restarts"] == 1 and result["steps"] == 1500
+    assert result["restarts"] == 1 and result["steps"] == steps
     assert result["params_sha256"] == summary(tmp_path / "straight")["params_sha256"]
 
 
@@ -274,6 +292,37 @@ def test_a_users_script_under_torchrun_trains_data_parallel_with_no_extra_code(t
 # -- FSDP -----------------------------------------------------------------------------------------------------
 
 
+def test_a_users_model_under_fsdp_matches_one_process_and_a_nan_on_one_rank_rolls_back_every_rank(tmp_path):
+    """A user's nn.Sequential sharded per Linear (train.shard_modules) under torchrun = one process, health records
+    included (whole-tensor norms); a non-finite output on rank 1 alone makes every rank take the same path
+    (diagnosis without collectives, one rollback through the sharded checkpoint, whose spare layer has no
+    optimizer state) instead of hanging."""
+    script = str(Path(__file__).with_name("user_ddp_script.py"))
+
+    def torchrun(out: str, *options: str):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", script,
+                               str(tmp_path / out), *options], capture_output=True, text=True, timeout=180)
+
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), "fsdp"], capture_output=True, text=True,
+                         timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    for out, options in (("two", ["fsdp"]), ("nan", ["fsdp", "nan-on-rank-1"])):
+        run = torchrun(out, *options)
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert summary(tmp_path / "two")["world_size"] == 2
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+    def health(run: str) -> list[float]:
+        return [layer["grad_norm"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "health" for layer in json.loads(line)["per_layer"]]
+
+    assert len(health("two")) == 4 * 3 and health("two") == pytest.approx(health("one"), rel=1e-4)  # 3 Linear
+    rolled = summary(tmp_path / "nan")
+    assert rolled["rollbacks"] == 1 and rolled["steps"] == 20
+    assert any(json.loads(line)["kind"] == "rollback" for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines())
+
+
 def relative_differences(a: dict, b: dict) -> dict[str, float]:
     out = {}
     for run in b:
@@ -301,25 +350,63 @@ def test_fsdp_over_2_processes_matches_one_and_lamb_lars_need_whole_tensor_norms
         assert run.returncode == 0, run.stderr[-2000:]
     single = torch.load(tmp_path / "one.pt")
     sharded = relative_differences(single, torch.load(tmp_path / "two.pt"))
-    assert len(sharded) == 10 and max(sharded.values()) < 1e-5, sharded
+    assert len(sharded) == 11 and max(sharded.values()) < 1e-5, sharded
     per_shard = relative_differences(single, torch.load(tmp_path / "local.pt"))
     assert len(per_shard) == 4 and min(per_shard.values()) > 1e-4, per_shard
 
 
-def test_an_fsdp_run_resumes_on_another_number_of_processes(tmp_path):
-    """2 -> 1 and 1 -> 2 processes mid-run: the final weights match an uninterrupted 2-process FSDP run."""
+def test_an_fsdp_run_resumes_on_another_number_of_processes_and_survives_a_crash_mid_save(tmp_path):
+    """Sharded checkpoints: 2 -> 1, 2 -> 4 and 1 -> 2 processes mid-run match an uninterrupted 2-process FSDP
+    run; a rank killed after writing its shards of a checkpoint, before last.pt named them, leaves the
+    previous checkpoint in force, and the resumed run ends on the straight run's exact weights. Early stopping's
+    best weights travel in the shards too: with min_delta=1e9 only the first evaluation (step 5) counts as best,
+    so every run ends by restoring weights that crossed a resume."""
     args = [*SMALL, "model.name=mlp", "optim.name=adamw", "schedule.name=constant", "diagnostics.every=0",
-            "train.checkpoint_every=5", "train.parallel=fsdp"]
+            "data.val_fraction=0.1", "train.eval_every=5", "early_stopping.patience=100",
+            "early_stopping.min_delta=1e9", "train.checkpoint_every=5", "train.parallel=fsdp"]
     straight = gradwise("train", "--nproc", "2", "--strategy", "fsdp", "--out", str(tmp_path / "straight"),
                         *args[:-1], "train.steps=20")  # --strategy fsdp is train.parallel=fsdp
     assert straight.returncode == 0 and "parallel: fsdp" in (tmp_path / "straight" / "config.yaml").read_text()
-    assert gradwise("train", "--nproc", "2", "--out", str(tmp_path / "two-one"), *args, "train.steps=10").returncode == 0
-    assert gradwise("train", "--resume", str(tmp_path / "two-one"), "train.steps=20").returncode == 0
+    first = tmp_path / "two-one"
+    assert gradwise("train", "--nproc", "2", "--out", str(first), *args, "train.steps=10").returncode == 0
+    assert [p.name for p in (first / "checkpoints").iterdir() if p.is_dir()] == [
+        shards_folder(first).name], "one shard folder: the older checkpoint's is removed"
+    assert sorted(p.name for p in shards_folder(first).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shutil.copytree(first, tmp_path / "two-four")
+    damaged = tmp_path / "damaged"  # one flipped byte in rank 1's shard file: refused in one line, naming it
+    shutil.copytree(first, damaged)
+    shard = shards_folder(damaged) / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    refused = gradwise("train", "--resume", str(damaged), "train.steps=20")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert f"'{shard}' is corrupt" in refused.stderr
+    assert gradwise("train", "--resume", str(first), "train.steps=20").returncode == 0
+    assert gradwise("train", "--nproc", "4", "--resume", str(tmp_path / "two-four"), "train.steps=20").returncode == 0
     assert gradwise("train", "--out", str(tmp_path / "one-two"), *args, "train.steps=10").returncode == 0
     assert gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "one-two"), "train.steps=20").returncode == 0
+    crashed = tmp_path / "crashed"
+    died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                           f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(Path(__file__).with_name("fault_run.py")),
+                           "mid-shard-save", "train", "--out", str(crashed), *args, "train.steps=20"],
+                          capture_output=True, text=True, timeout=180)
+    assert died.returncode != 0 and len([p for p in (crashed / "checkpoints").iterdir() if p.is_dir()]) == 2
+    assert torch.load(crashed / "checkpoints" / "last.pt", weights_only=True)["step"] == 5  # the previous one
+    assert gradwise("train", "--nproc", "2", "--resume", str(crashed), "train.steps=20").returncode == 0
+    assert summary(crashed)["params_sha256"] == summary(tmp_path / "straight")["params_sha256"]
+    assert len([p for p in (crashed / "checkpoints").iterdir() if p.is_dir()]) == 1  # the unnamed folder is gone
     straight = weights(tmp_path / "straight")
-    for name, world in (("two-one", 1), ("one-two", 2)):
+    for name, world in (("two-one", 1), ("two-four", 4), ("one-two", 2)):
         resumed = weights(tmp_path / name)
         num = sum(((straight[k] - resumed[k]).double() ** 2).sum() for k in straight) ** 0.5
         assert float(num / sum((straight[k].double() ** 2).sum() for k in straight) ** 0.5) < 1e-5, name
-        assert summary(tmp_path / name)["resumed_from"] == 10 and summary(tmp_path / name)["world_size"] == world
+        result = summary(tmp_path / name)
+        assert result["resumed_from"] == 10 and result["world_size"] == world
+        assert result["early_stopping"]["best_step"] == 5  # restored from the model-shaped state of the shards
+        assert result["test_loss"] == pytest.approx(summary(tmp_path / "straight")["test_loss"], rel=1e-5)
+    # the documented export: one file of the whole model, for torch.load(weights_only=True) and load_state_dict
+    exported = gradwise("export", str(tmp_path / "two-four"), "--out", str(tmp_path / "model.pt"))
+    assert exported.returncode == 0, exported.stderr
+    model, whole = torch.load(tmp_path / "model.pt", weights_only=True), weights(tmp_path / "two-four")
+    assert model.keys() == whole.keys() and all(torch.equal(model[k], whole[k]) for k in model)

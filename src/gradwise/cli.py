@@ -259,6 +259,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gradwise.distributed.checkpoint import export_model
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "model.pt"
+    count = export_model(Path(args.run_dir), out)
+    print(f"wrote {out} ({count} tensors: model.load_state_dict(torch.load('{out}', weights_only=True)))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradwise", description="Train PyTorch models fast, lean, stable and at scale.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -331,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     compare.add_argument("--out", help="HTML file to write (default compare.html)")
     compare.set_defaults(func=cmd_compare)
+
+    export = sub.add_parser("export", help="the model state_dict of a run's last checkpoint as one file "
+                                           "(a sharded checkpoint consolidated)")
+    export.add_argument("run_dir", help="a run directory (holds checkpoints/last.pt)")
+    export.add_argument("--out", help="file to write (default RUN_DIR/model.pt)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

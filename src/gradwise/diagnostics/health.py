@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from gradwise.optim.layerwise import local
+
 REMEDIES = {
     "vanishing": "use residual or ReZero blocks (model.residual=rezero), normalisation (model.norm=layer), "
                  "or kaiming/orthogonal init (model.init=kaiming)",
@@ -52,18 +54,24 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
 
 
-def layer_stats(model: nn.Module, before: list[torch.Tensor] | None = None) -> list[LayerStat]:
-    """Per-layer norms from the current gradients (one host sync); update ratios if `before` weights are given."""
+def layer_stats(model: nn.Module, before: list[torch.Tensor] | None = None,
+                shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[LayerStat]:
+    """Per-layer norms from the current gradients (one host sync); update ratios if `before` weights are given.
+    Sharded parameters (FSDP): each process's squared norms are added up by `shard_sum` (one all-reduce)."""
     layers = weight_layers(model)
     if not layers:
         return []
-    weights = [p.detach() for _, p in layers]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in layers]
-    rows = [torch.stack(torch._foreach_norm(grads)), torch.stack(torch._foreach_norm(weights))]
+    weights = [local(p.detach()) for _, p in layers]
+    grads = [local(p.grad) if p.grad is not None else torch.zeros_like(w) for (_, p), w in zip(layers, weights)]
+    parts = [grads, weights]
     if before is not None:
-        deltas = torch._foreach_sub(weights, before)
-        rows.append(torch.stack(torch._foreach_norm(deltas)) / torch.stack(torch._foreach_norm(before)).clamp(min=1e-30))
-    values = torch.stack(rows).float().cpu().tolist()
+        olds = [local(b) for b in before]
+        parts += [torch._foreach_sub(weights, olds), olds]
+    squares = torch.stack([torch.stack(torch._foreach_norm(part)).float() ** 2 for part in parts])
+    norms = (shard_sum(squares) if shard_sum is not None else squares).sqrt()
+    if before is not None:
+        norms = torch.cat([norms[:2], (norms[2] / norms[3].clamp(min=1e-30)).unsqueeze(0)])
+    values = norms.cpu().tolist()
     return [
         LayerStat(name, values[0][i], values[1][i], values[2][i] if before is not None else None)
         for i, (name, _) in enumerate(layers)
@@ -112,7 +120,7 @@ def first_nonfinite_forward(model: nn.Module, forward: Callable[[], Any]) -> str
 def last_nonfinite_grad(model: nn.Module) -> str | None:
     """The deepest parameter (model order) whose gradient is not finite: where backward first produced it."""
     culprit = None
-    for name, p in model.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+    for name, p in model.named_parameters():  # a sharded gradient: this process's shard (no collective)
+        if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all()):
             culprit = name
     return culprit

@@ -21,9 +21,25 @@ def environment_sync(parallel: str = "ddp") -> GradientSync:
         joined = not dist.is_initialized()
         sync = group_sync(init_process_group(), parallel)
         if joined:  # leave the group before interpreter teardown (gloo's threads must not outlive it)
-            atexit.register(dist.destroy_process_group)
+            atexit.register(leave_group)
         return sync
     return GradientSync()
+
+
+def leave_group(timeout_s: float = 60.0) -> None:
+    """Wait for every rank (at most `timeout_s`: a rank that failed never comes), then destroy the group. A
+    rank that exits while a peer's gloo threads still wait on it aborts that peer ("terminate called without
+    an active exception")."""
+    import datetime
+
+    if not dist.is_initialized():  # the script left the group itself
+        return
+    if dist.get_backend() == "gloo":  # (NCCL has no barrier with a timeout; it is left as before)
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError:
+            pass  # a rank did not come: leave anyway
+    dist.destroy_process_group()
 
 
 def group_sync(ctx: DistContext, parallel: str = "ddp") -> DDPSync:

@@ -11,18 +11,28 @@ FSDP's reduce-scatter averages gradients over ranks as DDP's all-reduce does). W
 - `micro_batch` turns the reduce-scatter off on every micro-batch but the last (`set_requires_gradient_sync`).
 - `shard_sum` adds a tensor over the shards (one all-reduce): the whole-tensor norms LARS/LAMB need, the
   global gradient norm, the finiteness flag.
-- checkpoints hold the full (unsharded) state, gathered by torch.distributed.checkpoint's state-dict API
-  and stored in torch's own formats (the optimizer's state keyed by parameter index, as
-  `optimizer.state_dict()` keys it), so a run resumes on any number of processes, and under any strategy.
+- checkpoints are sharded: each process writes its own shards with torch.distributed.checkpoint, and a
+  run resumes from them on any number of processes, under FSDP (DCP reshards) or any other strategy
+  (which reads the folder whole): gradwise.distributed.checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from gradwise.distributed.checkpoint import (
+    by_name,
+    check_shards,
+    load_sharded,
+    new_folder_name,
+    remove_other_folders,
+    write_shards,
+)
 from gradwise.distributed.ddp import DDPSync
 from gradwise.errors import ConfigError
 
@@ -71,37 +81,43 @@ class FSDPSync(DDPSync):
         return self.ctx.all_reduce_sum(tensor)
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, by_name = get_state_dict(model, optimizer,
-                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return model_state, _by_index(by_name)
+        return get_state_dict(model, optimizer)  # this rank's shards (DTensors), optimizer state keyed by name
 
-    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                         optimizer_state: dict) -> None:
+    def save(self, path: Path, payload: dict[str, Any]) -> None:
+        """Every rank writes its shards to a new folder beside `path`; then rank 0 writes `path` naming it
+        (the moment the checkpoint counts) and removes the folders of older checkpoints."""
+        name = self.broadcast(new_folder_name(payload["step"]))
+        state = {"model": payload.pop("model"), "optimizer": payload.pop("optimizer"),
+                 "model_states": payload.pop("model_states", {})}
+        files = write_shards(path.parent / name, state, self)
+        super().save(path, {**payload, "shards": {"dir": name, "files": files, "world_size": self.world_size,
+                                                  "model_states": sorted(state["model_states"])}})
+        if self.is_main:
+            remove_other_folders(path.parent, keep=name)
+
+    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]) -> None:
+        """A sharded checkpoint: each rank reads what its shards need (written by any number of processes);
+        a one-file checkpoint (one process, DDP): every rank reads it whole and keeps its shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, optimizer, model_state_dict=model_state,
-                       optim_state_dict=_by_name(optimizer_state, model, optimizer),
-                       options=StateDictOptions(full_state_dict=True))
+        if "shards" in payload:
+            folder = Path(payload["shards"]["path"])
+            check_shards(folder, payload["shards"]["files"], self)
+            payload["model_states"] = load_sharded(folder, model, optimizer, payload["shards"]["model_states"])
+            return
+        set_state_dict(model, optimizer, model_state_dict=payload["model"],
+                       optim_state_dict=by_name(payload["optimizer"], model, optimizer),
+                       options=StateDictOptions(full_state_dict=True, strict=False))  # as in load_sharded
+        payload["model_states"] = {name: shard_like(model, state)
+                                   for name, state in payload.get("model_states", {}).items()}
 
 
-def _by_index(state: dict) -> dict:
-    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's) keyed by index instead
-    (`optimizer.state_dict()`'s: parameters numbered in param-group order)."""
-    if "param_groups" not in state:  # ranks other than 0 get nothing (rank 0 alone writes the checkpoint)
-        return state
-    index, groups = {}, []
-    for group in state["param_groups"]:
-        ids = [index.setdefault(name, len(index)) for name in group["params"]]
-        groups.append({**group, "params": ids})
-    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+def shard_like(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole model-shaped state dict split into this process's shards, placed as the model's own are."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-
-def _by_name(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The inverse of `_by_index`, numbering this optimizer's parameters in its param-group order."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    return {"state": {order[i]: value for i, value in state["state"].items()},
-            "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
-                             for group in state["param_groups"]]}
+    own = model.state_dict()
+    return {k: distribute_tensor(v.to(own[k].device), own[k].device_mesh, own[k].placements)
+            if isinstance(own[k], DTensor) else v for k, v in full.items()}

@@ -10,20 +10,23 @@ override what differs. A strategy owns everything that depends on how many
 processes share a batch: which rows of a batch this process computes on, the
 loss weights of its micro-batches, which micro-batches skip communication,
 the collectives the trainer's metrics need, and how model and optimizer state
-are gathered for a checkpoint (a sharded strategy such as FSDP returns its
-own, sharded, state here and writes it with its own format).
+are saved and loaded (one file in torch's formats; FSDP: each process's shards,
+gradwise.distributed.checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from gradwise.distributed.checkpoint import check_shards, full_states
 from gradwise.io import write_with
 from gradwise.memory.accumulation import loss_weights
+from gradwise.train.state import with_header
 
 
 def default_device() -> torch.device:
@@ -88,19 +91,26 @@ class GradientSync:
         """Rank 0's `obj` on every rank."""
         return obj
 
-    # -- checkpoint format: a sharded strategy gathers and writes its own ----------------------------------------
+    # -- checkpoints: one file here; a sharded strategy writes each process's shards ------------------------------
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """Model and optimizer state in torch's own formats (a sharded strategy gathers its shards into them,
-        so a checkpoint resumes under any strategy and process count)."""
+        """Model and optimizer state as this strategy checkpoints them: torch's own formats (FSDP: this
+        process's shards, which `save` writes to a folder of their own)."""
         return model.state_dict(), optimizer.state_dict()
 
-    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                         optimizer_state: dict) -> None:
+    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]) -> None:
+        """Load a checkpoint's model and optimizer state, and put its model-shaped states in
+        `payload["model_states"]` for the callbacks (a sharded checkpoint's folder is checked, then read
+        whole: a run sharded over N processes resumes here)."""
+        if "shards" in payload:
+            check_shards(Path(payload["shards"]["path"]), payload["shards"]["files"], self)
+        model_state, optimizer_state, payload["model_states"] = full_states(payload)
         optimizer.load_state_dict(optimizer_state)
         model.load_state_dict(model_state)
 
-    def save(self, path, payload: dict[str, Any]) -> None:
-        """Write a checkpoint (every rank calls this; one file, written by the main process, atomically)."""
+    def save(self, path: Path, payload: dict[str, Any]) -> None:
+        """Write a checkpoint (every rank calls this; one file, written by the main process, atomically, with
+        the header and checksum of gradwise.train.state)."""
         if self.is_main:
-            write_with(path, lambda handle: torch.save(payload, handle))
+            marked = with_header(payload)
+            write_with(path, lambda handle: torch.save(marked, handle))

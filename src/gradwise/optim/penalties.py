@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gradwise.optim.groups import is_excluded
+from gradwise.optim.layerwise import local
 
 
 def penalised_params(model: nn.Module, exclude: list[str] | None = None) -> list[nn.Parameter]:
@@ -26,10 +27,13 @@ def penalised_params(model: nn.Module, exclude: list[str] | None = None) -> list
 
 
 def penalty(params: list[torch.Tensor], l1: float = 0.0, l2: float = 0.0) -> torch.Tensor:
-    """l1 * sum |w| + l2 * sum w^2 over `params`, as a scalar (fp32) that carries gradients."""
-    total = torch.zeros((), device=params[0].device if params else None)
+    """l1 * sum |w| + l2 * sum w^2 over `params`, as a scalar (fp32) that carries gradients.
+
+    A sharded parameter (FSDP) contributes its local shard: the gradient lands on that shard directly
+    (elementwise, so exact), and the shards' values add up to the whole penalty (`shard_sum`)."""
+    total = torch.zeros((), device=local(params[0]).device if params else None)
     for p in params:
-        w = p.float()
+        w = local(p).float()
         if l1:
             total = total + l1 * w.abs().sum()
         if l2:

@@ -4,7 +4,8 @@
 (by more than `min_delta`, downwards for losses and bits-per-char, upwards for
 accuracy) records the step and copies the weights; `patience` evaluations in a
 row without one ask the loop to stop. The state, best weights included, goes
-into checkpoints so a resumed run stops where an uninterrupted one would.
+into checkpoints so a resumed run stops where an uninterrupted one would (the
+weights as a model-shaped state, sharded under FSDP like the model).
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ class EarlyStopping:
                 "best_step": self.best_step, "stopped_at": self.stopped_at}
 
     def state_dict(self) -> dict[str, Any]:
+        """The tracker's figures; the best weights, shaped like the model, are checkpointed beside the model
+        (`model_states`, sharded with it under FSDP), not here."""
         return {"best_value": self.best_value, "best_step": self.best_step, "bad_evaluations": self.bad_evaluations,
-                "stopped_at": self.stopped_at, "best_weights": self.best_weights}
+                "stopped_at": self.stopped_at}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], best_weights: dict[str, torch.Tensor] | None) -> None:
         self.best_value, self.best_step = float(state["best_value"]), state["best_step"]
         self.bad_evaluations, self.stopped_at = int(state["bad_evaluations"]), state["stopped_at"]
-        self.best_weights = state["best_weights"]
+        self.best_weights = best_weights if best_weights is not None else state.get("best_weights")  # older files

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from gradwise.config import Config, apply_overrides, flatten, read_yaml, validate
+from gradwise.distributed.checkpoint import remove_other_folders
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_text
 
@@ -59,6 +60,7 @@ def clear_attempt(folder: Path) -> None:
     for pattern in ("tensorboard/events.out.tfevents.*", "plots/*.png"):
         for path in folder.glob(pattern):
             path.unlink(missing_ok=True)
+    remove_other_folders(folder / "checkpoints", keep="")  # shards a first sharded save left unfinished
 
 
 def remove_stale_temp_files(folder: Path) -> None:

@@ -3,7 +3,8 @@
 `last.pt` loads with `torch.load(path, weights_only=True)`; every value is a
 tensor or a plain Python container of numbers and strings, and `sha256` is the
 checksum of all the rest (`content_sha256`), checked on every load. The gradient-sync strategy
-writes them (atomically; gradwise.distributed.sync). `seed_everything` and the RNG
+writes them (atomically; gradwise.distributed.sync); a sharded one keeps the model and optimizer in
+a folder that last.pt names (`shards`, gradwise.distributed.checkpoint). `seed_everything` and the RNG
 capture live here too.
 """
 
@@ -83,11 +84,10 @@ def content_sha256(payload: Any) -> str:
     return digest.hexdigest()
 
 
-def with_header(payload: dict[str, Any], checksum: bool = True) -> dict[str, Any]:
-    """`payload` marked as a gradwise checkpoint of this format version, with the checksum of its content
-    (`checksum=False` where the payload is not written: ranks other than the one that writes)."""
+def with_header(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` marked as a gradwise checkpoint of this format version, with the checksum of its content."""
     marked = {"format": FORMAT, "version": VERSION, **payload}
-    return {**marked, "sha256": content_sha256(marked)} if checksum else marked
+    return {**marked, "sha256": content_sha256(marked)}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -110,26 +110,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if stored != content_sha256(payload):
         raise CheckpointError(f"checkpoint error: '{path}' is corrupt (its content does not match the checksum "
                               "written with it); resume from another copy or start the run again")
-    missing = [k for k in ("model", "optimizer", "scheduler", "step", "position", "rng", "config") if k not in payload]
+    states = ("shards",) if "shards" in payload else ("model", "optimizer")  # shards: a sharded checkpoint's folder
+    missing = [k for k in (*states, "scheduler", "step", "position", "rng", "config") if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint error: '{path}' lacks {missing}")
+    if "shards" in payload:
+        payload["shards"]["path"] = str(path.parent / payload["shards"]["dir"])
     return payload
 
 
-def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Raise CheckpointError if `state` does not fit `model` key for key and shape for shape."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+def check_model_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Raise CheckpointError if a checkpoint's model `shapes` ({name: shape}) do not fit `model` key for key
+    and shape for shape."""
+    own = {name: tuple(value.shape) for name, value in model.state_dict().items()}  # a DTensor's shape is whole
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint error: '{where}' does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
+    for k, shape in own.items():
+        if tuple(shapes[k]) != shape:
             raise CheckpointError(
                 f"checkpoint error: '{where}' does not match the model: {k} has shape "
-                f"{tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+                f"{tuple(shapes[k])} in the checkpoint, {shape} in the model"
             )
 
 

@@ -173,7 +173,7 @@ class StepEngine:
                 if self.penalised and last:
                     extra = penalty(self.penalised, self.cfg.regularize.l1, self.cfg.regularize.l2)
                     objective = loss + extra
-                    self.last_penalty = extra.detach()
+                    self.last_penalty = self.sync.shard_sum(extra.detach().clone().reshape(1))[0]  # FSDP: whole
                 (self.scaler.scale_loss(objective) if self.scaler else objective).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total

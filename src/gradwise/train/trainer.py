@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gradwise.config import Config, validate
+from gradwise.distributed.checkpoint import model_shapes
 from gradwise.distributed.environment import environment_sync
 from gradwise.distributed.sync import GradientSync
 from gradwise.errors import CheckpointError, ConfigError
@@ -47,7 +48,6 @@ from gradwise.train.state import (
     params_sha256,
     restore_rng,
     seed_everything,
-    with_header,
 )
 from gradwise.train.step import NonFiniteStep, StepEngine
 
@@ -162,9 +162,9 @@ class Trainer:
 
     def load_state_dict(self, payload: dict[str, Any], where: str = "checkpoint") -> None:
         engine, s = self.engine, self.state
-        check_model_state(self.model, payload["model"], where)
+        check_model_state(self.model, model_shapes(payload), where)
         try:
-            self.sync.load_state_dicts(self.model, engine.optimizer, payload["model"], payload["optimizer"])
+            self.sync.load_state_dicts(self.model, engine.optimizer, payload)
             engine.scheduler.load_state_dict(payload["scheduler"])
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint error: '{where}' optimizer/scheduler state does not fit: {err}") from None
@@ -186,7 +186,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write checkpoints/last.pt (the strategy decides who writes; every rank must call this)."""
         if self.out_dir is not None:
-            self.sync.save(self.out_dir / "checkpoints" / "last.pt", with_header(self.state_dict(), checksum=self.is_main))
+            self.sync.save(self.out_dir / "checkpoints" / "last.pt", self.state_dict())
 
     # -- what callbacks call ---------------------------------------------------------------------------------
 

@@ -77,6 +77,9 @@ class Checkpointer(Cadenced):
         trainer.save_checkpoint()
 
 
+BEST = "early_stopping.best_weights"  # its name among a checkpoint's model-shaped states
+
+
 class EarlyStop(Callback):
     """Stops when the validation metric stops improving (`early_stopping.*`); ends with the best weights."""
 
@@ -112,10 +115,12 @@ class EarlyStop(Callback):
 
     def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
         payload["early_stopping"] = self.tracker.state_dict()
+        if self.tracker.best_weights is not None:
+            payload.setdefault("model_states", {})[BEST] = self.tracker.best_weights
 
     def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
         if payload.get("early_stopping"):
-            self.tracker.load_state_dict(payload["early_stopping"])
+            self.tracker.load_state_dict(payload["early_stopping"], payload.get("model_states", {}).get(BEST))
 
     def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
         summary["early_stopping"] = self.tracker.summary()
@@ -137,7 +142,7 @@ class GradientHealth(Callback):
         if self.before is None:
             return
         d, state = trainer.cfg.diagnostics, trainer.state
-        stats = layer_stats(trainer.model, self.before)
+        stats = layer_stats(trainer.model, self.before, trainer.sync.shard_sum if trainer.sync.sharded else None)
         self.before = None
         verdict = judge(stats, d.vanishing_ratio, d.vanishing_norm, d.exploding_norm, d.exploding_update)
         if verdict.verdict != "healthy" and (state.health or {}).get("verdict") != verdict.verdict:
