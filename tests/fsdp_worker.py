@@ -1,14 +1,17 @@
 """Trains the same small runs with `train.parallel=fsdp` (under torchrun) or in one process, and writes the final
 parameters: tests/test_distributed.py compares them.
 
-    python tests/fsdp_worker.py OUT [local-norms]                     one process
-    torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT [local-norms]   FSDP over 2 processes
+    python tests/fsdp_worker.py OUT                                   one process
+    torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT [LOCAL_OUT]  FSDP over 2 processes (and again
+                                                                      with each shard's own norms)
 
 Runs: {mlp, transformer} x {sgd (momentum), adamw, lamb, lars}, 20 steps each, fp32, and three composed runs
-(accumulation 4 with clipping; activation checkpointing with clipping; L1/L2 penalties with early stopping). `local-norms` makes
-LAMB/LARS use each shard's own norms (what a naive sharded implementation does): the test expects that to fail.
+(accumulation 4 with clipping; activation checkpointing with clipping; L1/L2 penalties with early stopping).
+LOCAL_OUT gets the LAMB/LARS runs again with each shard's own norms (what a naive sharded implementation
+does): the test expects those to miss.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -58,27 +61,30 @@ def whole(model) -> dict:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
 
 
-gradwise.data.build_data = build_once
-out = Path(sys.argv[1])
-local_norms = sys.argv[2:] == ["local-norms"]
-results = {}
-for model_name, model_args in MODELS.items():
-    for opt_name, opt_args in OPTIMIZERS.items():
-        if local_norms and opt_name not in ("lamb", "lars"):
-            continue
-        cfg = load_config(None, [*COMMON, *model_args, *opt_args])
-        trainer = Trainer.from_config(cfg)
-        if local_norms:
-            trainer.engine.optimizer.shard_sum = lambda squares: squares  # no reduction: each shard's own norms
-        trainer.fit()
-        results[f"{model_name}-{opt_name}"] = whole(trainer.model)
-        seed_everything(0)
-for name, args in ({} if local_norms else COMPOSED).items():
+def train(args: list[str], local_norms: bool = False) -> tuple[dict, dict]:
     trainer = Trainer.from_config(load_config(None, [*COMMON, *args]))
+    if local_norms:
+        trainer.engine.optimizer.shard_sum = lambda squares: squares  # no reduction: each shard's own norms
     done = trainer.fit()
-    if "early_stopping" in done:
-        assert done["early_stopping"]["stopped_at"] == 8 and done["early_stopping"]["best_step"] == 4, done
-    results[name] = whole(trainer.model)
-if trainer.sync.is_main:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(results, out)
+    seed_everything(0)
+    return whole(trainer.model), done
+
+
+gradwise.data.build_data = build_once
+outputs = {"sharded": Path(sys.argv[1])}
+if sys.argv[2:]:
+    outputs["local-norms"] = Path(sys.argv[2])
+for kind, out in outputs.items():
+    local_norms = kind == "local-norms"
+    results = {}
+    for model_name, model_args in MODELS.items():
+        for opt_name, opt_args in OPTIMIZERS.items():
+            if not local_norms or opt_name in ("lamb", "lars"):
+                results[f"{model_name}-{opt_name}"] = train([*model_args, *opt_args], local_norms)[0]
+    for name, args in ({} if local_norms else COMPOSED).items():
+        results[name], done = train(args)
+        if "early_stopping" in done:
+            assert done["early_stopping"]["stopped_at"] == 8 and done["early_stopping"]["best_step"] == 4, done
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(results, out)

@@ -6,6 +6,7 @@ python and under `torchrun --nproc-per-node 2` and compares the weights. Options
                       layer the forward never uses (no gradient, so no optimizer state, in any checkpoint)
     nan-on-rank-1     rank 1 alone computes a non-finite output once, at step 5 (the others stay finite), with
                       diagnostics.on_nonfinite=rollback: every rank must take the same collective path
+    stop-at-10        this session ends after step 10 (run the script again to resume: `fit(resume=True)`)
 """
 
 import os
@@ -69,4 +70,4 @@ callbacks = [DieAfterFinal()] if "die-after-final" in options else []
 callbacks += [PoisonOnRank1(model.net[0])] if "nan-on-rank-1" in options else []
 trainer = Trainer(model, TensorDataset(x, y), test_data=TensorDataset(x[:50], y[:50]),
                   config=load_config(None, overrides), out_dir=sys.argv[1], callbacks=callbacks)
-trainer.fit(resume=True)
+trainer.fit(max_steps=10 if "stop-at-10" in options else None, resume=True)

@@ -34,7 +34,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name ours
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _umask() -> int:
@@ -46,7 +46,8 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries durable (a rename or a new file in it survives a power loss)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

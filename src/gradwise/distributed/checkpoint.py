@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gradwise.errors import CheckpointError
+from gradwise.io import fsync_dir
 
 PREFIX = "shards-"
 
@@ -59,7 +60,10 @@ def write_shards(folder: Path, state: dict[str, Any], sync) -> dict[str, str]:
     the whole folder (on every rank)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), thread_count=1))
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), thread_count=1))  # files fsynced
+    fsync_dir(folder)  # ... and their names (this rank's file; rank 0: .metadata), and the folder's own
+    if sync is None or sync.is_main:
+        fsync_dir(folder.parent)
     names = [p.name for p in folder.iterdir() if p.is_file()]
     mine = {name: file_sha256(folder / name) for name in _my_files(names, sync)}
     merged: dict[str, str] = {}
@@ -197,7 +201,10 @@ def export_model(run_dir: Path, out: Path) -> int:
     from gradwise.io import write_with
     from gradwise.train.state import load_checkpoint
 
-    payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    for attempt in range(3):  # a run training meanwhile may replace last.pt and remove the folder it named
+        payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        if "shards" not in payload or Path(payload["shards"]["path"]).is_dir() or attempt == 2:
+            break
     if "shards" in payload:
         check_shards(Path(payload["shards"]["path"]), payload["shards"]["files"])
     model_state = full_states(payload)[0]

@@ -27,7 +27,6 @@ from torch import nn
 
 from gradwise.distributed.checkpoint import (
     by_name,
-    check_shards,
     load_sharded,
     new_folder_name,
     remove_other_folders,
@@ -83,7 +82,12 @@ class FSDPSync(DDPSync):
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        return get_state_dict(model, optimizer)  # this rank's shards (DTensors), optimizer state keyed by name
+        stateless = not optimizer.state  # (before any update) get_state_dict would give it a zero step's state
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards, keyed by name
+        if stateless:
+            optimizer.state.clear()
+            optimizer_state["state"] = {}
+        return model_state, optimizer_state
 
     def save(self, path: Path, payload: dict[str, Any]) -> None:
         """Every rank writes its shards to a new folder beside `path`; then rank 0 writes `path` naming it
@@ -104,12 +108,14 @@ class FSDPSync(DDPSync):
 
         if "shards" in payload:
             folder = Path(payload["shards"]["path"])
-            check_shards(folder, payload["shards"]["files"], self)
             payload["model_states"] = load_sharded(folder, model, optimizer, payload["shards"]["model_states"])
             return
-        set_state_dict(model, optimizer, model_state_dict=payload["model"],
-                       optim_state_dict=by_name(payload["optimizer"], model, optimizer),
-                       options=StateDictOptions(full_state_dict=True, strict=False))  # as in load_sharded
+        named = by_name(payload["optimizer"], model, optimizer)
+        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=named,
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+        for name, p in model.named_parameters():  # a parameter the file has no state for keeps none (not the
+            if name not in named["state"]:         # zero step's state the state-dict API gave it)
+                optimizer.state.pop(p, None)
         payload["model_states"] = {name: shard_like(model, state)
                                    for name, state in payload.get("model_states", {}).items()}
 

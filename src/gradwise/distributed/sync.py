@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwise.distributed.checkpoint import check_shards, full_states
+from gradwise.distributed.checkpoint import check_shards, full_states, remove_other_folders
 from gradwise.io import write_with
 from gradwise.memory.accumulation import loss_weights
 from gradwise.train.state import with_header
@@ -98,12 +98,16 @@ class GradientSync:
         process's shards, which `save` writes to a folder of their own)."""
         return model.state_dict(), optimizer.state_dict()
 
-    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]) -> None:
-        """Load a checkpoint's model and optimizer state, and put its model-shaped states in
-        `payload["model_states"]` for the callbacks (a sharded checkpoint's folder is checked, then read
-        whole: a run sharded over N processes resumes here)."""
+    def verify_checkpoint(self, payload: dict[str, Any]) -> None:
+        """Check a sharded checkpoint's files against their checksums before anything reads them (a collective:
+        each process checks every N-th file; all raise together)."""
         if "shards" in payload:
             check_shards(Path(payload["shards"]["path"]), payload["shards"]["files"], self)
+
+    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]) -> None:
+        """Load a checkpoint's model and optimizer state, and put its model-shaped states in
+        `payload["model_states"]` for the callbacks (a sharded checkpoint's folder is read whole: a run
+        sharded over N processes resumes here)."""
         model_state, optimizer_state, payload["model_states"] = full_states(payload)
         optimizer.load_state_dict(optimizer_state)
         model.load_state_dict(model_state)
@@ -114,3 +118,5 @@ class GradientSync:
         if self.is_main:
             marked = with_header(payload)
             write_with(path, lambda handle: torch.save(marked, handle))
+            if "shards" not in payload:  # a sharded run resumed here: its folders are no longer named
+                remove_other_folders(path.parent, keep="")

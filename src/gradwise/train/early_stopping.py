@@ -66,4 +66,4 @@ class EarlyStopping:
     def load_state_dict(self, state: dict[str, Any], best_weights: dict[str, torch.Tensor] | None) -> None:
         self.best_value, self.best_step = float(state["best_value"]), state["best_step"]
         self.bad_evaluations, self.stopped_at = int(state["bad_evaluations"]), state["stopped_at"]
-        self.best_weights = best_weights if best_weights is not None else state.get("best_weights")  # older files
+        self.best_weights = best_weights

@@ -23,6 +23,7 @@ from gradwise.errors import CheckpointError
 
 FORMAT = "gradwise-checkpoint"
 VERSION = 2  # 2: a content checksum (`sha256`)
+BEST_WEIGHTS = "early_stopping.best_weights"  # early stopping's best weights among the model-shaped states
 
 
 def seed_everything(seed: int) -> None:
@@ -116,6 +117,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint error: '{path}' lacks {missing}")
     if "shards" in payload:
         payload["shards"]["path"] = str(path.parent / payload["shards"]["dir"])
+    legacy = (payload.get("early_stopping") or {}).pop("best_weights", None)  # where files before model_states
+    if legacy is not None:                                                    # kept them
+        payload.setdefault("model_states", {})[BEST_WEIGHTS] = legacy
     return payload
 
 

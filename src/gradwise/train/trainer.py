@@ -162,6 +162,7 @@ class Trainer:
 
     def load_state_dict(self, payload: dict[str, Any], where: str = "checkpoint") -> None:
         engine, s = self.engine, self.state
+        self.sync.verify_checkpoint(payload)
         check_model_state(self.model, model_shapes(payload), where)
         try:
             self.sync.load_state_dicts(self.model, engine.optimizer, payload)

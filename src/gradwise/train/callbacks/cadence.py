@@ -16,6 +16,7 @@ from gradwise.diagnostics.health import judge, layer_stats, weight_layers
 from gradwise.errors import ConfigError
 from gradwise.train.callbacks.base import Callback, StepOutput
 from gradwise.train.early_stopping import EarlyStopping
+from gradwise.train.state import BEST_WEIGHTS
 
 
 class Cadenced(Callback):
@@ -77,9 +78,6 @@ class Checkpointer(Cadenced):
         trainer.save_checkpoint()
 
 
-BEST = "early_stopping.best_weights"  # its name among a checkpoint's model-shaped states
-
-
 class EarlyStop(Callback):
     """Stops when the validation metric stops improving (`early_stopping.*`); ends with the best weights."""
 
@@ -116,11 +114,11 @@ class EarlyStop(Callback):
     def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
         payload["early_stopping"] = self.tracker.state_dict()
         if self.tracker.best_weights is not None:
-            payload.setdefault("model_states", {})[BEST] = self.tracker.best_weights
+            payload.setdefault("model_states", {})[BEST_WEIGHTS] = self.tracker.best_weights
 
     def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
         if payload.get("early_stopping"):
-            self.tracker.load_state_dict(payload["early_stopping"], payload.get("model_states", {}).get(BEST))
+            self.tracker.load_state_dict(payload["early_stopping"], payload.get("model_states", {}).get(BEST_WEIGHTS))
 
     def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
         summary["early_stopping"] = self.tracker.summary()
