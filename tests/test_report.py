@@ -114,5 +114,18 @@ def test_bench_writes_json_and_markdown_with_the_machine(tmp_path, capsys):
     rows = results["benchmarks"]["matmul-limit"]["rows"]
     assert {r["precision"] for r in rows} == {"fp32", "bf16"}
     assert all(r["GFLOP/step"] > 0 and 0 < r["MFU"] for r in rows)
+    assert all(r["model-shape GFLOP/s"] > 0 for r in rows)  # the model's own layer shapes, timed
+    assert results["benchmarks"]["matmul-limit"]["memory_bandwidth_gbs"] > 0  # STREAM triad
     text = md.read_text()
     assert results["date"] in text and results["machine"]["cpu"] in text and "| job | precision |" in text
+
+
+def test_bench_optimizers_reports_each_step_against_its_bandwidth_floor():
+    from gradwise.bench.optimizers import FLOOR_BYTES, run
+
+    result = run(steps=1, repeats=1)
+    mine = {r["optimizer"]: r for r in result["rows"] if r["implementation"] == "gradwise"}
+    assert set(mine) == set(FLOOR_BYTES) == {"AdamW", "LAMB", "LARS"}
+    assert all(r["x bandwidth floor"] > 0 and r["ms/step"] > 0 for r in mine.values())
+    adamw = {r["implementation"] for r in result["rows"] if r["optimizer"] == "AdamW"}
+    assert adamw == {"gradwise", "torch (foreach)", "torch (fused)"}

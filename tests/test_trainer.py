@@ -30,7 +30,7 @@ def plain_loop(cfg, steps):
     if o.name == "sgd":
         opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     else:
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)  # as gradwise builds it
     warm, total = cfg.schedule.warmup_steps, steps
 
     def factor(s):

@@ -15,11 +15,11 @@ sequential sweep. On CUDA the fused multi-tensor kernels want one chunk.
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 
 
 def trust_ratios(
@@ -42,10 +42,17 @@ def trust_ratios(
     return ratio
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (FSDP's sharded parameters). No DTensor exists until torch.distributed.tensor
+    is imported, so this never imports it (that import alone takes most of a second)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's part of a (possibly sharded, DTensor) tensor: the tensor itself when not sharded.
     In-place ops on it update the DTensor."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_sharded(t) else t
 
 
 def as_fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

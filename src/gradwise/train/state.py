@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gradwise.errors import CheckpointError
+from gradwise.optim.layerwise import is_sharded
 
 FORMAT = "gradwise-checkpoint"
 VERSION = 2  # 2: a content checksum (`sha256`)
@@ -144,12 +145,10 @@ def check_model_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], wher
 def params_sha256(model: nn.Module) -> str:
     """SHA-256 over (name, dtype, shape, bytes) of every parameter in `named_parameters()` order (a sharded
     parameter is gathered whole first: a collective, every rank calls this)."""
-    from torch.distributed.tensor import DTensor
-
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         # a copy: numpy would pin the parameter's storage, which FSDP frees and refills between passes
-        t = (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu").clone()
+        t = (p.full_tensor() if is_sharded(p) else p).detach().to("cpu").clone()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
