@@ -40,6 +40,28 @@ def test_histogram_buckets_are_binary_exponents():
     assert h.counts == {0: 2, -1: 1, 1: 1, -30: 1} and h.zeros == 2 and h.total == 7
 
 
+def test_histogram_counts_match_a_value_by_value_reference():
+    """The one-pass histogram = math.frexp on every value: zeros, inf/nan (above every range), fp32
+    subnormals, bf16 input."""
+    import math
+
+    from gradwise.diagnostics.numerics import MAX_EXPONENT, MIN_EXPONENT
+
+    x = torch.cat([log_uniform(5000, -149, 127), torch.tensor([0.0, -0.0, float("inf"), float("-inf"),
+                                                                 float("nan"), 1e-45, 3e38, 1.0])])
+    for values in (x, x[:3000].to(torch.bfloat16)):
+        h = Histogram()
+        h.add(values)
+        counts, zeros = {}, 0
+        for v in values.float().tolist():
+            if v == 0:
+                zeros += 1
+                continue
+            k = MAX_EXPONENT if not math.isfinite(v) else min(max(math.frexp(v)[1] - 1, MIN_EXPONENT), MAX_EXPONENT)
+            counts[k] = counts.get(k, 0) + 1
+        assert h.counts == counts and h.zeros == zeros and h.total == values.numel()
+
+
 @pytest.mark.parametrize("fmt, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_range_fractions_match_casting_to_the_format(fmt, dtype):
     x = log_uniform(200_000, -140, 130) if fmt == "bf16" else log_uniform(200_000, -30, 20)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 MIN_EXPONENT, MAX_EXPONENT = -160, 130  # fp32 spans 2^-149 .. 2^128
+INSPECT_MICRO_BATCH = 32  # rows per forward while inspecting (activations kept for backward scale with it)
 
 
 @dataclass(frozen=True)
@@ -56,20 +57,26 @@ class Histogram:
     total: int = 0
 
     def add(self, t: torch.Tensor) -> None:
-        x = t.detach().float().reshape(-1)
+        """Count `t`'s values by reading each fp32 value's exponent field (two integer passes and a bincount):
+        a normal value 1.f * 2^k lands in bucket k; inf/nan (field 255) above every format's range; field 0
+        holds zeros and fp32 subnormals, whose buckets come from frexp (rare values: only those are looked at)."""
+        x = t.detach().reshape(-1)
+        x = (x if x.dtype == torch.float32 else x.float()).contiguous()
+        field = (x.view(torch.int32) >> 23) & 0xFF
+        by_field = torch.bincount(field, minlength=256).tolist()
         self.total += x.numel()
-        nonzero = x[x != 0]
-        self.zeros += x.numel() - nonzero.numel()
-        if nonzero.numel() == 0:
-            return
-        finite = nonzero[torch.isfinite(nonzero)]
-        if finite.numel() < nonzero.numel():  # inf/nan: counted above every format's range
-            self.counts[MAX_EXPONENT] = self.counts.get(MAX_EXPONENT, 0) + nonzero.numel() - finite.numel()
-        _, exponent = torch.frexp(finite)  # |x| = m * 2^e with m in [0.5, 1): bucket e - 1
-        bins = torch.bincount((exponent.long() - 1 - MIN_EXPONENT).clamp(0, MAX_EXPONENT - MIN_EXPONENT))
-        for index in torch.nonzero(bins).flatten().tolist():
-            k = index + MIN_EXPONENT
-            self.counts[k] = self.counts.get(k, 0) + int(bins[index])
+        for value, n in enumerate(by_field[1:255], start=1):
+            if n:
+                self.counts[value - 127] = self.counts.get(value - 127, 0) + n
+        if by_field[255]:
+            self.counts[MAX_EXPONENT] = self.counts.get(MAX_EXPONENT, 0) + by_field[255]
+        if by_field[0]:
+            zeros = int((x == 0).sum())
+            self.zeros += zeros
+            if by_field[0] > zeros:  # fp32 subnormals: |x| = m * 2^e with m in [0.5, 1), bucket e - 1
+                tiny = x[(field == 0) & (x != 0)]
+                for k, n in zip(*torch.unique(torch.frexp(tiny)[1] - 1, return_counts=True)):
+                    self.counts[int(k)] = self.counts.get(int(k), 0) + int(n)
 
     def max_exponent(self) -> int | None:
         return max(self.counts) if self.counts else None
@@ -307,6 +314,8 @@ def inspect_precision(cfg: Any, steps: int = 5) -> dict[str, Any]:
     cfg.precision = "fp32"
     cfg.log.progress = "off"
     cfg.diagnostics.every = 0
+    if cfg.train.micro_batch_size is None and cfg.train.accumulate == 1:  # the same gradients, from micro-batches
+        cfg.train.micro_batch_size = min(cfg.train.batch_size, INSPECT_MICRO_BATCH)  # of 32 rows: half the memory
     trainer = Trainer.from_config(cfg)
     report = analyse(collect(trainer, steps))
     report["steps"] = steps
