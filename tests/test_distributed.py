@@ -165,8 +165,8 @@ def worker_with_rank(launcher_pid: int, rank: int) -> int | None:
 
 
 KILLED_RUNS = {  # (steps, args): long enough that a worker is still training once the first checkpoint exists
-    "ddp": (800, [*SMALL, "model.channels=[32,32]", "optim.name=sgd"]),
-    "fsdp": (300, [*SMALL, "model.name=mlp", "optim.name=adamw", "train.parallel=fsdp"]),
+    "ddp": (500, [*SMALL, "model.channels=[32,32]", "optim.name=sgd"]),
+    "fsdp": (200, [*SMALL, "model.name=mlp", "optim.name=adamw", "train.parallel=fsdp"]),
 }
 
 
