@@ -201,12 +201,11 @@ class StepEngine:
     # -- checks and adjustments --------------------------------------------------------------------------------
 
     def check_finite(self, loss: torch.Tensor, batch: Any) -> None:
-        # one fused kernel flags any non-finite gradient (it multiplies them by exactly 1.0), one host sync
-        grads = [local(p.grad) for p in self.params if p.grad is not None]  # this process's shards
+        # one fused kernel flags any non-finite gradient or loss (it multiplies them by exactly 1.0), one host sync
+        checked = [local(p.grad) for p in self.params if p.grad is not None]  # this process's shards
+        checked.append(loss.detach().float().reshape(1))
         found = self._nonfinite_flag.zero_()
-        if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._unit_scale)
-        found.add_(~torch.isfinite(loss.float()))
+        torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._unit_scale)
         if not bool(self.sync.shard_sum(found).item()):  # any rank's shard
             return
         in_forward = first_nonfinite_forward(self.model, lambda: call_model(self.model, batch))
