@@ -12,8 +12,9 @@ SHA-256 of each of its files:
            (`full_states`). Either way the files are checked against their checksums first.
 
 Model-shaped states a callback checkpoints (`payload["model_states"]`, e.g. early stopping's best weights)
-are sharded like the model and travel with it. Optimizer state is keyed by parameter name in DCP folders (the state-dict API's format) and by index in
-torch's own `optimizer.state_dict()` format; `by_index` and `by_name` convert between the two.
+are sharded like the model and travel with it. Optimizer state is keyed by parameter name in DCP folders
+(the state-dict API's format) and by index in torch's own `optimizer.state_dict()` format; `by_index` and
+`by_name` convert between the two.
 """
 
 from __future__ import annotations
@@ -201,9 +202,9 @@ def export_model(run_dir: Path, out: Path) -> int:
     from gradwise.io import write_with
     from gradwise.train.state import load_checkpoint
 
-    for attempt in range(3):  # a run training meanwhile may replace last.pt and remove the folder it named
+    for _ in range(3):  # a run training meanwhile may replace last.pt and remove the folder it named
         payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        if "shards" not in payload or Path(payload["shards"]["path"]).is_dir() or attempt == 2:
+        if "shards" not in payload or Path(payload["shards"]["path"]).is_dir():
             break
     if "shards" in payload:
         check_shards(Path(payload["shards"]["path"]), payload["shards"]["files"])
