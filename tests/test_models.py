@@ -37,3 +37,33 @@ def test_transformer_is_causal():
     out2 = model(changed)
     assert torch.allclose(out[:, :10], out2[:, :10], atol=1e-6)
     assert not torch.allclose(out[:, 10:], out2[:, 10:])
+
+
+def reference_attention(attn, x):
+    """Causal attention written out: bf16 projections, then scores, mask, softmax and the weighted sum in fp32."""
+    b, t, c = x.shape
+    d = c // attn.n_head
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qkv = attn.qkv(x)
+    q, k, v = (z.float().view(b, t, attn.n_head, d).transpose(1, 2) for z in qkv.split(c, dim=2))
+    scores = (q @ k.transpose(-2, -1)) / d ** 0.5
+    scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    y = (scores.softmax(-1) @ v).to(torch.bfloat16).transpose(1, 2).reshape(b, t, c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return attn.proj(y)
+
+
+def test_attention_under_bf16_autocast_computes_in_fp32_on_cpu_and_runs_in_pure_half():
+    torch.manual_seed(0)
+    model = CharTransformer(vocab_size=11, context=16, n_layer=1, d_model=32, n_head=4)
+    attn = model.blocks[0].attn
+    x = torch.randn(3, 16, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn(x)
+    expected = reference_attention(attn, x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=0, atol=0)  # same roundings, same values
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and attn.qkv.weight.grad.dtype == torch.float32
+    half = CharTransformer(vocab_size=11, context=16, n_layer=1, d_model=32, n_head=4).half()  # master_weights=fp16
+    assert half(torch.randint(0, 11, (2, 16))).dtype == torch.float16

@@ -116,6 +116,16 @@ class CNN1D(nn.Module):
         return self.head(self.blocks(x.view(x.shape[0], self.in_channels, x.shape[-1])))
 
 
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the built-in attention computes in: fp32 on CPU (for bf16/fp16 activations too), else `x`'s.
+
+    torch's CPU flash-attention backward is 2-3x slower in bf16 than in fp32 on this machine (AVX-512 BF16,
+    no AMX; profile in docs/benchmarks.md), and one cast of the q/k/v projection costs little: fp32 is both
+    faster and more exact there.
+    """
+    return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, dropout: float):
         super().__init__()
@@ -127,10 +137,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
+        qkv = self.qkv(x)
+        dtype = attention_dtype(qkv)
+        q, k, v = qkv.to(dtype).split(c, dim=2)  # one contiguous cast, before the heads' strided views
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+        with torch.autocast(x.device.type, enabled=dtype == qkv.dtype and torch.is_autocast_enabled(x.device.type)):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.to(qkv.dtype).transpose(1, 2).reshape(b, t, c)))
 
 
 class TransformerBlock(nn.Module):
