@@ -79,12 +79,17 @@ def test_sharded_epoch_covers_each_sample_exactly_once():
 # -- equivalence -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [[], ["train.accumulate=2"]], ids=["plain", "accumulate"])
-def test_two_processes_match_one_process(tmp_path, extra):
-    """2 processes x global batch 64 for 20 steps (crossing epochs, with partial last batches) = 1 x 64."""
+COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]  # DDP's compiled path, no code generation
+
+
+@pytest.mark.parametrize("extra, compiled", [([], []), (["train.accumulate=2"], COMPILED)],
+                         ids=["plain", "accumulate-compiled"])
+def test_two_processes_match_one_process(tmp_path, extra, compiled):
+    """2 processes x global batch 64 for 20 steps (crossing epochs, with partial last batches) = 1 x 64.
+    With accumulation the 2 processes run compiled (torch.compile around DDP, `no_sync` through it)."""
     args = [*BASE, "train.steps=20", "train.checkpoint_every=20", *extra]
     one = gradwise("train", "--out", str(tmp_path / "one"), *args)
-    two = gradwise("train", "--nproc", "2", "--out", str(tmp_path / "two"), *args)
+    two = gradwise("train", "--nproc", "2", "--out", str(tmp_path / "two"), *args, *compiled)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert_same_weights(tmp_path / "one", tmp_path / "two")
@@ -106,9 +111,10 @@ def test_resume_across_a_change_of_process_count(tmp_path):
     assert r.returncode == 0, r.stderr
     r = gradwise("train", "--resume", str(tmp_path / "a"), "train.steps=20")
     assert r.returncode == 0, r.stderr
-    # 1 process for 10 steps, then 2 processes to 20
+    # 1 process for 10 steps, then 2 FSDP processes to 20, compiled (fully_shard, then torch.compile)
     assert gradwise("train", "--out", str(tmp_path / "b"), "train.steps=10", *args).returncode == 0
-    r = gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "b"), "train.steps=20")
+    r = gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "b"), "train.steps=20", "train.parallel=fsdp",
+                 *COMPILED)
     assert r.returncode == 0, r.stderr
     for run in ("a", "b"):
         assert summary(tmp_path / run)["steps"] == 20 and summary(tmp_path / run)["resumed_from"] == 10

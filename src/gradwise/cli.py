@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks, as ratios measured side by side in one run")
     bench.add_argument("names", nargs="*", metavar="NAME",
-                       help="benchmarks to run (default: all): overhead, optimizers, matmul-limit, memory, distributed, data")
+                       help="benchmarks to run (default: all): overhead, optimizers, matmul-limit, compile, memory, "
+                            "distributed, data")
     bench.add_argument("--json", metavar="FILE", default="bench-results.json",
                        help="where to write the results as JSON (default bench-results.json)")
     bench.add_argument("--markdown", metavar="FILE", help="also write the tables, date and machine as markdown")

@@ -21,10 +21,10 @@ from gradwise.io import write_json
 
 
 def _benchmarks() -> dict[str, Callable[..., dict[str, Any]]]:
-    from gradwise.bench import data, distributed, matmul, memory, optimizers, overhead
+    from gradwise.bench import compilation, data, distributed, matmul, memory, optimizers, overhead
 
     return {"overhead": overhead.run, "optimizers": optimizers.run, "matmul-limit": matmul.run,
-            "memory": memory.run, "distributed": distributed.run, "data": data.run}
+            "compile": compilation.run, "memory": memory.run, "distributed": distributed.run, "data": data.run}
 
 
 def describe_machine() -> dict[str, Any]:

@@ -29,9 +29,11 @@ def kept_bytes(model, inputs) -> int:
     return meter.bytes
 
 
-def variant_engines(overrides: list[str], variants: dict[str, Callable[[Any], None]]):
+def variant_engines(overrides: list[str], variants: dict[str, Callable[[Any], None]],
+                    warmup: dict[str, float] | None = None):
     """(engines, x, y): one step engine per variant (each `variants[name](cfg)` edits a copy of the config),
-    all from the same initial weights, warmed up by one step on the first batch (x, y)."""
+    all from the same initial weights, warmed up by one step on the first batch (x, y); that step's seconds
+    go into `warmup[name]` when given (a compiled engine compiles there)."""
     cfg = load_config(None, ["log.progress=off", *overrides])
     seed_everything(cfg.seed)
     data = build_data(cfg.data, context=cfg.model.context)
@@ -42,7 +44,10 @@ def variant_engines(overrides: list[str], variants: dict[str, Callable[[Any], No
         trial = cfg.model_copy(deep=True)
         edit(trial)
         engines[name] = StepEngine(copy.deepcopy(initial), resolve_config(trial, len(data.train)))
+        t0 = time.perf_counter()
         engines[name].train_step((x, y))  # warm-up, optimizer state
+        if warmup is not None:
+            warmup[name] = time.perf_counter() - t0
     return engines, x, y
 
 

@@ -88,6 +88,12 @@ class TrainConfig(Section):
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="multi-process: ddp (a full replica per process) or fsdp (parameters, gradients and "
                            "optimizer state sharded across processes: FSDP2)")
+    compile: bool = Field(False, description="torch.compile the training forward (docs/speed.md: slower than eager "
+                                             "for the built-in models on this CPU, measured)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="train.compile: torch.compile's mode")
+    compile_backend: str = Field("inductor", description="train.compile: torch.compile's backend (e.g. inductor, "
+                                                         "aot_eager, eager)")
     shard_modules: list[str] = Field(
         default_factory=list, description="fsdp: module classes sharded as units (default: each block of a "
                                           "built-in model; your model: e.g. [GPT2Block]); the root always is")
@@ -105,6 +111,9 @@ class TrainConfig(Section):
                 f"train.accumulate={self.accumulate} and train.micro_batch_size={self.micro_batch_size} "
                 "are both set; set only one"
             )
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ValueError(f"train.compile_mode={self.compile_mode} needs train.compile_backend=inductor "
+                             f"(got {self.compile_backend!r})")
         if self.accumulate > self.batch_size:
             raise ValueError(f"train.accumulate={self.accumulate} exceeds train.batch_size={self.batch_size}")
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:

@@ -15,9 +15,11 @@ from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_text
 
 LOCK = ".gradwise.lock"
-# Keys a resumed run may change: they alter how long it runs and what it reports, never its trajectory.
+# Keys a resumed run may change: they alter how long it runs, what it reports and how it computes (train.compile:
+# the same arithmetic up to floating-point rounding), never the trajectory itself.
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
-                  "train.checkpoint_every", "train.parallel", "train.shard_modules", "log.", "loader.")
+                  "train.checkpoint_every", "train.parallel", "train.shard_modules", "train.compile",
+                  "train.compile_mode", "train.compile_backend", "log.", "loader.")
 
 
 def _resumable(key: str) -> bool:

@@ -32,6 +32,7 @@ from gradwise.memory.precision import LossScaler, autocast
 from gradwise.optim import build_optimizer, build_scheduler, scaled_lr
 from gradwise.optim.layerwise import LayerwiseOptimizer, local
 from gradwise.optim.penalties import penalised_params, penalty
+from gradwise.train.compilation import compile_forward
 
 
 class NonFiniteStep(Exception):
@@ -97,6 +98,8 @@ class StepEngine:
             self.model.half()
             self.model.register_forward_pre_hook(_inputs_to_half)
         self.forward_model = self.sync.prepare(self.model, cfg)  # what the step calls: the model, or DDP around it
+        if cfg.train.compile:
+            self.forward_model = compile_forward(self.forward_model, cfg.train)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         use_scaler = loss_scaling and cfg.precision == "fp16" and cfg.scaler.enabled
         self.scaler = LossScaler(cfg.scaler) if use_scaler else None

@@ -25,6 +25,7 @@ from gradwise.train.callbacks.cadence import (
     GradientHealth,
 )
 from gradwise.train.callbacks.records import (
+    CompileWarmup,
     MetricsFile,
     ProgressBar,
     ScalerLog,
@@ -39,6 +40,8 @@ def builtin_callbacks(cfg: Config, task: str, val_data) -> list[Callback]:
     if cfg.log.tensorboard:
         callbacks.append(TensorBoard())
     callbacks.append(ScalerLog())
+    if cfg.train.compile:
+        callbacks.append(CompileWarmup())
     if cfg.diagnostics.every:
         callbacks.append(GradientHealth())
     callbacks += [TrainMetrics(), Evaluator(), Checkpointer()]
@@ -48,5 +51,5 @@ def builtin_callbacks(cfg: Config, task: str, val_data) -> list[Callback]:
 
 
 __all__ = ["EVENTS", "Callback", "CallbackList", "RunState", "StepOutput", "builtin_callbacks", "Checkpointer",
-           "EarlyStop", "Evaluator", "GradientHealth", "MetricsFile", "ProgressBar", "ScalerLog", "TensorBoard",
+           "CompileWarmup", "EarlyStop", "Evaluator", "GradientHealth", "MetricsFile", "ProgressBar", "ScalerLog", "TensorBoard",
            "TrainMetrics"]

@@ -119,6 +119,33 @@ class ScalerLog(Callback):
                          "event": "overflow" if scale < self.before else "growth"})
 
 
+class CompileWarmup(Callback):
+    """train.compile: the first step of each fit traces the model and generates code. Its wall time goes into a
+    `kind: compile` record and the summary's `compile_warmup_seconds` (this process's)."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.seconds: float | None = None
+
+    def on_fit_start(self, trainer) -> None:
+        self.started = self.seconds = None
+        trainer.message(f"train.compile: the first step compiles the model ({trainer.cfg.train.compile_backend})")
+
+    def on_step_start(self, trainer) -> None:
+        if self.seconds is None:
+            self.started = time.perf_counter()
+
+    def on_step_end(self, trainer, out: StepOutput) -> None:
+        if self.seconds is not None:
+            return
+        self.seconds = time.perf_counter() - self.started
+        trainer.log({"kind": "compile", "step": trainer.state.step, "warmup_seconds": round(self.seconds, 3)})
+        trainer.message(f"compiled: the first step took {self.seconds:.1f} s")
+
+    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+        summary["compile_warmup_seconds"] = None if self.seconds is None else round(self.seconds, 3)
+
+
 class TrainMetrics(Callback):
     """The train-loss window and the `kind: train` record every `log.every` steps and after the last."""
 
