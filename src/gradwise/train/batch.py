@@ -35,6 +35,8 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
     """`obj` with every tensor inside it replaced by `fn(tensor)`, its structure (and types) kept."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if type(obj) in (tuple, list):  # the common case first: isinstance against Mapping is an ABC check
+        return type(obj)(map_tensors(fn, v) for v in obj)
     if isinstance(obj, Mapping):
         items = {k: map_tensors(fn, v) for k, v in obj.items()}
         try:
@@ -65,7 +67,7 @@ def rows(batch: Any) -> int:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    return map_tensors(lambda t: t.to(device, non_blocking=True), batch)
+    return map_tensors(lambda t: t if t.device == device else t.to(device, non_blocking=True), batch)
 
 
 def split(batch: Any, part: slice, n: int) -> Any:
@@ -93,6 +95,8 @@ def first_rows(dataset: Dataset, n: int) -> Any:
 
 
 def is_pair(batch: Any) -> bool:
+    if type(batch) in (tuple, list):
+        return len(batch) == 2
     return isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields") and len(batch) == 2
 
 
@@ -134,20 +138,24 @@ def count_items(batch: Any, count_fn: Callable | None = None) -> torch.Tensor:
 
 def call_model(model: Callable, batch: Any) -> Any:
     """The model's output for `batch`, by the calling convention."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
     if is_pair(batch):
         inputs = batch[0]
+        if isinstance(inputs, torch.Tensor):
+            return model(inputs)
         if isinstance(inputs, Mapping):
             return model(**inputs)
         if isinstance(inputs, (tuple, list)) and not hasattr(inputs, "_fields"):
             return model(*inputs)
         return model(inputs)
+    if isinstance(batch, Mapping):
+        return model(**batch)
     raise TypeError(f"a batch of {describe(batch)} is not one gradwise can call a model with; accepted: {ACCEPTED}")
 
 
 def model_loss(output: Any) -> torch.Tensor | None:
     """The loss the model computed itself (`output.loss` or `output["loss"]`), if any."""
+    if isinstance(output, torch.Tensor):
+        return None
     if isinstance(output, Mapping):
         loss = output.get("loss")
     else:
@@ -169,6 +177,8 @@ def batch_loss(output: Any, batch: Any, loss_fn: Callable) -> torch.Tensor:
     own = model_loss(output)
     if own is not None:
         return own
+    if is_pair(batch):
+        return loss_fn(output, batch[1])
     return loss_fn(output, batch if isinstance(batch, Mapping) else target(batch))
 
 

@@ -55,11 +55,13 @@ def default_loss(outputs: Any, targets: Any) -> torch.Tensor:
     `outputs` may carry its logits (`.logits`); a mapping batch's "labels" are the targets; -100 is ignored.
     """
     predictions = logits(outputs)
-    if isinstance(targets, Mapping):
+    if not isinstance(targets, torch.Tensor) and isinstance(targets, Mapping):
         targets = targets.get("labels")
     if not isinstance(predictions, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(f"the default loss (cross-entropy) needs logits and integer targets; got an output of "
                         f"{describe(outputs)} and a target of {describe(targets)}: pass loss_fn=, or return a .loss")
+    if targets.ndim == 1:  # (B, C) and (B,): as they are
+        return F.cross_entropy(predictions, targets)
     return F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1))
 
 
@@ -205,7 +207,9 @@ class StepEngine:
 
     def check_finite(self, loss: torch.Tensor, batch: Any) -> None:
         # one fused kernel flags any non-finite gradient or loss (it multiplies them by exactly 1.0), one host sync
-        checked = [local(p.grad) for p in self.params if p.grad is not None]  # this process's shards
+        checked = [p.grad for p in self.params if p.grad is not None]
+        if self.sync.sharded:
+            checked = [local(g) for g in checked]  # this process's shards
         checked.append(loss.detach().float().reshape(1))
         found = self._nonfinite_flag.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._unit_scale)
