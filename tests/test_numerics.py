@@ -234,3 +234,26 @@ def test_loss_scaler_skips_and_backs_off():
     scaler = LossScaler(ScalerConfig(init_scale=8.0, growth_interval=2))
     scaler.update(True)
     assert scaler.scale == 4.0 and scaler.skipped_steps == 1
+
+
+class SharedOffset(nn.Module):
+    """Adds one learned vector to every row: the offset's output, (16,), is shared by the whole batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(16, 16)
+        self.offset = nn.Embedding(1, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x) + self.offset(torch.tensor(0))))
+
+
+def test_micro_batched_inspection_sees_the_whole_batchs_gradient_of_a_batch_shared_output():
+    whole = collect(tiny_trainer(SharedOffset()), steps=2)
+    micro = collect(tiny_trainer(SharedOffset(), "train.micro_batch_size=8"), steps=2)
+    a, b = whole["offset"].output_gradients, micro["offset"].output_gradients
+    assert a.total == b.total == 2 * 16  # one (16,) gradient per step, not one per micro-batch
+    assert a.counts == b.counts  # the summed micro-batch shares: the same magnitudes
+    assert whole["body"].output_gradients.total == micro["body"].output_gradients.total == 2 * 64 * 16

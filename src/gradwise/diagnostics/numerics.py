@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 MIN_EXPONENT, MAX_EXPONENT = -160, 130  # fp32 spans 2^-149 .. 2^128
-INSPECT_MICRO_BATCH = 32  # rows per forward while inspecting (activations kept for backward scale with it)
+INSPECT_MICRO_BATCH = 8  # rows per forward while inspecting (activations kept for backward scale with it)
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class LayerRecord:
 
 def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
     """Run `steps` fp32 training steps of `trainer` with hooks; per-layer histograms of outputs, grads, updates."""
-    from gradwise.train.batch import fetch_batch
+    from gradwise.train.batch import fetch_batch, rows
     from gradwise.train.sampler import EpochBatches
 
     model: nn.Module = trainer.model
@@ -142,13 +142,28 @@ def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
                 records.setdefault(name, LayerRecord()).activations.add(output)
         return hook
 
+    # An output shared by the whole batch (its leading dimension is not the micro-batch's rows, e.g. a position
+    # embedding's (T, C)) gets one micro-batch's share of the gradient per backward: those shares are summed over
+    # the step's micro-batches, giving the whole batch's gradient, as training without micro-batches sees it.
+    split = trainer.cfg.train.micro_batches > 1
+    shared: dict[str, torch.Tensor] = {}
+    micro_rows = [0]
+
+    def count_rows(_module, args, kwargs):
+        micro_rows[0] = rows((args, kwargs))
+
     def backward_hook(name):
         def hook(_module, _grad_input, grad_output):
             if grad_output and isinstance(grad_output[0], torch.Tensor):
-                records.setdefault(name, LayerRecord()).output_gradients.add(grad_output[0])
+                g = grad_output[0].detach()
+                if split and (g.ndim == 0 or g.shape[0] != micro_rows[0]):
+                    shared[name] = shared[name] + g if name in shared else g.clone()
+                else:
+                    records.setdefault(name, LayerRecord()).output_gradients.add(g)
         return hook
 
-    handles = [m.register_forward_hook(forward_hook(name)) for name, m in leaves.items()]
+    handles = [model.register_forward_pre_hook(count_rows, with_kwargs=True)]
+    handles += [m.register_forward_hook(forward_hook(name)) for name, m in leaves.items()]
     handles += [m.register_full_backward_hook(backward_hook(name)) for name, m in leaves.items()]
     owner = {id(p): name.rsplit(".", 1)[0] for name, p in model.named_parameters()}
     batches = EpochBatches(len(trainer.train_data), trainer.cfg.train.batch_size, trainer.cfg.seed)
@@ -160,6 +175,9 @@ def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
             with warnings.catch_warnings():  # the first layer's hook fires on outputs only: expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 trainer.engine.train_step((inputs, targets))
+            for name, g in shared.items():
+                records.setdefault(name, LayerRecord()).output_gradients.add(g)
+            shared.clear()
             for p in trainer.engine.params:
                 rec = records.setdefault(owner[id(p)], LayerRecord())
                 if p.grad is not None:
@@ -315,7 +333,7 @@ def inspect_precision(cfg: Any, steps: int = 5) -> dict[str, Any]:
     cfg.log.progress = "off"
     cfg.diagnostics.every = 0
     if cfg.train.micro_batch_size is None and cfg.train.accumulate == 1:  # the same gradients, from micro-batches
-        cfg.train.micro_batch_size = min(cfg.train.batch_size, INSPECT_MICRO_BATCH)  # of 32 rows: half the memory
+        cfg.train.micro_batch_size = min(cfg.train.batch_size, INSPECT_MICRO_BATCH)  # a 16th of the activations
     trainer = Trainer.from_config(cfg)
     report = analyse(collect(trainer, steps))
     report["steps"] = steps
