@@ -44,18 +44,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_worker(args)
     if args.strategy == "async":
         return _train_async(args)
-    if args.workers is not None or args.ray_address is not None:
-        raise UserInputError("usage error: --workers and --ray-address need --strategy async")
+    if args.ray_address is not None or (args.workers is not None and args.strategy != "simulate"):
+        raise UserInputError("usage error: --workers needs --strategy async or simulate; --ray-address async")
     if args.nproc is not None:
+        if args.strategy == "simulate":
+            raise UserInputError("usage error: --strategy simulate runs in one process; drop --nproc")
         return _launch(args)
+    source = None
+    if args.strategy == "simulate":  # asynchronous staleness in one process (gradwise.distributed.delay)
+        from gradwise.distributed.delay import DelayedGradients
+
+        source = DelayedGradients(args.workers if args.workers is not None else 4)
     if args.resume:
-        trainer = Trainer.resume(args.resume, args.overrides)
+        trainer = Trainer.resume(args.resume, args.overrides, source=source)
     else:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        trainer = Trainer.from_config(cfg, out_dir=args.out or _default_out_dir())
+        trainer = Trainer.from_config(cfg, out_dir=args.out or _default_out_dir(), source=source)
     _report(trainer.out_dir, trainer.fit())
     return 0
 
@@ -279,10 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly; train.steps=M extends it")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ps = train.add_argument_group("asynchronous parameter server on Ray (see docs/async.md)")
-    ps.add_argument("--strategy", choices=["sync", "fsdp", "async"], default="sync",
+    ps.add_argument("--strategy", choices=["sync", "fsdp", "async", "simulate"], default="sync",
                     help="sync: one process or --nproc data parallel (DDP); fsdp: --nproc sharded data parallel "
-                         "(train.parallel=fsdp); async: a Ray parameter server")
-    ps.add_argument("--workers", type=int, help="async: worker actors (default 4)")
+                         "(train.parallel=fsdp); async: a Ray parameter server; simulate: async staleness in "
+                         "one process (ps.delay; docs/async.md)")
+    ps.add_argument("--workers", type=int, help="async: worker actors; simulate: workers simulated (default 4)")
     ps.add_argument("--ray-address", help="async: a running Ray cluster (default: start a local Ray)")
     dp = train.add_argument_group("data parallel (see docs/distributed.md)")
     dp.add_argument("--nproc", type=int, help="processes on this machine (torchrun); train.batch_size is the global batch")

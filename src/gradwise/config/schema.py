@@ -195,6 +195,9 @@ class PSConfig(Section):
     ms_momentum: float = Field(0.95, ge=0, lt=1, description="dcasgd-a: mean-square smoothing m")
     eps: float = Field(1e-7, gt=0, description="dcasgd-a: epsilon in lambda0 / sqrt(MS + eps)")
     slowdown: Optional[str] = Field(None, description='stragglers: "W:F[,W:F]" makes worker W F times slower')
+    delay: str = Field("round-robin", description="--strategy simulate: each gradient's staleness: round-robin "
+                                                  "(M-1), uniform (0..2(M-1)), or a Ray run's updates.jsonl / "
+                                                  "summary.json (its measured staleness, drawn at random)")
     max_worker_restarts: int = Field(3, ge=0, description="times Ray restarts one dead worker before the run fails")
 
     @model_validator(mode="after")

@@ -76,8 +76,12 @@ class BatchSteps(StepSource):
             global_count = engine.count_fn(trainer.train_data.tensors[-1][idx]).to(engine.device)
         batch = next(self.loader) if self.loader is not None else fetch_batch(trainer.train_data, sync.local_rows(idx))
         lr = engine.optimizer.param_groups[0]["lr"]  # the rate this update uses
-        loss = engine.train_step(to_device(batch, engine.device), global_count)
+        loss = self.train_step(engine, to_device(batch, engine.device), global_count)
         return StepOutput(loss, len(idx), lr)
+
+    def train_step(self, engine, batch: Any, global_count: torch.Tensor | None) -> torch.Tensor:
+        """One update from `batch` (the delay simulator computes its gradient on older weights)."""
+        return engine.train_step(batch, global_count)
 
     def _loader(self, trainer) -> Iterator[Any]:
         cfg, pos = trainer.cfg, trainer.state.position

@@ -1,0 +1,165 @@
+"""The delay simulator (`--strategy simulate --workers M`): asynchronous training's staleness in one process.
+
+Each step computes one gradient on the weights as they were tau updates earlier, then applies it to the
+current weights through the `ps.rule` (gradwise.optim.async_rules) and the step engine's `apply_update`,
+as the parameter server does with a pushed gradient. tau comes from `ps.delay`:
+
+    round-robin   M - 1: M equally fast workers, each pushing after the M - 1 others
+    uniform       uniform on 0 .. 2(M - 1): the same mean, workers of uneven speed
+    FILE          a Ray run's updates.jsonl (or its run directory, or summary.json's staleness histogram):
+                  its measured staleness, each gradient's drawn at random
+
+Until tau updates have happened, a gradient uses the initial weights (as M workers pulling at the start
+do). The data order is the single-process one, not M interleaved worker shards. The last tau_max + 1
+weight versions are checkpointed, so a resumed simulation is exact; it runs in one process only.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gradwise.errors import ConfigError, DataError
+from gradwise.optim.async_rules import DEFAULT_LAMBDA, apply_rule
+from gradwise.train.source import BatchSteps
+
+SIMULATED_RULES = ("asgd", "staleness-aware", "dcasgd-c", "dcasgd-a")
+
+
+def measured_staleness(spec: str) -> list[int]:
+    """The staleness of every gradient a Ray run applied: from its updates.jsonl, its directory, or its
+    summary.json's `staleness_histogram`."""
+    path = Path(spec)
+    path = path / "updates.jsonl" if path.is_dir() else path
+    try:
+        if path.suffix == ".json":
+            histogram = json.loads(path.read_text())["staleness_histogram"]
+            values = [int(k) for k, n in histogram.items() for _ in range(int(n))]
+        else:
+            values = [int(json.loads(line)["staleness"]) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"data error: ps.delay={spec!r} is neither round-robin, uniform nor a readable Ray run's "
+                        f"updates.jsonl / summary.json ({type(err).__name__}: {err})") from None
+    if not values or min(values) < 0:
+        raise DataError(f"data error: ps.delay={spec!r} holds no staleness values >= 0")
+    return values
+
+
+def delay_sampler(spec: str, workers: int, rng: random.Random) -> tuple[Callable[[], int], int]:
+    """(draw, largest delay it can return) for `ps.delay`."""
+    if spec == "round-robin":
+        return (lambda: workers - 1), workers - 1
+    if spec == "uniform":
+        return (lambda: rng.randint(0, 2 * (workers - 1))), 2 * (workers - 1)
+    values = measured_staleness(spec)
+    return (lambda: rng.choice(values)), max(values)
+
+
+def _copy(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def _load(params: list[torch.Tensor], version: list[torch.Tensor]) -> None:
+    torch._foreach_copy_(params, version)
+
+
+class DelayedGradients(BatchSteps):
+    """The step source of a simulated asynchronous run of `workers` workers (see the module docstring)."""
+
+    def __init__(self, workers: int):
+        super().__init__()
+        if workers < 1:
+            raise ConfigError(f"usage error: --workers={workers} must be at least 1")
+        self.workers = workers
+        self.rng = random.Random()
+        self.draw: Callable[[], int] | None = None
+        self.max_delay = 0
+        self.history: collections.deque | None = None  # weight versions, oldest first; the last is the current
+        self.rule_state: dict[str, Any] = {}
+        self.staleness: list[int] = []
+        self.window: list[int] = []
+        self.loaded: dict | None = None
+
+    def on_fit_start(self, trainer) -> None:
+        cfg = trainer.cfg
+        if cfg.ps.rule not in SIMULATED_RULES:
+            raise ConfigError(f"config error: ps.rule={cfg.ps.rule} is not simulated (allowed with --strategy "
+                              f"simulate: {', '.join(SIMULATED_RULES)}); train it with --strategy async")
+        if trainer.sync.world_size > 1:
+            raise ConfigError("config error: --strategy simulate runs in one process; drop --nproc / torchrun")
+        if self.draw is None:
+            self.rng.seed(cfg.seed)
+            self.draw, self.max_delay = delay_sampler(cfg.ps.delay, self.workers, self.rng)
+        if self.loaded is not None:
+            self._restore(self.loaded)
+
+    def train_step(self, engine, batch: Any, global_count: torch.Tensor | None) -> torch.Tensor:
+        cfg, params = engine.cfg, engine.params
+        if self.history is None:
+            self.history = collections.deque([_copy(params)], maxlen=self.max_delay + 1)
+        tau = min(self.draw(), len(self.history) - 1)
+        stale, current = self.history[-1 - tau], self.history[-1]
+        engine.optimizer.zero_grad(set_to_none=True)
+        _load(params, stale)  # the weights a worker pulled tau updates ago
+        try:
+            loss = engine.compute_gradients(batch, global_count)
+            finite = engine.unscale_and_check(loss, batch)
+        finally:
+            _load(params, current)
+        if finite:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            lam = cfg.ps.dc_lambda if cfg.ps.dc_lambda is not None else DEFAULT_LAMBDA.get(cfg.ps.rule, 0.0)
+            corrected = apply_rule(cfg.ps.rule, grads, current, stale, tau, self.rule_state, lam,
+                                   cfg.ps.ms_momentum, cfg.ps.eps)
+            for p, g in zip(params, corrected):
+                p.grad = g
+            engine.apply_update()
+            self.history.append(_copy(params))
+            self.staleness.append(tau)
+            self.window.append(tau)
+        if engine.scaler is not None:
+            engine.scaler.update(not finite)
+        return loss
+
+    def window_metrics(self) -> dict[str, Any]:
+        window, self.window = self.window, []
+        return {"staleness_mean": statistics.fmean(window) if window else 0.0, "staleness_max": max(window, default=0)}
+
+    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
+        payload["delay"] = {"workers": self.workers, "rng": self.rng.getstate(), "rule_state": self.rule_state,
+                            "staleness": self.staleness, "history": list(self.history or [])}
+
+    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
+        saved = payload.get("delay") or {}
+        if saved.get("workers") != self.workers:
+            raise ConfigError(f"config error: the simulated run was started with {saved.get('workers')} workers; "
+                              f"resume it with --workers {saved.get('workers')}")
+        self.rule_state, self.staleness = saved["rule_state"], list(saved["staleness"])
+        self.loaded = saved
+        if self.draw is not None:  # a rollback mid-fit; a resume restores at the fit's start
+            self._restore(saved)
+
+    def _restore(self, saved: dict) -> None:
+        """The delay stream and the weight versions where the checkpoint left them."""
+        self.rng.setstate(saved["rng"])
+        versions = [list(v) for v in saved["history"]]
+        self.history = collections.deque(versions, maxlen=self.max_delay + 1) if versions else None
+        self.loaded = None
+
+    def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+        super().on_fit_end(trainer, summary)
+        counts = collections.Counter(self.staleness)
+        summary.update({
+            "strategy": "simulate", "rule": trainer.cfg.ps.rule, "workers": self.workers, "delay": trainer.cfg.ps.delay,
+            "updates": len(self.staleness), "gradients": trainer.state.step,
+            "staleness_mean": statistics.fmean(self.staleness) if self.staleness else 0.0,
+            "staleness_max": max(self.staleness, default=0),
+            "staleness_histogram": {str(k): counts[k] for k in sorted(counts)},
+        })
