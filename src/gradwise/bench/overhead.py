@@ -139,8 +139,10 @@ def measure(overrides: list[str], steps: int, repeats: int) -> dict[str, Any]:
         for name in order:
             times[name].append(timers[name]())
     ratios = sorted(t / p for t, p in zip(times["trainer"], times["plain"]))
+    extra = statistics.median(t - p for t, p in zip(times["trainer"], times["plain"]))
     result = {"plain_s_per_step": times["plain"], "trainer_s_per_step": times["trainer"],
-              "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+              "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+              "extra_s_per_step": extra}
     if "lightning" in times:
         result["lightning_s_per_step"] = times["lightning"]
         result["lightning_ratio"] = statistics.median(l / p for l, p in zip(times["lightning"], times["plain"]))
@@ -161,6 +163,7 @@ def run(steps: int = 300, repeats: int = 5) -> dict[str, Any]:
             "gradwise ms/step": ours * 1e3,
             "ratio gradwise/plain (median of rounds)": m["ratio"],
             "overhead %": (m["ratio"] - 1) * 100,
+            "extra us/step (median of rounds)": m["extra_s_per_step"] * 1e6,
             "round ratios": f"{m['ratio_min']:.3f}..{m['ratio_max']:.3f}",
             "lightning ms/step": statistics.median(m["lightning_s_per_step"]) * 1e3 if "lightning_ratio" in m else "-",
             "lightning/plain": m.get("lightning_ratio", "-"),
