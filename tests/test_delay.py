@@ -108,3 +108,15 @@ def test_simulator_input_errors_are_one_line_with_exit_2(tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
     assert run_cli(["train", "--strategy", "simulate", "--nproc", "2", *SMALL]) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+def test_a_collapse_under_staleness_is_flagged_dead_where_sequential_training_is_healthy():
+    """8 simulated workers at an lr one process trains with: the ReLUs die, the health verdict says so."""
+    def health(workers):
+        cfg = small_config("train.steps=60", "optim.lr=0.1", "diagnostics.every=10", "seed=0")
+        return Trainer.from_config(cfg, source=DelayedGradients(workers)).fit()["health"]
+
+    collapsed, sequential = health(8), health(1)
+    assert collapsed["verdict"] == "dead" and "blocks.0.branch.0.weight" in collapsed["layers"]
+    assert "asynchronous" in collapsed["remedy"]
+    assert sequential["verdict"] == "healthy"

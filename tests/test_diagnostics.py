@@ -51,6 +51,23 @@ def test_a_plain_small_net_is_healthy():
     assert judge(stats_after_backward(model)).verdict == "healthy"
 
 
+def test_a_net_whose_relus_all_died_is_flagged_dead_and_an_unused_layer_is_not():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp", depth=3, width=64), (32,), 10, "classification")
+    with torch.no_grad():
+        model.stem[1].bias.fill_(-100.0)  # every unit of the first hidden layer is negative: ReLU passes nothing
+    spare = torch.nn.Linear(8, 8)  # never called: no gradient at all
+    model.spare = spare
+    verdict = judge(stats_after_backward(model))
+    assert verdict.verdict == "dead" and "spare.weight" not in verdict.layers
+    assert "stem.1.weight" in verdict.layers and "head.weight" not in verdict.layers
+    assert "optim.lr" in verdict.remedy
+    del model.spare
+    with torch.no_grad():
+        model.stem[1].bias.zero_()
+    assert judge(stats_after_backward(model)).verdict == "healthy"
+
+
 def data(n=64):
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(n, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
@@ -117,4 +134,4 @@ def test_health_records_every_n_steps(tmp_path):
     assert [r["step"] for r in health] == [4, 8, 12]
     layer = health[0]["per_layer"][0]
     assert layer["name"] == "stem.1.weight" and layer["grad_norm"] > 0 and 0 < layer["update_ratio"] < 1
-    assert summary["health"]["verdict"] in ("healthy", "vanishing", "exploding")
+    assert summary["health"]["verdict"] in ("healthy", "vanishing", "dead", "exploding")

@@ -49,7 +49,7 @@ def test_inspect_cli_table_and_json(capsys):
     assert main(["inspect", "--json", "--steps", "2", "model.activation=tanh", *base]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["blocks"] == 8 and len(report["layers"]) == 10
-    assert report["verdict"]["verdict"] in ("healthy", "vanishing", "exploding")
+    assert report["verdict"]["verdict"] in ("healthy", "vanishing", "dead", "exploding")
     assert 0 < report["jacobian_mean_sq_singular_value_at_init"] < 1  # a plain tanh stack contracts
     assert set(report["spectral_norms_at_init"]) >= {"stem.1", "head"}
     assert main(["inspect", "--steps", "0", *base]) == 2

@@ -5,6 +5,10 @@ The verdict is a pure function of the per-layer figures:
 
     exploding  some layer's gradient norm exceeds `exploding_norm`, or its update moved the
                weights by more than `exploding_update` of their norm in one step
+    dead       some layer that took part in the step has a gradient of exactly zero while its weights
+               are not zero, and no layer's gradient is merely tiny (that would be a decay that underflowed:
+               vanishing): no sample reaches it (dead ReLUs after too large a step, the loss stuck at the
+               chance level); a layer the step never used (no gradient at all) is not counted
     vanishing  some layer's gradient norm is below `vanishing_ratio` times the largest layer's,
                or below `vanishing_norm` outright
     healthy    otherwise
@@ -28,6 +32,8 @@ REMEDIES = {
                  "or kaiming/orthogonal init (model.init=kaiming)",
     "exploding": "clip gradients (train.clip_norm=1.0), lower optim.lr, add warmup (schedule.warmup_steps), "
                  "or normalise (model.norm=layer)",
+    "dead": "lower optim.lr, add warmup (schedule.warmup_steps) or clip (train.clip_norm=1.0); under "
+            "asynchronous training stale gradients make the safe lr smaller (docs/async.md)",
     "healthy": "",
 }
 
@@ -38,11 +44,12 @@ class LayerStat:
     grad_norm: float
     weight_norm: float
     update_ratio: float | None = None  # ||w_after - w_before|| / ||w_before||
+    used: bool = True  # False: the step gave this layer no gradient at all (p.grad is None)
 
 
 @dataclass
 class Verdict:
-    verdict: str  # healthy | vanishing | exploding
+    verdict: str  # healthy | vanishing | dead | exploding
     layers: list[str]
     remedy: str
 
@@ -73,8 +80,8 @@ def layer_stats(model: nn.Module, before: list[torch.Tensor] | None = None,
         norms = torch.cat([norms[:2], (norms[2] / norms[3].clamp(min=1e-30)).unsqueeze(0)])
     values = norms.cpu().tolist()
     return [
-        LayerStat(name, values[0][i], values[1][i], values[2][i] if before is not None else None)
-        for i, (name, _) in enumerate(layers)
+        LayerStat(name, values[0][i], values[1][i], values[2][i] if before is not None else None, p.grad is not None)
+        for i, (name, p) in enumerate(layers)
     ]
 
 
@@ -87,6 +94,10 @@ def judge(stats: list[LayerStat], vanishing_ratio: float = 1e-4, vanishing_norm:
                  or (s.update_ratio is not None and s.update_ratio > exploding_update)]
     if exploding:
         return Verdict("exploding", exploding, REMEDIES["exploding"])
+    dead = [s.name for s in stats if s.used and s.grad_norm == 0 and s.weight_norm > 0]
+    fading = any(0 < s.grad_norm < vanishing_norm for s in stats)  # a gradual decay that underflowed: vanishing
+    if dead and not fading:
+        return Verdict("dead", dead, REMEDIES["dead"])
     largest = max(s.grad_norm for s in stats)
     vanishing = [s.name for s in stats if s.grad_norm < max(vanishing_norm, vanishing_ratio * largest)]
     if vanishing:

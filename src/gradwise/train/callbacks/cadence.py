@@ -126,7 +126,7 @@ class EarlyStop(Callback):
 
 class GradientHealth(Callback):
     """Per-layer gradient and update figures every `diagnostics.every` steps: a `kind: health` record and a
-    message (with a remedy) when the verdict turns vanishing or exploding."""
+    message (with a remedy) when the verdict turns vanishing, dead or exploding."""
 
     def __init__(self):
         self.before = None
