@@ -40,9 +40,9 @@ STRAGGLER_RULES = ["SSGD", "ASGD", "DC-ASGD-a"]
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"gradients": 60, "eval_every": 30, "workers": [2], "seeds": [0], "rules": ["SSGD", "ASGD", "DC-ASGD-a"],
-                "straggler": {"workers": 2, "slow": "1:3", "gradients": 60, "target": 0.0}}
+                "straggler": {"workers": 2, "slow": "1:3", "gradients": 60, "target": 0.0, "rules": ["ASGD"]}}
     return {"gradients": 2000, "eval_every": 250, "workers": [4, 8], "seeds": [0, 1, 2], "rules": list(RULES),
-            "straggler": {"workers": 4, "slow": "3:4", "gradients": 2000, "target": 0.4}}
+            "straggler": {"workers": 4, "slow": "3:4", "gradients": 2000, "target": 0.4, "rules": STRAGGLER_RULES}}
 
 
 def one_run(name: str, workers: int, seed: int, s: dict[str, Any], out: Path, extra: list[str] | None = None,
@@ -181,7 +181,7 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
 
     st = s["straggler"]
     straggler_runs = []
-    for name in STRAGGLER_RULES:
+    for name in st["rules"]:
         if name not in s["rules"]:
             continue
         r = one_run(name, st["workers"], 0, s, out, extra=[f"ps.slowdown={st['slow']}"], gradients=st["gradients"],
