@@ -68,7 +68,11 @@ def test_inductor_compiles_a_users_model_and_trains_like_eager():
         trainer = Trainer(model, torch.utils.data.TensorDataset(x, y), config=cfg)
         return trainer.fit(), model
 
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     (eager_summary, eager), (summary, compiled) = train(False), train(True)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really traced the model (no silent eager fallback)
     assert summary["compile_warmup_seconds"] > 0 and "compile_warmup_seconds" not in eager_summary
     for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

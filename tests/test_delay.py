@@ -97,6 +97,28 @@ def test_delays_drawn_from_a_ray_runs_update_log_and_a_resume_is_exact(tmp_path)
     assert split["staleness_histogram"] == straight["staleness_histogram"]
 
 
+def test_an_unused_layer_keeps_no_gradient_so_one_simulated_worker_equals_plain_adamw():
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from gradwise import load_config
+
+    def fit(source):
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.body, model.spare = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), nn.Linear(4, 4)
+        model.forward = model.body.forward  # the spare layer is never called
+        g = torch.Generator().manual_seed(1)
+        data = TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+        cfg = load_config(None, ["train.steps=6", "train.batch_size=16", "optim.name=adamw", "optim.weight_decay=0.1",
+                                 "log.progress=off", "diagnostics.every=2"])
+        return Trainer(model, data, config=cfg, source=source).fit()
+
+    simulated, plain = fit(DelayedGradients(1)), fit(None)
+    assert simulated["params_sha256"] == plain["params_sha256"]  # weight decay never touched the spare layer
+    assert simulated["health"]["verdict"] != "dead"
+
+
 def test_simulator_input_errors_are_one_line_with_exit_2(tmp_path, capsys):
     cases = [
         (["ps.rule=ssgd"], "ps.rule=ssgd is not simulated"),
@@ -108,6 +130,16 @@ def test_simulator_input_errors_are_one_line_with_exit_2(tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
     assert run_cli(["train", "--strategy", "simulate", "--nproc", "2", *SMALL]) == 2
     assert "runs in one process" in capsys.readouterr().err
+    # a simulated run resumed without the flags, and a plain run resumed as a simulation, are refused
+    assert run_cli(["train", "--strategy", "simulate", "--workers", "3", "--out", str(tmp_path / "sim"),
+                    "train.steps=4", *SMALL]) == 0
+    assert run_cli(["train", "--out", str(tmp_path / "plain"), "train.steps=4", *SMALL]) == 0
+    capsys.readouterr()
+    for run_dir, flags, message in [("sim", [], "--strategy simulate --workers 3"),
+                                    ("plain", ["--strategy", "simulate"], "not trained with --strategy simulate")]:
+        assert run_cli(["train", "--resume", str(tmp_path / run_dir), "train.steps=8", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 def test_a_collapse_under_staleness_is_flagged_dead_where_sequential_training_is_healthy():

@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from gradwise import Trainer, load_config
 from gradwise.config import ModelConfig
-from gradwise.diagnostics.health import judge, layer_stats
+from gradwise.diagnostics.health import judge, layer_stats, zero_gradient_layers
 from gradwise.errors import NonFiniteError
 from gradwise.nn import build_model
 from gradwise.train.step import NonFiniteStep
@@ -58,7 +58,9 @@ def test_a_net_whose_relus_all_died_is_flagged_dead_and_an_unused_layer_is_not()
         model.stem[1].bias.fill_(-100.0)  # every unit of the first hidden layer is negative: ReLU passes nothing
     spare = torch.nn.Linear(8, 8)  # never called: no gradient at all
     model.spare = spare
-    verdict = judge(stats_after_backward(model))
+    first = stats_after_backward(model)
+    assert judge(first).verdict == "vanishing"  # one check alone: a zero-initialised gate looks the same
+    verdict = judge(stats_after_backward(model), zero_before=zero_gradient_layers(first))
     assert verdict.verdict == "dead" and "spare.weight" not in verdict.layers
     assert "stem.1.weight" in verdict.layers and "head.weight" not in verdict.layers
     assert "optim.lr" in verdict.remedy
@@ -66,6 +68,18 @@ def test_a_net_whose_relus_all_died_is_flagged_dead_and_an_unused_layer_is_not()
     with torch.no_grad():
         model.stem[1].bias.zero_()
     assert judge(stats_after_backward(model)).verdict == "healthy"
+
+
+def test_rezero_at_initialisation_is_not_called_dead():
+    """alpha = 0 zeroes every branch's gradient until the first update: not a dead network."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp", depth=4, width=16, residual="rezero"), (32,), 10, "classification")
+    cfg = load_config(None, ["train.batch_size=16", "train.steps=3", "log.progress=off", "log.plots=false",
+                             "optim.name=adam", "optim.lr=0.01", "diagnostics.every=1"])
+    trainer = Trainer(model, data(), config=cfg)
+    trainer.fit()
+    verdicts = [r["verdict"] for r in trainer.records if r["kind"] == "health"]
+    assert len(verdicts) == 3 and "dead" not in verdicts
 
 
 def data(n=64):

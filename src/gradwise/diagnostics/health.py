@@ -6,9 +6,11 @@ The verdict is a pure function of the per-layer figures:
     exploding  some layer's gradient norm exceeds `exploding_norm`, or its update moved the
                weights by more than `exploding_update` of their norm in one step
     dead       some layer that took part in the step has a gradient of exactly zero while its weights
-               are not zero, and no layer's gradient is merely tiny (that would be a decay that underflowed:
-               vanishing): no sample reaches it (dead ReLUs after too large a step, the loss stuck at the
-               chance level); a layer the step never used (no gradient at all) is not counted
+               are not zero, at this check and the one before (`zero_before`: a zero-initialised gate such
+               as ReZero's alpha zeroes its branch's gradients only until the first update), and no layer's
+               gradient is merely tiny (that would be a decay that underflowed: vanishing): no sample reaches
+               it (dead ReLUs after too large a step, the loss stuck at the chance level); a layer the step
+               never used (no gradient at all) is not counted
     vanishing  some layer's gradient norm is below `vanishing_ratio` times the largest layer's,
                or below `vanishing_norm` outright
     healthy    otherwise
@@ -85,16 +87,24 @@ def layer_stats(model: nn.Module, before: list[torch.Tensor] | None = None,
     ]
 
 
+def zero_gradient_layers(stats: list[LayerStat]) -> set[str]:
+    """Layers the step used whose gradient is exactly zero while their weights are not."""
+    return {s.name for s in stats if s.used and s.grad_norm == 0 and s.weight_norm > 0}
+
+
 def judge(stats: list[LayerStat], vanishing_ratio: float = 1e-4, vanishing_norm: float = 1e-10,
-          exploding_norm: float = 1e3, exploding_update: float = 1.0) -> Verdict:
-    """Classify per-layer figures as exploding, vanishing or healthy, naming the layers involved."""
+          exploding_norm: float = 1e3, exploding_update: float = 1.0,
+          zero_before: set[str] | frozenset = frozenset()) -> Verdict:
+    """Classify per-layer figures as exploding, dead, vanishing or healthy, naming the layers involved.
+    `zero_before`: the previous check's `zero_gradient_layers` (dead needs two checks in a row)."""
     if not stats:
         return Verdict("healthy", [], "")
     exploding = [s.name for s in stats if s.grad_norm > exploding_norm
                  or (s.update_ratio is not None and s.update_ratio > exploding_update)]
     if exploding:
         return Verdict("exploding", exploding, REMEDIES["exploding"])
-    dead = [s.name for s in stats if s.used and s.grad_norm == 0 and s.weight_norm > 0]
+    zero = zero_gradient_layers(stats) & set(zero_before)
+    dead = [s.name for s in stats if s.name in zero]
     fading = any(0 < s.grad_norm < vanishing_norm for s in stats)  # a gradual decay that underflowed: vanishing
     if dead and not fading:
         return Verdict("dead", dead, REMEDIES["dead"])

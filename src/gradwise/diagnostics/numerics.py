@@ -157,6 +157,8 @@ def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
             if grad_output and isinstance(grad_output[0], torch.Tensor):
                 g = grad_output[0].detach()
                 if split and (g.ndim == 0 or g.shape[0] != micro_rows[0]):
+                    if name in shared and shared[name].shape != g.shape:  # not batch-shared after all
+                        records.setdefault(name, LayerRecord()).output_gradients.add(shared.pop(name))
                     shared[name] = shared[name] + g if name in shared else g.clone()
                 else:
                     records.setdefault(name, LayerRecord()).output_gradients.add(g)
@@ -332,6 +334,7 @@ def inspect_precision(cfg: Any, steps: int = 5) -> dict[str, Any]:
     cfg.precision = "fp32"
     cfg.log.progress = "off"
     cfg.diagnostics.every = 0
+    cfg.train.compile = False  # hooks on every layer, a few steps: eager
     if cfg.train.micro_batch_size is None and cfg.train.accumulate == 1:  # the same gradients, from micro-batches
         cfg.train.micro_batch_size = min(cfg.train.batch_size, INSPECT_MICRO_BATCH)  # a 16th of the activations
     trainer = Trainer.from_config(cfg)

@@ -114,12 +114,13 @@ class DelayedGradients(BatchSteps):
         finally:
             _load(params, current)
         if finite:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            unused = [p.grad is None for p in params]  # stay without a gradient: the optimizer skips them
+            grads = [torch.zeros_like(p) if none else p.grad for p, none in zip(params, unused)]
             lam = cfg.ps.dc_lambda if cfg.ps.dc_lambda is not None else DEFAULT_LAMBDA.get(cfg.ps.rule, 0.0)
             corrected = apply_rule(cfg.ps.rule, grads, current, stale, tau, self.rule_state, lam,
                                    cfg.ps.ms_momentum, cfg.ps.eps)
-            for p, g in zip(params, corrected):
-                p.grad = g
+            for p, g, none in zip(params, corrected, unused):
+                p.grad = None if none else g
             engine.apply_update()
             self.history.append(_copy(params))
             self.staleness.append(tau)
@@ -137,19 +138,25 @@ class DelayedGradients(BatchSteps):
                             "staleness": self.staleness, "history": list(self.history or [])}
 
     def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
-        saved = payload.get("delay") or {}
+        saved = payload.get("delay")
+        if saved is None:
+            raise ConfigError("config error: this run was not trained with --strategy simulate; resume it "
+                              "without --strategy simulate")
         if saved.get("workers") != self.workers:
             raise ConfigError(f"config error: the simulated run was started with {saved.get('workers')} workers; "
                               f"resume it with --workers {saved.get('workers')}")
-        self.rule_state, self.staleness = saved["rule_state"], list(saved["staleness"])
-        self.loaded = saved
+        device = trainer.engine.device  # checkpoints load onto the CPU
+        self.rule_state = {k: [t.to(device) for t in v] if isinstance(v, list) else v
+                           for k, v in saved["rule_state"].items()}
+        self.staleness = list(saved["staleness"])
+        self.loaded = {**saved, "history": [[t.to(device) for t in v] for v in saved["history"]]}
         if self.draw is not None:  # a rollback mid-fit; a resume restores at the fit's start
             self._restore(saved)
 
     def _restore(self, saved: dict) -> None:
         """The delay stream and the weight versions where the checkpoint left them."""
         self.rng.setstate(saved["rng"])
-        versions = [list(v) for v in saved["history"]]
+        versions = saved["history"]
         self.history = collections.deque(versions, maxlen=self.max_delay + 1) if versions else None
         self.loaded = None
 

@@ -121,6 +121,7 @@ def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, 
                     trial = cfg.model_copy(deep=True)
                     trial.train.accumulate, trial.train.micro_batch_size = micro, None
                     trial.memory.checkpoint, trial.memory.auto = policy, False
+                    trial.train.compile = False  # a trial of a few steps would time the compilation
                     trial.precision = precision
                     engine = StepEngine(copy.deepcopy(initial), resolve_config(trial, len(data.train)))
                     prof = profile_step(engine, inputs, targets, steps=trial_steps)

@@ -83,6 +83,14 @@ class BatchSteps(StepSource):
         """One update from `batch` (the delay simulator computes its gradient on older weights)."""
         return engine.train_step(batch, global_count)
 
+    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
+        delay = payload.get("delay")
+        if delay is not None:
+            from gradwise.errors import ConfigError
+
+            raise ConfigError(f"config error: this run was trained with --strategy simulate --workers "
+                              f"{delay.get('workers')}; resume it with those flags")
+
     def _loader(self, trainer) -> Iterator[Any]:
         cfg, pos = trainer.cfg, trainer.state.position
         ahead = EpochBatches(len(trainer.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last,

@@ -60,7 +60,7 @@ def default_loss(outputs: Any, targets: Any) -> torch.Tensor:
     if not isinstance(predictions, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(f"the default loss (cross-entropy) needs logits and integer targets; got an output of "
                         f"{describe(outputs)} and a target of {describe(targets)}: pass loss_fn=, or return a .loss")
-    if targets.ndim == 1:  # (B, C) and (B,): as they are
+    if predictions.ndim == 2 and targets.ndim == 1:  # (B, C) and (B,): as they are
         return F.cross_entropy(predictions, targets)
     return F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from gradwise.config import Config
-from gradwise.diagnostics.health import judge, layer_stats, weight_layers
+from gradwise.diagnostics.health import judge, layer_stats, weight_layers, zero_gradient_layers
 from gradwise.errors import ConfigError
 from gradwise.train.callbacks.base import Callback, StepOutput
 from gradwise.train.early_stopping import EarlyStopping
@@ -130,6 +130,7 @@ class GradientHealth(Callback):
 
     def __init__(self):
         self.before = None
+        self.zero_before: set[str] = set()  # layers with an exactly-zero gradient at the previous check
 
     def on_step_start(self, trainer) -> None:
         every = trainer.cfg.diagnostics.every
@@ -142,7 +143,9 @@ class GradientHealth(Callback):
         d, state = trainer.cfg.diagnostics, trainer.state
         stats = layer_stats(trainer.model, self.before, trainer.sync.shard_sum if trainer.sync.sharded else None)
         self.before = None
-        verdict = judge(stats, d.vanishing_ratio, d.vanishing_norm, d.exploding_norm, d.exploding_update)
+        verdict = judge(stats, d.vanishing_ratio, d.vanishing_norm, d.exploding_norm, d.exploding_update,
+                        self.zero_before)
+        self.zero_before = zero_gradient_layers(stats)
         if verdict.verdict != "healthy" and (state.health or {}).get("verdict") != verdict.verdict:
             trainer.message(f"gradient health at step {state.step}: {verdict.verdict} in "
                             f"{', '.join(verdict.layers[:4])}; try: {verdict.remedy}")

@@ -120,30 +120,34 @@ class ScalerLog(Callback):
 
 
 class CompileWarmup(Callback):
-    """train.compile: the first step of each fit traces the model and generates code. Its wall time goes into a
-    `kind: compile` record and the summary's `compile_warmup_seconds` (this process's)."""
+    """train.compile: the trainer's first step traces the model and generates code. Its wall time (a failed and
+    retried first step included) goes into a `kind: compile` record and the summary's `compile_warmup_seconds`
+    (this process's; a later fit of the same trainer reports the same figure: it is compiled already)."""
 
     def __init__(self):
         self.started: float | None = None
         self.seconds: float | None = None
+        self.active = True
 
     def on_fit_start(self, trainer) -> None:
-        self.started = self.seconds = None
-        trainer.message(f"train.compile: the first step compiles the model ({trainer.cfg.train.compile_backend})")
+        self.active = trainer.source.computes_gradients  # a parameter server's workers compile, not the server
+        if self.active and self.seconds is None:  # a later fit of the same trainer is already compiled
+            trainer.message(f"train.compile: the first step compiles the model ({trainer.cfg.train.compile_backend})")
 
     def on_step_start(self, trainer) -> None:
-        if self.seconds is None:
+        if self.started is None:  # kept across a first step that failed and was retried
             self.started = time.perf_counter()
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
-        if self.seconds is not None:
+        if self.seconds is not None or not self.active:
             return
         self.seconds = time.perf_counter() - self.started
         trainer.log({"kind": "compile", "step": trainer.state.step, "warmup_seconds": round(self.seconds, 3)})
         trainer.message(f"compiled: the first step took {self.seconds:.1f} s")
 
     def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
-        summary["compile_warmup_seconds"] = None if self.seconds is None else round(self.seconds, 3)
+        if self.active:
+            summary["compile_warmup_seconds"] = None if self.seconds is None else round(self.seconds, 3)
 
 
 class TrainMetrics(Callback):
