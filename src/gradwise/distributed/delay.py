@@ -19,14 +19,13 @@ from __future__ import annotations
 import collections
 import json
 import random
-import statistics
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from gradwise.errors import ConfigError, DataError
-from gradwise.optim.async_rules import DEFAULT_LAMBDA, apply_rule
+from gradwise.optim.async_rules import apply_rule, rule_lambda, staleness_stats
 from gradwise.train.source import BatchSteps
 
 SIMULATED_RULES = ("asgd", "staleness-aware", "dcasgd-c", "dcasgd-a")
@@ -116,8 +115,8 @@ class DelayedGradients(BatchSteps):
         if finite:
             unused = [p.grad is None for p in params]  # stay without a gradient: the optimizer skips them
             grads = [torch.zeros_like(p) if none else p.grad for p, none in zip(params, unused)]
-            lam = cfg.ps.dc_lambda if cfg.ps.dc_lambda is not None else DEFAULT_LAMBDA.get(cfg.ps.rule, 0.0)
-            corrected = apply_rule(cfg.ps.rule, grads, current, stale, tau, self.rule_state, lam,
+            corrected = apply_rule(cfg.ps.rule, grads, current, stale, tau, self.rule_state,
+                                   rule_lambda(cfg.ps.rule, cfg.ps.dc_lambda),
                                    cfg.ps.ms_momentum, cfg.ps.eps)
             for p, g, none in zip(params, corrected, unused):
                 p.grad = None if none else g
@@ -131,7 +130,7 @@ class DelayedGradients(BatchSteps):
 
     def window_metrics(self) -> dict[str, Any]:
         window, self.window = self.window, []
-        return {"staleness_mean": statistics.fmean(window) if window else 0.0, "staleness_max": max(window, default=0)}
+        return staleness_stats(window)
 
     def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
         payload["delay"] = {"workers": self.workers, "rng": self.rng.getstate(), "rule_state": self.rule_state,
@@ -162,11 +161,8 @@ class DelayedGradients(BatchSteps):
 
     def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
         super().on_fit_end(trainer, summary)
-        counts = collections.Counter(self.staleness)
         summary.update({
             "strategy": "simulate", "rule": trainer.cfg.ps.rule, "workers": self.workers, "delay": trainer.cfg.ps.delay,
             "updates": len(self.staleness), "gradients": trainer.state.step,
-            "staleness_mean": statistics.fmean(self.staleness) if self.staleness else 0.0,
-            "staleness_max": max(self.staleness, default=0),
-            "staleness_histogram": {str(k): counts[k] for k in sorted(counts)},
+            **staleness_stats(self.staleness, histogram=True),
         })

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import json
-import statistics
 import threading
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 from gradwise.config import Config
 from gradwise.errors import ConfigError
 from gradwise.io import write_text
-from gradwise.optim.async_rules import DEFAULT_LAMBDA, apply_rule
+from gradwise.optim.async_rules import apply_rule, rule_lambda, staleness_stats
 from gradwise.train.callbacks import Callback, StepOutput
 from gradwise.train.step import NonFiniteStep
 
@@ -47,7 +46,7 @@ class PushedGradients(Callback):
 
     def __init__(self, cfg: Config, workers: int):
         self.cfg, self.workers, self.rule = cfg, workers, cfg.ps.rule
-        self.lam = cfg.ps.dc_lambda if cfg.ps.dc_lambda is not None else DEFAULT_LAMBDA.get(self.rule, 0.0)
+        self.lam = rule_lambda(self.rule, cfg.ps.dc_lambda)
         self.cond = threading.Condition()
         self.trainer = None
         self.rule_state: dict[str, Any] = {}
@@ -207,8 +206,7 @@ class PushedGradients(Callback):
 
     def window_metrics(self) -> dict[str, Any]:
         window, self.window = self.window, []
-        return {"staleness_mean": statistics.fmean(window) if window else 0.0,
-                "staleness_max": max(window, default=0), "worker_samples_per_s": self._worker_throughput()}
+        return {**staleness_stats(window), "worker_samples_per_s": self._worker_throughput()}
 
     def _worker_throughput(self) -> list[float]:
         return [round(s / t, 1) if t > 0 else 0.0 for s, t in zip(self.samples, self.compute_seconds)]
@@ -255,13 +253,10 @@ class PushedGradients(Callback):
     def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
         self.close()
         self.cond.wait_for(lambda: self.restarts is not None)  # the driver: every worker has returned
-        counts = collections.Counter(self.staleness)
         summary.update({
             "strategy": "async", "rule": self.rule, "workers": self.workers, "updates": self.version,
             "gradients": trainer.state.step,
-            "staleness_mean": statistics.fmean(self.staleness) if self.staleness else 0.0,
-            "staleness_max": max(self.staleness, default=0),
-            "staleness_histogram": {str(k): counts[k] for k in sorted(counts)},
+            **staleness_stats(self.staleness, histogram=True),
             "worker_samples_per_s": self._worker_throughput(), "worker_restarts": self.restarts,
         })
         self._finish()

@@ -21,10 +21,28 @@ first-order Taylor correction of the stale gradient towards g(w).
 
 from __future__ import annotations
 
+import collections
+import statistics
+
 import torch
 
 RULES = ("asgd", "ssp", "staleness-aware", "dcasgd-c", "dcasgd-a", "ssgd")
 DEFAULT_LAMBDA = {"dcasgd-c": 0.04, "dcasgd-a": 2.0}  # the paper's CIFAR-10 settings
+
+
+def rule_lambda(rule: str, dc_lambda: float | None) -> float:
+    """DC-ASGD's lambda (dcasgd-c) or lambda0 (dcasgd-a): `ps.dc_lambda`, else the paper's; 0 for other rules."""
+    return dc_lambda if dc_lambda is not None else DEFAULT_LAMBDA.get(rule, 0.0)
+
+
+def staleness_stats(staleness: list[int], histogram: bool = False) -> dict:
+    """Mean and max (and, for a summary, the histogram) of the staleness of the gradients applied."""
+    stats = {"staleness_mean": statistics.fmean(staleness) if staleness else 0.0,
+             "staleness_max": max(staleness, default=0)}
+    if histogram:
+        counts = collections.Counter(staleness)
+        stats["staleness_histogram"] = {str(k): counts[k] for k in sorted(counts)}
+    return stats
 
 
 def staleness_aware(grads: list[torch.Tensor], staleness: int) -> list[torch.Tensor]:
