@@ -16,7 +16,8 @@ from gradwise.nn import build_model
 from gradwise.train import Trainer
 from gradwise.train.sampler import EpochBatches
 
-SGD = ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0", "schedule.name=constant", "diagnostics.every=0"]
+SGD = ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0", "schedule.name=constant", "diagnostics.every=0",
+       "ps.lr_scale=none"]
 
 
 def run_cli(args):
@@ -142,13 +143,26 @@ def test_simulator_input_errors_are_one_line_with_exit_2(tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
 
 
-def test_a_collapse_under_staleness_is_flagged_dead_where_sequential_training_is_healthy():
-    """8 simulated workers at an lr one process trains with: the ReLUs die, the health verdict says so."""
-    def health(workers):
-        cfg = small_config("train.steps=60", "optim.lr=0.1", "diagnostics.every=10", "seed=0")
+def test_a_collapse_under_staleness_is_flagged_dead_and_the_default_lr_scale_prevents_it():
+    """8 simulated workers at the lr one process trains with (ps.lr_scale=none): the ReLUs die and the health
+    verdict says so; the default lr / M trains, as one process does."""
+    def health(workers, *extra):
+        cfg = small_config("train.steps=60", "optim.lr=0.1", "diagnostics.every=10", "seed=0", *extra)
         return Trainer.from_config(cfg, source=DelayedGradients(workers)).fit()["health"]
 
-    collapsed, sequential = health(8), health(1)
+    collapsed, scaled, sequential = health(8, "ps.lr_scale=none"), health(8), health(1)
     assert collapsed["verdict"] == "dead" and "blocks.0.branch.0.weight" in collapsed["layers"]
     assert "asynchronous" in collapsed["remedy"]
-    assert sequential["verdict"] == "healthy"
+    assert scaled["verdict"] == "healthy" and sequential["verdict"] == "healthy"
+
+
+@pytest.mark.parametrize("rule, lr_scale, factor", [("asgd", "inverse-workers", 1 / 4), ("dcasgd-a", "inverse-workers",
+                                                    1 / 4), ("staleness-aware", "inverse-workers", 1.0),
+                                                    ("asgd", "none", 1.0)])
+def test_ps_lr_scale_divides_the_lr_by_the_workers_for_rules_that_apply_stale_gradients(rule, lr_scale, factor):
+    from gradwise.distributed.ps_server import PushedGradients
+
+    cfg = small_config(*SGD[:-1], f"ps.rule={rule}", f"ps.lr_scale={lr_scale}")
+    trainer = Trainer.from_config(cfg, source=DelayedGradients(4))
+    assert trainer.engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * factor)
+    assert PushedGradients(cfg, 4).lr_factor(cfg) == pytest.approx(factor)  # the Ray server's is the same

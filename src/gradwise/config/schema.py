@@ -192,6 +192,10 @@ class PSConfig(Section):
     dc_lambda: Optional[float] = Field(
         None, ge=0, description="dcasgd: lambda (dcasgd-c) or lambda0 (dcasgd-a); null: 0.04 / 2.0 (the paper's)"
     )
+    lr_scale: Literal["inverse-workers", "none"] = Field(
+        "inverse-workers", description="asgd, ssp, dcasgd-c/-a: optim.lr / M under M workers (stale gradients need "
+                                       "a smaller step; docs/async.md); none: optim.lr as given"
+    )
     ms_momentum: float = Field(0.95, ge=0, lt=1, description="dcasgd-a: mean-square smoothing m")
     eps: float = Field(1e-7, gt=0, description="dcasgd-a: epsilon in lambda0 / sqrt(MS + eps)")
     slowdown: Optional[str] = Field(None, description='stragglers: "W:F[,W:F]" makes worker W F times slower')

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from gradwise.errors import ConfigError, DataError
-from gradwise.optim.async_rules import apply_rule, rule_lambda, staleness_stats
+from gradwise.optim.async_rules import apply_rule, async_lr_factor, rule_lambda, staleness_stats
 from gradwise.train.source import BatchSteps
 
 SIMULATED_RULES = ("asgd", "staleness-aware", "dcasgd-c", "dcasgd-a")
@@ -85,6 +85,9 @@ class DelayedGradients(BatchSteps):
         self.staleness: list[int] = []
         self.window: list[int] = []
         self.loaded: dict | None = None
+
+    def lr_factor(self, cfg) -> float:
+        return async_lr_factor(cfg.ps.rule, cfg.ps.lr_scale, self.workers)
 
     def on_fit_start(self, trainer) -> None:
         cfg = trainer.cfg

@@ -32,7 +32,7 @@ import torch
 from gradwise.config import Config
 from gradwise.errors import ConfigError
 from gradwise.io import write_text
-from gradwise.optim.async_rules import apply_rule, rule_lambda, staleness_stats
+from gradwise.optim.async_rules import apply_rule, async_lr_factor, rule_lambda, staleness_stats
 from gradwise.train.callbacks import Callback, StepOutput
 from gradwise.train.step import NonFiniteStep
 
@@ -66,6 +66,9 @@ class PushedGradients(Callback):
         self.closed = False
         self.restarts: list[int] | None = None  # set by the driver when every worker is done
         self.update_log = None
+
+    def lr_factor(self, cfg: Config) -> float:
+        return async_lr_factor(cfg.ps.rule, cfg.ps.lr_scale, self.workers)
 
     def attach(self, trainer) -> None:
         self.trainer, self.params, self.budget = trainer, trainer.engine.params, trainer.total_steps

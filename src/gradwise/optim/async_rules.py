@@ -35,6 +35,20 @@ def rule_lambda(rule: str, dc_lambda: float | None) -> float:
     return dc_lambda if dc_lambda is not None else DEFAULT_LAMBDA.get(rule, 0.0)
 
 
+SCALED_RULES = ("asgd", "ssp", "dcasgd-c", "dcasgd-a")  # ps.lr_scale applies to these
+
+
+def async_lr_factor(rule: str, lr_scale: str, workers: int) -> float:
+    """What `ps.lr_scale` multiplies optim.lr by under `workers` asynchronous workers.
+
+    inverse-workers: 1/M for the rules that apply each gradient as it arrives, the stable step for the
+    staleness M - 1 of M equally fast workers (measured in docs/async.md: the default AdamW job collapses at
+    M=4 with the plain lr). ssgd averages synchronous gradients and staleness-aware divides by tau itself:
+    both keep optim.lr.
+    """
+    return 1.0 / workers if lr_scale == "inverse-workers" and rule in SCALED_RULES else 1.0
+
+
 def staleness_stats(staleness: list[int], histogram: bool = False) -> dict:
     """Mean and max (and, for a summary, the histogram) of the staleness of the gradients applied."""
     stats = {"staleness_mean": statistics.fmean(staleness) if staleness else 0.0,

@@ -37,6 +37,10 @@ class StepSource(Callback):
 
     computes_gradients = True
 
+    def lr_factor(self, cfg) -> float:
+        """What the step engine multiplies the scaled optim.lr by (an asynchronous source's staleness policy)."""
+        return 1.0
+
     def record_fields(self) -> dict[str, Any]:
         return {}
 

@@ -76,7 +76,8 @@ class StepEngine:
     (the schedule's horizon, `cfg.schedule.total_steps`, is set by `gradwise.resolve`).
     `count_fn(targets)` counts a batch's loss-bearing items, which weight its
     micro-batches. `loss_scaling=False` builds no fp16 loss scaler (a parameter
-    server applies gradients its workers already unscaled). `forward_context`
+    server applies gradients its workers already unscaled). `lr_factor` multiplies
+    the scaled optim.lr (an asynchronous run's `ps.lr_scale`). `forward_context`
     wraps each forward (e.g. an ActivationMeter's `track`).
     """
 
@@ -84,7 +85,8 @@ class StepEngine:
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, loss_scaling: bool = True):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, loss_scaling: bool = True,
+                 lr_factor: float = 1.0):
         if cfg.schedule.total_steps is None:
             raise ConfigError("config error: schedule.total_steps is unset; resolve the config first "
                               "(gradwise.resolve.resolve_config)")
@@ -105,7 +107,8 @@ class StepEngine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         use_scaler = loss_scaling and cfg.precision == "fp16" and cfg.scaler.enabled
         self.scaler = LossScaler(cfg.scaler) if use_scaler else None
-        self.lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.schedule.base_batch, cfg.schedule.scale_rule)
+        self.lr = lr_factor * scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.schedule.base_batch,
+                                        cfg.schedule.scale_rule)
         self.optimizer = optimizer or build_optimizer(cfg.optim, self.model, self.lr)
         if isinstance(self.optimizer, LayerwiseOptimizer):  # its trust ratios need whole-tensor norms
             self.optimizer.shard_sum = self.sync.shard_sum if self.sync.sharded else None

@@ -91,7 +91,7 @@ class Trainer:
         self.total_steps = run_length(self.cfg, self.train_size)[1]
         self.source = source or (BatchSteps() if self.train_size is not None else StreamSteps())
         self.engine = StepEngine(model, self.cfg, sync=self.sync, loss_fn=loss_fn, count_fn=count_fn,
-                                 optimizer=optimizer, scheduler=scheduler,
+                                 optimizer=optimizer, scheduler=scheduler, lr_factor=self.source.lr_factor(self.cfg),
                                  loss_scaling=self.source.computes_gradients)
         self.model = self.engine.model
         self.task = check_first_batch(self.engine, train_data, val_data if val_data is not None else test_data, task,
