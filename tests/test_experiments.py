@@ -74,14 +74,35 @@ def test_repro_async_quick_writes_results(tmp_path, capsys):
     out = tmp_path / "async"
     assert main(["repro", "async", "--quick", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    for name in ("accuracy_vs_updates.png", "staleness_histogram.png"):
-        assert (out / name).stat().st_size > 100
-    methods = {(r["method"], r["workers"]) for r in results["table"]}
-    assert methods == {("sequential SGD", 1), ("SSGD", 2), ("ASGD", 2), ("DC-ASGD-a", 2)}
-    runs = {r["method"]: r for r in results["runs"] if r["workers"] == 2}
-    assert runs["SSGD"]["updates"] * 2 == runs["ASGD"]["updates"] == runs["ASGD"]["gradients"]  # equal gradients
-    assert all(r["time_to_target"] is not None for r in results["straggler"])
-    assert "## Does delay compensation close the gap?" in (out / "results.md").read_text()
+    assert (out / "error_vs_workers.png").stat().st_size > 100
+    methods = {(r["method"], r["workers"], r["ray"]) for r in results["table"]}
+    assert methods == {("sequential SGD", 1, False), ("sequential SGD, momentum 0", 1, False), ("SSGD", 2, False),
+                       ("ASGD", 2, False), ("DC-ASGD-a", 2, False), ("ASGD", 2, True)}
+    chosen = {(c["method"], c["workers"]): c["lr"] for c in results["chosen_lr"]}
+    for key, lr in chosen.items():  # each lr is the grid point with the best validation accuracy
+        tried = [r for r in results["selection"] if (r["method"], r["workers"]) == key]
+        assert len(tried) >= 2 and lr == max(tried, key=lambda r: (r["val_accuracy"], -r["lr"]))["lr"]
+    runs = {(r["method"], r["ray"]): r for r in results["runs"] + results["ray_runs"] if r["workers"] == 2}
+    assert runs[("SSGD", False)]["updates"] * 2 == runs[("ASGD", False)]["updates"]  # equal gradients
+    assert runs[("ASGD", False)]["staleness_mean"] > 0 and runs[("ASGD", True)]["staleness_mean"] > 0
+    assert [r["lambda"] for r in results["lambda_sweep"]] == [0.5, 2.0]
+    md = (out / "results.md").read_text()
+    assert "## Does delay compensation win back what asynchrony costs?" in md and "Wall time:" in md
+    assert "## The simulator against real Ray workers" in md
+
+
+def test_repro_async_keeps_a_diverged_grid_point_and_reuses_finished_runs(tmp_path):
+    from gradwise.experiments import async_ps
+
+    s = {**async_ps.settings(quick=True), "gradients": 6}
+    diverged = async_ps.one_run("sequential SGD", 1, 0, 1e30, s, tmp_path)
+    assert diverged["diverged"] and diverged["val_accuracy"] == 0.0 and diverged["test_error"] == 1.0
+    trained = async_ps.one_run("ASGD", 2, 0, 0.05, s, tmp_path)
+    marker = next((tmp_path / "runs").glob("ASGD-*")) / "metrics.jsonl"
+    before = marker.stat().st_mtime_ns
+    again = async_ps.one_run("ASGD", 2, 0, 0.05, s, tmp_path)  # read back, not retrained
+    assert marker.stat().st_mtime_ns == before and again["test_error"] == trained["test_error"]
+    assert async_ps.one_run("sequential SGD", 1, 0, 1e30, s, tmp_path)["diverged"] == diverged["diverged"]
 
 
 def test_repro_precision_quick_writes_results(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 A source has `next_step(trainer) -> StepOutput`, `record_fields()` (extra
 fields for every train and eval record), `window_metrics()` (for train records:
-figures over the steps since the last one) and `computes_gradients` (False for the
-parameter server, whose gradients arrive from workers: gradwise.distributed.ps_server).
+figures over the steps since the last one), `computes_gradients` (False for the
+parameter server, whose gradients arrive from workers: gradwise.distributed.ps_server)
+and `lr_factor(cfg)` (the asynchronous sources' `ps.lr_scale`; 1 otherwise).
 """
 
 from __future__ import annotations
