@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwise.config import load_config
-from gradwise.experiments import mean_ci
+from gradwise.experiments.stats import mean_ci
 from gradwise.io import write_json, write_text, write_with
 
 BASE = ["data.name=mnist1d", "data.val_fraction=0.1", "model.name=cnn", "optim.name=sgd", "schedule.name=cosine",
