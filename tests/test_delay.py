@@ -166,3 +166,14 @@ def test_ps_lr_scale_divides_the_lr_by_the_workers_for_rules_that_apply_stale_gr
     trainer = Trainer.from_config(cfg, source=DelayedGradients(4))
     assert trainer.engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * factor)
     assert PushedGradients(cfg, 4).lr_factor(cfg) == pytest.approx(factor)  # the Ray server's is the same
+
+
+def test_a_users_optimizer_is_scaled_by_ps_lr_scale_like_the_configured_one():
+    cfg = small_config(*SGD[:-1], "ps.rule=asgd")
+    data = build_data(cfg.data)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
+    mine = torch.optim.SGD(model.parameters(), lr=0.2)
+    trainer = Trainer(model, data.train, test_data=data.test, config=cfg, optimizer=mine, source=DelayedGradients(4))
+    assert mine.param_groups[0]["lr"] == pytest.approx(0.05) and trainer.engine.scheduler.base_lrs == [0.05]
+    trainer.fit()
+    assert mine.param_groups[0]["lr"] == pytest.approx(0.05)  # constant schedule: the scaled rate throughout

@@ -77,7 +77,7 @@ class StepEngine:
     `count_fn(targets)` counts a batch's loss-bearing items, which weight its
     micro-batches. `loss_scaling=False` builds no fp16 loss scaler (a parameter
     server applies gradients its workers already unscaled). `lr_factor` multiplies
-    the scaled optim.lr (an asynchronous run's `ps.lr_scale`). `forward_context`
+    the scaled optim.lr, or a given optimizer's rates (an asynchronous run's `ps.lr_scale`). `forward_context`
     wraps each forward (e.g. an ActivationMeter's `track`).
     """
 
@@ -113,6 +113,8 @@ class StepEngine:
         if isinstance(self.optimizer, LayerwiseOptimizer):  # its trust ratios need whole-tensor norms
             self.optimizer.shard_sum = self.sync.shard_sum if self.sync.sharded else None
         self.scheduler = scheduler or build_scheduler(cfg.schedule, self.optimizer, cfg.schedule.total_steps)
+        if optimizer is not None and lr_factor != 1.0:  # a user's optimizer gets the source's factor too (async: 1/M)
+            self.scale_lr(lr_factor)
         reg = cfg.regularize
         self.penalised = penalised_params(self.model, cfg.optim.exclude) if reg.l1 or reg.l2 else []
         self.last_penalty: torch.Tensor | None = None
@@ -238,7 +240,8 @@ class StepEngine:
         """Multiply the learning rate, now and for the rest of the schedule."""
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
-        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        if hasattr(self.scheduler, "base_lrs"):  # e.g. ReduceLROnPlateau has none: it works from the group lr
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
 
     def scaler_metrics(self) -> dict[str, float]:
         if self.scaler is None:
