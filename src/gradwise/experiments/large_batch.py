@@ -85,7 +85,13 @@ def finished_runs(previous: Path, s: dict[str, Any]) -> dict[str, dict[str, Any]
 
 
 def _pytorch_optimizer_lars(model, cfg):
-    from pytorch_optimizer import LARS
+    try:
+        from pytorch_optimizer import LARS
+    except ImportError:
+        from gradwise.errors import ConfigError
+
+        raise ConfigError("config error: repro large-batch runs pytorch-optimizer's LARS alongside gradwise's; "
+                          "install it with: pip install -e '.[bench]'") from None
 
     from gradwise.optim.groups import param_groups
 
