@@ -39,6 +39,50 @@ def test_repro_large_batch_quick_writes_results(tmp_path, capsys):
     assert lamb["trust_ratios"] and all(name.endswith("weight") for name in lamb["trust_ratios"])
     md = (out / "results.md").read_text()
     assert "| batch | sgd+momentum | adam | lars | lamb |" in md
+    # every lr is chosen on the validation split: the reported best is the best by validation accuracy
+    for best in results["best"]:
+        rivals = [r for r in results["runs"] if (r["optimizer"], r["batch_size"]) == (best["optimizer"], best["batch_size"])]
+        assert best["val_accuracy"] == max(r["val_accuracy"] for r in rivals)
+    # part two: LARS at both trust coefficients, each also with pytorch-optimizer's LARS, and LAMB, over seeds
+    recipes = {(c["recipe"], c["batch_size"]): c for c in results["recipe"]}
+    batch = results["settings"]["recipe_batches"][0]
+    assert set(recipes) == {(name, batch) for name in ("lars eta=1e-3", "lars eta=1e-2", "lars eta=1e-3 (pytorch-optimizer)",
+                                                       "lars eta=1e-2 (pytorch-optimizer)", "lamb")}
+    assert all(len(c["test_accuracy"]) == len(results["settings"]["recipe_seeds"]) for c in recipes.values())
+    peer = [r for r in results["recipe_runs"] if "pytorch-optimizer" in r["recipe"]]
+    assert peer and not any(r["trust_ratios"] for r in peer)  # the peer's optimizer, not gradwise's, ran them
+    ours = [r for r in results["recipe_runs"] if r["recipe"] == "lars eta=1e-2"]
+    assert ours and all(r["lr"] * 1e-2 == pytest.approx(r["rate"]) for r in ours)  # lr = rate / eta
+    assert "## Part two" in md and "## Verdict" in md
+
+
+def test_large_batch_reuses_only_runs_finished_with_the_same_settings(tmp_path):
+    from gradwise.experiments.large_batch import RECIPE_CENTRE, finished_runs, one_run, settings
+
+    s = settings(quick=True)
+    done = {"optimizer": "adam", "batch_size": 256, "lr_multiplier": 1.0, "val_accuracy": 0.5, "seed": 0}
+    previous = tmp_path / "results.json"
+    previous.write_text(json.dumps({"settings": {**s, "recipe_centre": RECIPE_CENTRE}, "runs": [done],
+                                    "recipe_runs": []}))
+    cache = finished_runs(previous, s)
+    assert one_run("adam", 256, 1.0, s, cache) == {**done, "reused": True}  # read back, not trained
+    previous.write_text(json.dumps({"settings": {**s, "epochs": 99, "recipe_centre": RECIPE_CENTRE}, "runs": [done]}))
+    assert finished_runs(previous, s) == {}  # another budget: nothing is reused
+    assert finished_runs(tmp_path / "absent.json", s) == {}
+
+
+def test_target_loss_stops_at_the_first_step_whose_trailing_mean_reaches_the_target():
+    from types import SimpleNamespace
+
+    from gradwise.experiments.depth import TargetLoss
+
+    trainer = SimpleNamespace(state=SimpleNamespace(should_stop=False))
+    stopper = TargetLoss(target=2.0, window=3)
+    for step, loss in enumerate([1.0, 9.0, 2.5, 2.0, 1.0, 1.0], start=1):  # trailing means 4.17, 4.5, 1.83
+        stopper.on_step_end(trainer, SimpleNamespace(loss=loss))
+        if trainer.state.should_stop:
+            break
+    assert (stopper.reached_at, step) == (5, 5)  # step 1's low loss alone (window not full) does not count
 
 
 def test_repro_depth_quick_writes_results(tmp_path, capsys):
@@ -50,8 +94,16 @@ def test_repro_depth_quick_writes_results(tmp_path, capsys):
     assert fc[(16, "rezero")]["jacobian_at_init"] == pytest.approx(1.0)  # the identity at init
     assert fc[(16, "plain")]["jacobian_at_init"] < 1e-3  # a plain tanh stack contracts
     assert results["very_deep"]["blocks"] == 200 and results["very_deep"]["steps_done"] == 10
-    assert {r["variant"] for r in results["transformers"]} == {"post-LN", "pre-LN", "rezero"}
-    assert "## Character transformers" in (out / "results.md").read_text()
+    conv = results["convergence"]
+    s = results["settings"]
+    assert {(c["variant"], c["warmup_steps"]) for c in conv["chosen"] if c["layers"] == 2} == {
+        (v, w) for v in ("post-LN", "pre-LN", "rezero") for w in (0, s["warmups"]["2"])}
+    for run in conv["runs"]:  # a run stops at the first step whose trailing mean reaches the target, or at the cap
+        reached = run["steps_to_target"]
+        assert run["steps_done"] == (reached if reached is not None else s["caps"][str(run["layers"])]) \
+            or run["outcome"].startswith("diverged")
+    assert set(conv["verdicts"]) == {"2 layers, warmup 0", "2 layers, warmup 5"}
+    assert "## Character transformers: steps to a target loss" in (out / "results.md").read_text()
 
 
 def test_repro_overfitting_quick_writes_results(tmp_path, capsys):
