@@ -57,17 +57,20 @@ def test_repro_large_batch_quick_writes_results(tmp_path, capsys):
 
 
 def test_large_batch_reuses_only_runs_finished_with_the_same_settings(tmp_path):
-    from gradwise.experiments.large_batch import RECIPE_CENTRE, finished_runs, one_run, settings
+    from gradwise.experiments.large_batch import finished_runs, one_run, settings, settings_record
 
     s = settings(quick=True)
     done = {"optimizer": "adam", "batch_size": 256, "lr_multiplier": 1.0, "val_accuracy": 0.5, "seed": 0}
     previous = tmp_path / "results.json"
-    previous.write_text(json.dumps({"settings": {**s, "recipe_centre": RECIPE_CENTRE}, "runs": [done],
-                                    "recipe_runs": []}))
+    previous.write_text(json.dumps({"settings": settings_record(s), "runs": [done], "recipe_runs": []}))
     cache = finished_runs(previous, s)
     assert one_run("adam", 256, 1.0, s, cache) == {**done, "reused": True}  # read back, not trained
-    previous.write_text(json.dumps({"settings": {**s, "epochs": 99, "recipe_centre": RECIPE_CENTRE}, "runs": [done]}))
+    previous.write_text(json.dumps({"settings": {**settings_record(s), "epochs": 99}, "runs": [done]}))
     assert finished_runs(previous, s) == {}  # another budget: nothing is reused
+    other_lr = settings_record(s)
+    other_lr["optimizers"]["adam"]["base_lr"] = 0.5  # the same multiplier would now mean another lr
+    previous.write_text(json.dumps({"settings": other_lr, "runs": [done]}))
+    assert finished_runs(previous, s) == {}
     assert finished_runs(tmp_path / "absent.json", s) == {}
 
 

@@ -11,7 +11,6 @@ Bachlechner et al. 2020 ReZero, Srivastava et al. 2015 Highway)
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import time
@@ -23,6 +22,7 @@ import torch
 from gradwise.config import load_config
 from gradwise.diagnostics.spectra import block_input, jacobian_mean_sq_singular_value
 from gradwise.errors import NonFiniteError
+from gradwise.experiments.reuse import previous_results
 from gradwise.experiments.stats import mean_ci
 from gradwise.io import write_json, write_text
 from gradwise.memory.measure import ActivationMeter, format_bytes
@@ -210,10 +210,8 @@ def _speed_verdict(chosen: list[dict], n_layer: int, warmup: int) -> str:
 def finished_runs(previous: Path, s: dict[str, Any]) -> dict[str, Any]:
     """What an earlier invocation into the same folder finished with the same settings: its fully-connected
     table, its 10,000-block run, and its transformer runs by (layers, variant, lr, warmup, seed)."""
-    if not previous.exists():
-        return {}
-    old = json.loads(previous.read_text())
-    if old.get("settings") != json.loads(json.dumps(s)):
+    old = previous_results(previous, s)
+    if old is None:
         return {}
     cache = {key: old[key] for key in ("fc", "very_deep") if key in old}
     cache.update({_run_key(r["layers"], r["variant"], r["lr"], r["warmup_steps"], r["seed"]): r

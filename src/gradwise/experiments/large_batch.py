@@ -19,7 +19,6 @@ implementation) so implementation and recipe separate; the chosen setting then t
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from gradwise.config import load_config
 from gradwise.errors import NonFiniteError
+from gradwise.experiments.reuse import previous_results
 from gradwise.experiments.stats import mean_ci
 from gradwise.io import write_json, write_text
 from gradwise.train import Trainer
@@ -70,13 +70,21 @@ def settings(quick: bool) -> dict[str, Any]:
             "recipe_seeds": RECIPE_SEEDS, "warmup_epochs": 5.0}
 
 
+def settings_record(s: dict[str, Any]) -> dict[str, Any]:
+    """What results.json records as the settings: `s` with the optimizer and recipe tables it ran."""
+    return {**s, "sweep": list(s["sweep"]), "recipe_grid": list(s["recipe_grid"]),
+            "optimizers": {k: {"overrides": v[0], "base_lr": v[1], "scale_rule": v[2]} for k, v in OPTIMIZERS.items()},
+            "recipes": {k: {"optimizer": v[0], "implementation": v[1], "trust_coefficient": v[2], "poly_power": v[3]}
+                        for k, v in RECIPES.items()},
+            "recipe_centre": RECIPE_CENTRE}
+
+
 def finished_runs(previous: Path, s: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Runs an earlier invocation into the same folder finished with the same settings, by run key."""
-    if not previous.exists():
-        return {}
-    old = json.loads(previous.read_text())
-    same = all(old["settings"].get(k) == json.loads(json.dumps(s[k])) for k in ("num_samples", "epochs", "warmup_epochs"))
-    if not same or old["settings"].get("recipe_centre") != RECIPE_CENTRE:
+    """Runs an earlier invocation into the same folder finished with the same settings, by run key: the whole
+    settings record (budget, grids, each optimizer's overrides and base lr) must match, as a run is keyed by its
+    lr multiplier."""
+    old = previous_results(previous, settings_record(s))
+    if old is None:
         return {}
     cache = {f"one|{r['optimizer']}|{r['batch_size']}|{r['lr_multiplier']:.6g}": r for r in old["runs"]}
     cache.update({f"two|{r['recipe']}|{r['batch_size']}|{r['lr_multiplier']:.6g}|{r['seed']}": r
@@ -211,7 +219,8 @@ def part_two(s: dict[str, Any], cache: dict) -> tuple[list[dict], dict]:
             runs.extend(seeds[1:])
             mean, half = mean_ci([r["test_accuracy"] for r in seeds])
             chosen[(name, batch)] = {"recipe": name, "batch_size": batch, "lr": done[pick]["lr"],
-                                     "rate": done[pick]["rate"], "selection_val_accuracy": done[pick]["val_accuracy"], "grid_edge": pick in (min(done), max(done)),
+                                     "rate": done[pick]["rate"], "selection_val_accuracy": done[pick]["val_accuracy"],
+                                     "grid_edge": pick in (min(done), max(done)),
                                      "test_accuracy": [r["test_accuracy"] for r in seeds], "mean": mean, "ci95": half}
     return runs, chosen
 
@@ -287,13 +296,7 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     reused = sum(bool(r.get("reused")) for r in [*runs, *recipe_runs])
     from gradwise.bench import describe_machine
 
-    results = {"settings": {**s, "sweep": list(s["sweep"]), "recipe_grid": list(s["recipe_grid"]),
-                            "optimizers": {k: {"overrides": v[0], "base_lr": v[1], "scale_rule": v[2]}
-                                           for k, v in OPTIMIZERS.items()},
-                            "recipes": {k: {"optimizer": v[0], "implementation": v[1], "trust_coefficient": v[2],
-                                            "poly_power": v[3]} for k, v in RECIPES.items()},
-                            "recipe_centre": RECIPE_CENTRE},
-               "machine": describe_machine(), "runs": runs, "recipe_runs": recipe_runs,
+    results = {"settings": settings_record(s), "machine": describe_machine(), "runs": runs, "recipe_runs": recipe_runs,
                "best": [best[(o, b)] for b in s["batches"] for o in OPTIMIZERS],
                "recipe": list(chosen.values()), "wall_minutes": minutes, "training_minutes": trained}
     lines = ["| batch | " + " | ".join(OPTIMIZERS) + " |", "|" + "---|" * (len(OPTIMIZERS) + 1)]
