@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from torch import nn
 
 from gradwise import load_config
 
@@ -34,3 +35,9 @@ def small_overrides():
 
 def small_config(*extra: str):
     return load_config(None, [*SMALL, *extra])
+
+
+def relative_gap(a: nn.Module, b: nn.Module) -> float:
+    num = sum(float((p - q).detach().norm() ** 2) for p, q in zip(a.parameters(), b.parameters())) ** 0.5
+    den = sum(float(p.detach().norm() ** 2) for p in a.parameters()) ** 0.5
+    return num / den

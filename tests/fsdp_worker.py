@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 import gradwise.data
 from gradwise import Trainer, load_config
-from gradwise.train.state import seed_everything
+from gradwise.train.randomness import seed_everything
 
 COMMON = ["train.steps=20", "train.batch_size=32", "log.progress=off", "log.plots=false", "diagnostics.every=0",
           "train.eval_every=1000", "train.checkpoint_every=1000", "train.parallel=fsdp", "schedule.name=constant"]

@@ -89,10 +89,17 @@ def test_dc_correction_vanishes_without_drift():
 
 
 def test_one_worker_asgd_equals_single_process_sgd_exactly(tmp_path):
+    """At the thread count the user set (1 here, not the machine's 2): the worker computes with the driver's."""
     extra = ["train.steps=30", "optim.momentum=0.9", "schedule.warmup_steps=5", "seed=4"]
-    summary = run_async(tmp_path, "ps", 1, *extra)
-    trainer = Trainer.from_config(small_config("optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0", *extra))
-    single = trainer.fit()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = run_async(tmp_path, "ps", 1, *extra)
+        trainer = Trainer.from_config(small_config("optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0", *extra))
+        single = trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert "worker_threads: 1" in (tmp_path / "ps" / "config.yaml").read_text()
     assert summary["updates"] == summary["gradients"] == 30 and summary["staleness_max"] == 0
     assert summary["params_sha256"] == single["params_sha256"]
     assert summary["test_loss"] == single["test_loss"]
@@ -321,13 +328,30 @@ def test_your_own_model_and_data_through_picklable_factories(tmp_path):
         x, y = torch.randn(200, 10, generator=g), torch.randint(0, 3, (200,), generator=g)
         return TensorDataset(x, y), TensorDataset(x[:50], y[:50])
 
+    def noisy_pairs(items):  # a random collate function: drawn from the batch's own seed, in the worker too
+        x, y = torch.utils.data.default_collate(items)
+        return x + 0.1 * torch.randn_like(x), y
+
+    class RowsSeen:  # a dataset-level metric (defined here: Ray pickles it by value)
+        def reset(self):
+            self.n = 0
+
+        def update(self, preds, target):
+            self.n += len(target)
+
+        def compute(self):
+            return self.n
+
     cfg = small_config("optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0", "train.steps=30")
-    summary = train_async(cfg, 1, tmp_path / "user", progress="off", user=UserRun(model, data))
+    user = UserRun(model, data, collate_fn=noisy_pairs, metrics={"rows": RowsSeen()})
+    summary = train_async(cfg, 1, tmp_path / "user", progress="off", user=user)
     seed_everything(cfg.seed)
     train, test = data()
-    single = Trainer(model(), train, test_data=test, config=cfg).fit()
+    single = Trainer(model(), train, test_data=test, config=cfg, collate_fn=noisy_pairs,
+                     metrics={"rows": RowsSeen()}).fit()
     assert summary["model_class"] == "Sequential" and summary["train_samples"] == 200
     assert summary["params_sha256"] == single["params_sha256"]  # one worker: exactly single-process training
+    assert summary["test_rows"] == single["test_rows"] == 50  # the server evaluates with the user's metrics
 
 
 def test_a_streaming_dataset_is_refused_by_the_parameter_server_before_ray_starts(tmp_path):

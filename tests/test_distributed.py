@@ -288,6 +288,9 @@ def test_a_users_script_under_torchrun_trains_data_parallel_with_no_extra_code(t
     assert summary(tmp_path / "one")["world_size"] == 1 and summary(tmp_path / "two")["world_size"] == 2
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     assert summary(tmp_path / "two")["test_loss"] == pytest.approx(summary(tmp_path / "one")["test_loss"], rel=1e-5)
+    # dataset-level metrics: each rank scores its half, the states are merged (a rank's rows count once)
+    assert summary(tmp_path / "two")["test_f1"] == summary(tmp_path / "one")["test_f1"]
+    assert summary(tmp_path / "one")["test_rows"] == summary(tmp_path / "two")["test_rows"] == 50
     # a rank that dies after the final checkpoint: torchrun restarts the group, which completes the run
     died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
                            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script),

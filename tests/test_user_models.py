@@ -12,17 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from conftest import small_config
+from conftest import relative_gap, small_config
 from gradwise import Trainer
 from gradwise.memory.accumulation import item_count
 from gradwise.train.checks import BatchError
 from gradwise.train.state import params_sha256
-
-
-def relative_gap(a: nn.Module, b: nn.Module) -> float:
-    num = sum(float((p - q).detach().norm() ** 2) for p, q in zip(a.parameters(), b.parameters())) ** 0.5
-    den = sum(float(p.detach().norm() ** 2) for p in a.parameters()) ** 0.5
-    return num / den
 
 
 def one_sgd_step(model, data, *extra, **kwargs):
@@ -244,6 +238,8 @@ def test_hf_gpt2_fit_resume_continues_exactly(tmp_path):
     ("dict_model.py", ["--steps", "30"], "test accuracy"),
     ("hf_causal_lm.py", ["--steps", "10"], "bits per byte"),
     ("streaming.py", ["--steps", "20", "--workers", "2"], "test accuracy"),
+    ("hf_masked_lm.py", ["--steps", "20", "--workers", "2"], "test loss"),
+    ("hf_text_classification.py", ["--steps", "50"], "test macro-F1"),
 ])
 def test_the_examples_run(script, args, expect, tmp_path):
     import subprocess
@@ -255,6 +251,27 @@ def test_the_examples_run(script, args, expect, tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expect in done.stdout
+
+
+def code_lines(path) -> int:
+    """Lines holding code: no blank line, comment or module docstring."""
+    import ast
+    import io
+    import tokenize
+
+    source = path.read_text()
+    first = ast.parse(source).body[0]
+    docstring = range(first.lineno, first.end_lineno + 1) if isinstance(first, ast.Expr) else range(0)
+    skipped = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    return len({line for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type not in skipped
+                for line in range(tok.start[0], tok.end[0] + 1) if line not in docstring})
+
+
+def test_the_masked_lm_example_takes_no_more_code_than_transformers_trainer():
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    assert code_lines(examples / "hf_masked_lm.py") <= code_lines(examples / "compare" / "mlm_hf_trainer.py")
 
 
 def test_the_summary_and_report_describe_the_users_model_and_data(tmp_path):
@@ -440,6 +457,6 @@ def test_fit_resume_without_a_run_directory_just_trains():
 
 def test_a_broken_metric_fails_the_first_batch_check():
     data = TensorDataset(torch.randn(16, 5), torch.zeros(16, dtype=torch.long))
-    with pytest.raises(BatchError, match="evaluation failed on the first batch"):
+    with pytest.raises(BatchError, match=r"evaluation \(test\) failed on the first batch"):
         Trainer(nn.Linear(5, 2), data, test_data=data, metrics={"bad": lambda out, target: out.nonexistent},
                 config=small_config("train.steps=2", "train.batch_size=8"))

@@ -1,5 +1,6 @@
 """A user's own training script, with nothing distributed in it: tests/test_distributed.py runs it with plain
-python and under `torchrun --nproc-per-node 2` and compares the weights. Options after the run folder:
+python and under `torchrun --nproc-per-node 2` and compares the weights and the dataset-level metrics (each
+evaluation row counted once); batches go through a collate function of its own. Options after the run folder:
 
     die-after-final   rank 1 of the first attempt is killed after the final checkpoint (torchrun restarts the group)
     fsdp              train.parallel=fsdp, each Linear sharded as a unit (train.shard_modules), and a spare
@@ -14,11 +15,13 @@ import signal
 import sys
 
 import torch
+import torchmetrics
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from gradwise import Trainer, load_config
 from gradwise.train.callbacks import Callback
+from metric_objects import MacroF1
 
 
 class DieAfterFinal(Callback):
@@ -53,6 +56,26 @@ class PoisonOnRank1(Callback):
         self.armed = trainer.sync.rank == 1 and trainer.state.step == 4 and trainer.state.rollbacks == 0
 
 
+class RowsSeen(torchmetrics.Metric):
+    """How many evaluation rows it saw: a torchmetrics Metric, whose own all-gather must stay off (gradwise
+    merges the ranks' states: one all-gather, not two)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("n", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds, target):
+        self.n += len(target)
+
+    def compute(self):
+        return self.n
+
+
+def stack_pairs(items):
+    """A collate function of one's own (each rank collates its own rows)."""
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
 options = sys.argv[2:]
 g = torch.Generator().manual_seed(0)
 x = torch.randn(300, 10, generator=g)
@@ -69,5 +92,6 @@ if "nan-on-rank-1" in options:
 callbacks = [DieAfterFinal()] if "die-after-final" in options else []
 callbacks += [PoisonOnRank1(model.net[0])] if "nan-on-rank-1" in options else []
 trainer = Trainer(model, TensorDataset(x, y), test_data=TensorDataset(x[:50], y[:50]),
-                  config=load_config(None, overrides), out_dir=sys.argv[1], callbacks=callbacks)
+                  config=load_config(None, overrides), out_dir=sys.argv[1], callbacks=callbacks,
+                  collate_fn=stack_pairs, metrics={"f1": MacroF1(), "rows": RowsSeen()})
 trainer.fit(max_steps=10 if "stop-at-10" in options else None, resume=True)

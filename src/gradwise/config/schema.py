@@ -172,8 +172,14 @@ class EarlyStoppingConfig(Section):
     patience: Optional[int] = Field(
         None, ge=1, description="evaluations without improvement before stopping (null: off)"
     )
-    metric: Literal["val_loss", "val_accuracy", "val_bpc"] = Field(
-        "val_loss", description="the validation metric watched (accuracy: higher is better)"
+    metric: str = Field(
+        "val_loss", pattern=r"^val_[A-Za-z0-9_]+$",
+        description="the validation metric watched: val_loss, val_accuracy, val_bpc, or val_NAME for a metric "
+                    "of yours (Trainer(metrics={'NAME': ...}))"
+    )
+    mode: Optional[Literal["min", "max"]] = Field(
+        None, description="min: lower is better, max: higher is better; null: inferred (loss and bpc min, accuracy "
+                          "max, a metric object's higher_is_better)"
     )
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
     restore_best: bool = Field(True, description="end the run with the weights of the best evaluation")
@@ -203,6 +209,9 @@ class PSConfig(Section):
                                                   "(M-1), uniform (0..2(M-1)), or a Ray run's updates.jsonl / "
                                                   "summary.json (its measured staleness, drawn at random)")
     max_worker_restarts: int = Field(3, ge=0, description="times Ray restarts one dead worker before the run fails")
+    worker_threads: Optional[int] = Field(
+        None, ge=1, description="torch threads per worker; null: the driver's thread count shared among the M "
+                                "workers (set when the run starts), so one worker computes as the driver would")
 
     @model_validator(mode="after")
     def _check(self) -> "PSConfig":

@@ -19,9 +19,10 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from torch.utils.data import IterableDataset
 
-from gradwise.config import Config, validate
+from gradwise.config import Config, apply_overrides, validate
 from gradwise.distributed.ps_worker import UserRun, Worker
 from gradwise.errors import CheckpointError, ConfigError, DataError, NonFiniteError, UserInputError
 from gradwise.resolve import resolve_config
@@ -45,9 +46,10 @@ class ParameterServer:
             self.trainer = Trainer.from_config(cfg, out_dir=out_dir, source=self.source)
         else:
             seed_everything(cfg.seed)
-            train, test = user.data()
+            train, test = user.datasets()
             self.trainer = Trainer(user.model(), train, test_data=test, loss_fn=user.loss_fn, config=cfg,
-                                   out_dir=out_dir, source=self.source)
+                                   out_dir=out_dir, source=self.source, collate_fn=user.collate_fn,
+                                   metrics=user.metrics)
         self.source.attach(self.trainer)
         if resume:
             self.trainer.restore(out_dir)
@@ -139,7 +141,7 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     from gradwise.memory.planner import plan_config
     from gradwise.train.metrics import Progress
     from gradwise.train.run_dir import holds_run
-    from gradwise.train.state import seed_everything
+    from gradwise.train.randomness import seed_everything
 
     check_async_config(cfg, workers)
     if out_dir is not None and not resume and holds_run(Path(out_dir)):
@@ -147,12 +149,15 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
                               "to continue it or choose another --out")
     if user is not None:
         seed_everything(cfg.seed)  # as every actor does before calling user.data()
-    train = user.data()[0] if user else build_data(cfg.data, context=cfg.model.context).train
+    train = user.datasets()[0] if user else build_data(cfg.data, context=cfg.model.context).train
     if isinstance(train, IterableDataset):
         raise DataError(f"data error: the parameter server splits a map-style training set's rows between its "
                         f"workers; got the streaming {type(train).__name__}; train it with the Trainer "
                         "(one process, or torchrun for data parallel)")
     train_size = len(train)
+    if cfg.ps.worker_threads is None:  # the threads this process computes with, shared among the workers
+        threads = max(1, torch.get_num_threads() // workers)
+        cfg = validate(apply_overrides(cfg.to_dict(), [f"ps.worker_threads={threads}"]))
     cfg = resolve_config(cfg, train_size, gradients_per_update=workers if cfg.ps.rule == "ssgd" else 1,
                          planner=plan_config if user is None else None)  # the planner measures built-ins
     cfg_dict = cfg.to_dict()

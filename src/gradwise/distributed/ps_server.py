@@ -34,7 +34,7 @@ from gradwise.errors import ConfigError
 from gradwise.io import write_text
 from gradwise.optim.async_rules import apply_rule, async_lr_factor, rule_lambda, staleness_stats
 from gradwise.train.callbacks import Callback, StepOutput
-from gradwise.train.step import NonFiniteStep
+from gradwise.train.step import NonFiniteStep, group_lrs
 
 UPDATE_LOG = "updates.jsonl"
 
@@ -166,7 +166,8 @@ class PushedGradients(Callback):
         worker, pulled = item["worker"], item["pulled"]
         staleness = self.version - pulled["version"]
         grads = [g.to(p.device, torch.float32) for g, p in zip(item["grads"], self.params)]
-        lr = trainer.engine.optimizer.param_groups[0]["lr"]
+        optimizer = trainer.engine.optimizer
+        lr, lrs = optimizer.param_groups[0]["lr"], group_lrs(optimizer)
         if self.rule == "ssgd":
             self.round.append(grads)
             if self._round_complete() or trainer.state.step + 1 >= self.budget:
@@ -188,7 +189,7 @@ class PushedGradients(Callback):
                 "slowest_clock_at_pull": pulled["slowest_clock"]}) + "\n")
         item["done"], item["applied"] = True, True
         self.cond.notify_all()
-        return StepOutput(item["loss"], item["samples"], lr)
+        return StepOutput(item["loss"], item["samples"], lr, lrs)
 
     def _round_complete(self) -> bool:
         return self.rule == "ssgd" and bool(self.round) and len(self.round) >= len(self.live)

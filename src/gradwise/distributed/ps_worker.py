@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from gradwise.config import validate
 from gradwise.distributed.sync import GradientSync
-from gradwise.train.batch import fetch_batch, to_device
+from gradwise.errors import DataError
+from gradwise.train.batch import to_device
+from gradwise.train.pipeline import BatchReader
+from gradwise.train.randomness import TRAIN_DATA, derived_seed
 from gradwise.train.sampler import EpochBatches, Position
-from gradwise.train.state import seed_everything
+from gradwise.train.randomness import seed_everything
 from gradwise.train.step import NonFiniteStep, StepEngine
 
 
@@ -29,11 +32,25 @@ from gradwise.train.step import NonFiniteStep, StepEngine
 class UserRun:
     """Your own model and data for the parameter server, as picklable factories each actor calls:
     `model()` -> nn.Module (seeded by the actor: the server's weights are what workers pull), `data()` ->
-    (train, test or None) map-style datasets, and an optional `loss_fn` (see gradwise.train.batch)."""
+    (train, test or None) map-style datasets, and optionally `loss_fn` (see gradwise.train.batch),
+    `collate_fn` (batches items, in every worker and for the server's evaluation) and `metrics` (as
+    `Trainer(metrics=...)`, computed on the server)."""
 
     model: Callable[[], torch.nn.Module]
     data: Callable[[], tuple[Any, Any]]
     loss_fn: Callable | None = None
+    collate_fn: Callable | None = None
+    metrics: dict[str, Any] | None = None
+
+    def datasets(self) -> tuple[Any, Any]:
+        """`data()`'s (train, test), checked: datasets, not DataLoaders (their settings would not reach the
+        workers, which read their rows through gradwise's reader)."""
+        train, test = self.data()
+        for role, data in (("train", train), ("test", test)):
+            if isinstance(data, DataLoader):
+                raise DataError(f"data error: UserRun.data() returned a DataLoader as the {role} set; return its "
+                                f"dataset and pass UserRun(collate_fn=...) and train.batch_size=N instead")
+        return train, test
 
 
 def worker_shard(n: int, worker: int, workers: int) -> torch.Tensor:
@@ -93,7 +110,7 @@ class Worker:
 
         cfg = validate(cfg_dict)  # the driver's resolved config, the one the server trains with
         self.cfg, self.worker, self.server = cfg, worker, server
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # M workers share the cores
+        torch.set_num_threads(cfg.ps.worker_threads or max(1, (os.cpu_count() or 1) // workers))
         seed_everything(cfg.seed + worker)
         if user is None:
             data = build_data(cfg.data, context=cfg.model.context)
@@ -102,12 +119,14 @@ class Worker:
             model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
         else:
             seed_everything(cfg.seed)  # every actor builds the same data, even a seeded random split
-            train = user.data()[0]
+            train = user.datasets()[0]
             self.shard = Subset(train, worker_shard(len(train), worker, workers).tolist())
             seed_everything(cfg.seed + worker)
             model = user.model()
         self.sync = PushPull(server, worker, cfg.ps.slowdowns().get(worker, 1.0))
         self.engine = StepEngine(model, cfg, sync=self.sync, loss_fn=user.loss_fn if user else None)
+        self.reader = BatchReader(self.shard, user.collate_fn if user else None,
+                                  derived_seed(cfg.seed, TRAIN_DATA, worker))
 
     def pid(self) -> int:
         """This incarnation's process id (a restarted actor has a new one)."""
@@ -123,8 +142,9 @@ class Worker:
                                Position(start["epoch"], start["batch"]))
         sync.pushed = 0
         while sync.pull(self.engine.model):
+            key = batches.position.epoch, batches.position.batch
             idx = batches.next()
-            batch = to_device(fetch_batch(self.shard, idx), self.engine.device)
+            batch = to_device(self.reader.read(key, idx), self.engine.device)
             sync.position = {"epoch": batches.position.epoch, "batch": batches.position.batch}
             sync.samples = len(idx)
             try:

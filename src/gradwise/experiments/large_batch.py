@@ -112,7 +112,7 @@ def _trainer(cfg, implementation: str) -> Trainer:
         return Trainer.from_config(cfg)
     from gradwise.data import build_data
     from gradwise.nn import build_model
-    from gradwise.train.state import seed_everything
+    from gradwise.train.randomness import seed_everything
 
     seed_everything(cfg.seed)  # the same order as from_config, so a seed gives the same data and init
     data = build_data(cfg.data, context=cfg.model.context)

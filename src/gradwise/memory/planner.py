@@ -29,7 +29,7 @@ from gradwise.memory.measure import (
 )
 from gradwise.nn import build_model
 from gradwise.resolve import resolve_config
-from gradwise.train.state import capture_rng, restore_rng, seed_everything
+from gradwise.train.randomness import capture_rng, restore_rng, seed_everything
 from gradwise.train.step import StepEngine
 
 POLICIES = ("none", "sqrt", "all")

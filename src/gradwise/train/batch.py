@@ -75,11 +75,12 @@ def split(batch: Any, part: slice, n: int) -> Any:
     return map_tensors(lambda t: t[part] if t.ndim and t.shape[0] == n else t, batch)
 
 
-def fetch_batch(dataset: Dataset, idx: torch.Tensor) -> Any:
-    """Gather samples `idx`: one indexing op per tensor for a TensorDataset, else collate item by item."""
-    if isinstance(dataset, TensorDataset):
+def fetch_batch(dataset: Dataset, idx: torch.Tensor, collate_fn: Callable | None = None) -> Any:
+    """Gather samples `idx` and collate them with `collate_fn` (default: torch's `default_collate`; for a
+    TensorDataset without one, one indexing op per tensor)."""
+    if collate_fn is None and isinstance(dataset, TensorDataset):
         return tuple(t[idx] for t in dataset.tensors)
-    return default_collate([dataset[i] for i in idx.tolist()])
+    return (collate_fn or default_collate)([dataset[i] for i in idx.tolist()])
 
 
 def dataset_size(dataset: Dataset) -> int | None:
@@ -87,11 +88,11 @@ def dataset_size(dataset: Dataset) -> int | None:
     return None if isinstance(dataset, IterableDataset) else len(dataset)
 
 
-def first_rows(dataset: Dataset, n: int) -> Any:
+def first_rows(dataset: Dataset, n: int, collate_fn: Callable | None = None) -> Any:
     """The first `n` samples as one batch (a streaming dataset is iterated from its start)."""
     if isinstance(dataset, IterableDataset):
-        return default_collate(list(itertools.islice(iter(dataset), n)))
-    return fetch_batch(dataset, torch.arange(min(n, len(dataset))))
+        return (collate_fn or default_collate)(list(itertools.islice(iter(dataset), n)))
+    return fetch_batch(dataset, torch.arange(min(n, len(dataset))), collate_fn)
 
 
 def is_pair(batch: Any) -> bool:

@@ -1,8 +1,8 @@
 """Early stopping on a validation metric, with the best weights kept for restoring.
 
 `update(value, step, model)` is called after each evaluation: an improvement
-(by more than `min_delta`, downwards for losses and bits-per-char, upwards for
-accuracy) records the step and copies the weights; `patience` evaluations in a
+(by more than `min_delta`, upwards when higher is better, as for accuracy or F1,
+downwards otherwise) records the step and copies the weights; `patience` evaluations in a
 row without one ask the loop to stop. The state, best weights included, goes
 into checkpoints so a resumed run stops where an uninterrupted one would (the
 weights as a model-shaped state, sharded under FSDP like the model).
@@ -20,9 +20,9 @@ from gradwise.config import EarlyStoppingConfig
 
 
 class EarlyStopping:
-    def __init__(self, cfg: EarlyStoppingConfig):
+    def __init__(self, cfg: EarlyStoppingConfig, higher_is_better: bool):
         self.cfg = cfg
-        self.higher_is_better = cfg.metric.endswith("accuracy")
+        self.higher_is_better = higher_is_better
         self.best_value = -math.inf if self.higher_is_better else math.inf
         self.best_step: int | None = None
         self.bad_evaluations = 0

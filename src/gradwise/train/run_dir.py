@@ -15,11 +15,11 @@ from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_text
 
 LOCK = ".gradwise.lock"
-# Keys a resumed run may change: they alter how long it runs, what it reports and how it computes (train.compile:
-# the same arithmetic up to floating-point rounding), never the trajectory itself.
+# Keys a resumed run may change: they alter how long it runs, what it reports and how it computes (train.compile,
+# ps.worker_threads: the same arithmetic up to floating-point rounding), never the trajectory itself.
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
                   "train.checkpoint_every", "train.parallel", "train.shard_modules", "train.compile",
-                  "train.compile_mode", "train.compile_backend", "log.", "loader.")
+                  "train.compile_mode", "train.compile_backend", "ps.worker_threads", "log.", "loader.")
 
 
 def _resumable(key: str) -> bool:
@@ -119,7 +119,10 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Unlock, then close. The unlock matters: loader workers forked while the lock was held share its
+        open file, and the lock lasts until every holder of that file closes it, unless it is unlocked."""
         if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 

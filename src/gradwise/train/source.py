@@ -13,24 +13,51 @@ import warnings
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gradwise.train.batch import fetch_batch, rows, split, to_device
+from gradwise.errors import DataError, UserInputError
+from gradwise.train.batch import describe, rows, split, to_device
 from gradwise.train.callbacks.base import Callback, StepOutput
+from gradwise.train.checks import BatchError, error_line
+from gradwise.train.pipeline import HOOKS, BatchReader, SeededCollate, batch_loader
+from gradwise.train.randomness import TRAIN_DATA, derived_seed
 from gradwise.train.sampler import EpochBatches, Position
+from gradwise.train.step import NonFiniteStep, group_lrs
 
 
 class _AheadBatches:
-    """The batch sampler a DataLoader reads: this rank's rows of the next `count` batches from a position
-    (as many as the fit has steps left, so the workers never prepare a batch nobody will use)."""
+    """What a DataLoader's workers read: ((epoch, batch), this rank's rows) of the next `count` batches from a
+    position (as many as the fit has steps left, so the workers never prepare a batch nobody will use)."""
 
     def __init__(self, batches: EpochBatches, sync, count: int):
         self.batches, self.sync, self.count = batches, sync, count
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[tuple[tuple[int, int], list[int]]]:
         for _ in range(self.count):
-            yield self.sync.local_rows(self.batches.next()).tolist()
+            pos = self.batches.position
+            key = (pos.epoch, pos.batch)
+            yield key, self.sync.local_rows(self.batches.next()).tolist()
+
+
+def shut_down(loader_iterator: Any) -> None:
+    """Stop a DataLoader iterator's worker processes now (a raised exception's traceback may keep the iterator,
+    and with it the workers, alive)."""
+    stop = getattr(loader_iterator, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
+
+
+def step_failure(trainer, err: Exception, stage: str, where: tuple[int, int, int | None], batch: Any) -> BatchError:
+    """A later batch's failure in one line, as the first-batch check reports one: the step, where the batch
+    is (`where`: epoch, batch and batches per epoch, or None for a stream's pass), its structure."""
+    epoch, number, per_epoch = where
+    place = f"epoch {epoch}, batch {number} of {per_epoch}" if per_epoch else f"pass {epoch}, batch {number}"
+    return BatchError(f"batch error: {stage} failed at step {trainer.state.step + 1} ({place}), {describe(batch)}: "
+                      f"{error_line(err)}; the last checkpoint is kept (fit(resume=True) continues from it)")
+
+
+PASS_THROUGH = (NonFiniteStep, UserInputError, MemoryError, torch.OutOfMemoryError)  # not a batch's fault
 
 
 class StepSource(Callback):
@@ -56,37 +83,63 @@ class StepSource(Callback):
     def on_exception(self, trainer, error: BaseException) -> None:
         self.close()
 
+    def run_step(self, trainer, batch: Any, samples: int, where: tuple[int, int, int | None],
+                 global_count: torch.Tensor | None = None) -> StepOutput:
+        """Train on `batch` (read already: `samples` rows of the global batch), a failure reported in one line
+        naming the step and `where` the batch is."""
+        engine = trainer.engine
+        lr, lrs = engine.optimizer.param_groups[0]["lr"], group_lrs(engine.optimizer)  # the rates this update uses
+        try:
+            loss = self.train_step(engine, to_device(batch, engine.device), global_count)
+        except PASS_THROUGH:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's model, loss or batch: one line, as the first batch
+            raise step_failure(trainer, err, "the training step", where, batch) from err
+        return StepOutput(loss, samples, lr, lrs)
+
+    def train_step(self, engine, batch: Any, global_count: torch.Tensor | None) -> torch.Tensor:
+        """One update from `batch` (the delay simulator computes its gradient on older weights)."""
+        return engine.train_step(batch, global_count)
+
 
 class BatchSteps(StepSource):
     """Each step trains on the next batch in the seeded order (gradwise.train.sampler), resumable by position.
 
-    Under data parallel every rank draws the same global batch and keeps its strategy's shard of it. With
-    `loader.num_workers` > 0, torch's DataLoader prepares the batches in worker processes from a sampler
-    that follows the same order, so the batches, and a resume mid-epoch, do not depend on the workers.
+    Batches are read by the training set's `BatchReader` (its collate function, each batch under its own
+    seed). Under data parallel every rank draws the same global batch and reads its strategy's shard of it.
+    With `loader.num_workers` > 0, torch's DataLoader reads the batches in worker processes, in the same
+    order, so the batches, and a resume mid-epoch, do not depend on the workers.
     """
 
     def __init__(self):
         self.batches: EpochBatches | None = None
+        self.reader: BatchReader | None = None
         self.loader: Iterator[Any] | None = None
 
     def next_step(self, trainer) -> StepOutput:
         cfg, state, sync, engine = trainer.cfg, trainer.state, trainer.sync, trainer.engine
         if self.batches is None or self.batches.position is not state.position:  # a new run, a resume or a rollback
+            self.close()
             self.batches = EpochBatches(len(trainer.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last,
                                         state.position)
+            self.reader = BatchReader(trainer.train_data, trainer.data["train"].collate_fn,
+                                      derived_seed(cfg.seed, TRAIN_DATA, sync.rank))
             self.loader = self._loader(trainer) if cfg.loader.num_workers else None
+        pos = self.batches.position
+        key = pos.epoch, pos.batch
+        where = pos.epoch, pos.batch + 1, self.batches.per_epoch
         idx = self.batches.next()
         global_count = None
-        if sync.needs_global_count and isinstance(trainer.train_data, TensorDataset):  # no collective needed
+        if sync.needs_global_count and isinstance(trainer.train_data, TensorDataset) \
+                and self.reader.collate_fn is None:  # no collective needed
             global_count = engine.count_fn(trainer.train_data.tensors[-1][idx]).to(engine.device)
-        batch = next(self.loader) if self.loader is not None else fetch_batch(trainer.train_data, sync.local_rows(idx))
-        lr = engine.optimizer.param_groups[0]["lr"]  # the rate this update uses
-        loss = self.train_step(engine, to_device(batch, engine.device), global_count)
-        return StepOutput(loss, len(idx), lr)
-
-    def train_step(self, engine, batch: Any, global_count: torch.Tensor | None) -> torch.Tensor:
-        """One update from `batch` (the delay simulator computes its gradient on older weights)."""
-        return engine.train_step(batch, global_count)
+        try:
+            batch = next(self.loader) if self.loader is not None else self.reader.read(key, sync.local_rows(idx))
+        except PASS_THROUGH:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's dataset or collate function
+            raise step_failure(trainer, err, "reading the batch", where, None) from err
+        return self.run_step(trainer, batch, len(idx), where, global_count)
 
     def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
         delay = payload.get("delay")
@@ -100,16 +153,21 @@ class BatchSteps(StepSource):
         cfg, pos = trainer.cfg, trainer.state.position
         ahead = EpochBatches(len(trainer.train_data), cfg.train.batch_size, cfg.seed, cfg.train.drop_last,
                              Position(pos.epoch, pos.batch))
-        lc = cfg.loader
-        sampler = _AheadBatches(ahead, trainer.sync, trainer.state.end - trainer.state.step)
-        loader = DataLoader(trainer.train_data, batch_sampler=sampler,
-                            num_workers=lc.num_workers, pin_memory=lc.pin_memory, prefetch_factor=lc.prefetch_factor,
-                            persistent_workers=lc.persistent_workers,
-                            generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
-        return iter(loader)
+        requests = _AheadBatches(ahead, trainer.sync, trainer.state.end - trainer.state.step)
+        return iter(batch_loader(self.reader, requests, loader_settings(trainer), cfg.seed))
 
     def close(self) -> None:
-        self.batches = self.loader = None  # the workers exit
+        shut_down(self.loader)
+        self.batches = self.loader = None
+
+
+def loader_settings(trainer) -> dict[str, Any]:
+    """The training loader's settings: the config's `loader.*` and the hooks of a DataLoader the user passed."""
+    return {**trainer.cfg.loader.model_dump(), **trainer.data["train"].hooks}
+
+
+def _restores_itself(dataset: Any) -> bool:
+    return callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))
 
 
 class StreamSteps(StepSource):
@@ -131,24 +189,28 @@ class StreamSteps(StepSource):
         self.restored: dict[str, Any] | None = None  # the loader state of the checkpoint just loaded
 
     def next_step(self, trainer) -> StepOutput:
-        state, sync, engine = trainer.state, trainer.sync, trainer.engine
-        pos = state.position
+        sync, pos = trainer.sync, trainer.state.position
         if self.stream is None or self.position is not pos:
             self.position, self.stream = pos, self._open(trainer, self._resume_state(pos))
-        batch = next(self.stream, None)
+        batch = self._next(trainer)
         if batch is None:  # the pass is over: the next epoch
             pos.epoch, pos.batch = pos.epoch + 1, 0
             self.stream = self._open(trainer, None)
-            batch = next(self.stream, None)
+            batch = self._next(trainer)
             if batch is None:
-                from gradwise.errors import DataError
-
                 raise DataError("data error: the streaming training set yielded no batch in a whole pass")
         pos.batch += 1
         n = rows(batch)
-        lr = engine.optimizer.param_groups[0]["lr"]
-        loss = engine.train_step(to_device(split(batch, sync.shard(n), n), engine.device))
-        return StepOutput(loss, n, lr)
+        return self.run_step(trainer, split(batch, sync.shard(n), n), n, (pos.epoch, pos.batch, None))
+
+    def _next(self, trainer) -> Any:
+        pos = trainer.state.position
+        try:
+            return next(self.stream, None)
+        except PASS_THROUGH:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's stream or collate function
+            raise step_failure(trainer, err, "reading the batch", (pos.epoch, pos.batch + 1, None), None) from err
 
     def _resume_state(self, pos: Position) -> dict[str, Any] | None:
         """The checkpoint's loader state when it was saved at `pos` (None: a fresh pass, or skip to `pos`)."""
@@ -159,12 +221,19 @@ class StreamSteps(StepSource):
 
     def _open(self, trainer, loader_state: dict[str, Any] | None) -> Iterator[Any]:
         cfg, lc, pos = trainer.cfg, trainer.cfg.loader, trainer.state.position
+        collate = trainer.data["train"].collate_fn
+        if collate is not None:  # each batch collated under its own seed, keyed by each worker's count: a stream
+            workers = max(1, lc.num_workers)  # that restores its own state resumes the counts (the loader serves
+            resumes = loader_state is not None and _restores_itself(trainer.train_data)  # workers in turn);
+            starts = [len(range(w, pos.batch, workers)) if resumes else 0 for w in range(workers)]  # else replayed
+            collate = SeededCollate(collate, derived_seed(cfg.seed, TRAIN_DATA, trainer.sync.rank), pos.epoch, starts)
+        hooks = {k: v for k, v in loader_settings(trainer).items() if k in HOOKS}
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.13
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             self.loader = StatefulDataLoader(
                 trainer.train_data, batch_size=cfg.train.batch_size, drop_last=cfg.train.drop_last,
                 num_workers=lc.num_workers, pin_memory=lc.pin_memory, prefetch_factor=lc.prefetch_factor,
-                persistent_workers=lc.persistent_workers,
+                persistent_workers=lc.persistent_workers, collate_fn=collate, **hooks,
                 generator=torch.Generator().manual_seed(cfg.seed + pos.epoch))
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)
@@ -184,4 +253,5 @@ class StreamSteps(StepSource):
         self.restored, self.stream = payload.get("stream"), None
 
     def close(self) -> None:
+        shut_down(self.stream)
         self.loader = self.stream = None

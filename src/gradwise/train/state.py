@@ -4,18 +4,16 @@
 tensor or a plain Python container of numbers and strings, and `sha256` is the
 checksum of all the rest (`content_sha256`), checked on every load. The gradient-sync strategy
 writes them (atomically; gradwise.distributed.sync); a sharded one keeps the model and optimizer in
-a folder that last.pt names (`shards`, gradwise.distributed.checkpoint). `seed_everything` and the RNG
-capture live here too.
+a folder that last.pt names (`shards`, gradwise.distributed.checkpoint). The RNG streams are
+gradwise.train.randomness.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -25,38 +23,6 @@ from gradwise.optim.layerwise import is_sharded
 FORMAT = "gradwise-checkpoint"
 VERSION = 2  # 2: a content checksum (`sha256`)
 BEST_WEIGHTS = "early_stopping.best_weights"  # early stopping's best weights among the model-shaped states
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _as_tuple(obj: Any) -> Any:
-    return tuple(_as_tuple(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def content_sha256(payload: Any) -> str:

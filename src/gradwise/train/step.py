@@ -65,6 +65,14 @@ def default_loss(outputs: Any, targets: Any) -> torch.Tensor:
     return F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1))
 
 
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float] | None:
+    """Each parameter group's lr by its `name` (else its index) when the groups' rates differ; else None."""
+    groups = optimizer.param_groups
+    if len(groups) == 1 or all(g["lr"] == groups[0]["lr"] for g in groups):
+        return None
+    return {str(g.get("name", i)): g["lr"] for i, g in enumerate(groups)}
+
+
 def _inputs_to_half(_module: nn.Module, args: tuple) -> tuple:
     return tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from gradwise.config import Config, validate
 from gradwise.distributed.checkpoint import model_shapes
@@ -29,64 +29,54 @@ from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import read_json, write_json
 from gradwise.memory.planner import plan_config
 from gradwise.resolve import resolve_config, run_length
-from gradwise.train.callbacks import (
-    Callback,
-    CallbackList,
-    RunState,
-    builtin_callbacks,
-)
+from gradwise.train.callbacks import Callback, CallbackList, RunState, builtin_callbacks
 from gradwise.train.checks import check_first_batch
 from gradwise.train.batch import dataset_size
-from gradwise.train.evaluation import evaluate
+from gradwise.train.evaluation import evaluate, prepare_metrics, shares_evaluation
+from gradwise.train.pipeline import adopt_settings, as_pipeline, pipelines, report_adoption
 from gradwise.train.recovery import recover, resume_from
 from gradwise.train.run_dir import RunLock, describe_run, prepare_run_dir, resume_config
 from gradwise.train.sampler import Position
 from gradwise.train.source import BatchSteps, StreamSteps
-from gradwise.train.state import (
-    capture_rng,
-    check_model_state,
-    params_sha256,
-    restore_rng,
-    seed_everything,
-)
+from gradwise.train.randomness import (EVAL, TRAIN, capture_rng, derived_seed, isolated_rng, restore_rng,
+                                       seed_everything)
+from gradwise.train.state import check_model_state, params_sha256
 from gradwise.train.step import NonFiniteStep, StepEngine
 
 
 class Trainer:
-    """Trains `model` on `train_data` (a Dataset of (input, target) pairs) as the config says.
+    """Trains `model` on `train_data` as the config says (docs/your_model.md shows every argument at work).
 
-    `val_data` (optional) is evaluated alongside `test_data` and is what early
-    stopping watches; the test set never steers training. `optimizer` and
-    `scheduler` default to the ones `config.optim` and `config.schedule`
-    describe. `out_dir=None` trains without writing files. `task` selects the
-    reported metric: accuracy for "classification", bits per token for
-    "language_model", the loss alone for anything else; by default it is
-    inferred from the first batch. Before anything runs, the first batch is
-    checked (gradwise.train.checks). `count_fn(targets)` counts a batch's loss-bearing items,
-    which weight micro-batches under accumulation. `metrics={"name": fn(output, target)}` adds
-    `test_name`/`val_name` (each batch's mean, averaged over items). `callbacks` are yours, run
-    after the built-in ones (docs/callbacks.md). `sync` is the gradient
-    synchronisation strategy (default: one process; `DDPSync` for data
-    parallel, where `train.batch_size` stays the global batch and rank 0 alone
-    writes files). `source` replaces where steps come from (the parameter server's).
+    The data are Datasets (map-style or streaming) or DataLoaders you built (adopted: gradwise.train.pipeline);
+    `collate_fn` batches their items. `val_data` is what early stopping watches; the test set never steers
+    training. `optimizer`/`scheduler` default to the config's; `loss_fn` and `count_fn` (a batch's loss-bearing
+    items) to gradwise.train.batch's; `task` is inferred from the first batch. `metrics={"name": fn or metric
+    object}` adds `val_name`/`test_name` (gradwise.train.evaluation). `callbacks` run after the built-in ones.
+    `sync` is the strategy (one process, or DDP under torchrun); `source` where steps come from (the parameter
+    server's); `out_dir=None` writes nothing. `config.seed` governs every random draw of the run
+    (gradwise.train.randomness); the model's initialisation is yours. Every set's first batch is checked
+    before anything runs (gradwise.train.checks).
     """
 
-    def __init__(self, model: nn.Module, train_data: Dataset, *, test_data: Dataset | None = None,
-                 val_data: Dataset | None = None,
+    def __init__(self, model: nn.Module, train_data: Dataset | DataLoader, *,
+                 test_data: Dataset | DataLoader | None = None, val_data: Dataset | DataLoader | None = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, config: Config | None = None,
                  out_dir: str | Path | None = None, task: str | None = None,
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, callbacks: list[Callback] = (),
                  sync: GradientSync | None = None, source: Any = None, builtin: bool = False,
-                 metrics: dict[str, Callable] | None = None):
-        self.train_size = dataset_size(train_data)  # None: a streaming dataset
+                 metrics: dict[str, Any] | None = None, collate_fn: Callable[[list], Any] | None = None):
+        self.collate_fn = collate_fn
+        self.data = pipelines(collate_fn, train=train_data, val=val_data, test=test_data)
+        self.train_data, self.val_data, self.test_data = (p and p.dataset for p in self.data.values())
+        self.train_size = dataset_size(self.train_data)  # None: a streaming dataset
         if self.train_size == 0:
             raise ConfigError("config error: the training set is empty")
-        self.cfg = resolve_config(config or Config(), self.train_size)  # a no-op for an already resolved config
+        config = adopt_settings(config or Config(), self.data["train"])  # a DataLoader's batch size, workers
+        self.cfg = resolve_config(config, self.train_size)  # a no-op for an already resolved config
         self.sync = sync or environment_sync(self.cfg.train.parallel)
         self.is_main = self.sync.is_main
-        self.train_data, self.test_data, self.val_data = train_data, test_data, val_data
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.total_steps = run_length(self.cfg, self.train_size)[1]
         self.source = source or (BatchSteps() if self.train_size is not None else StreamSteps())
@@ -94,13 +84,17 @@ class Trainer:
                                  optimizer=optimizer, scheduler=scheduler, lr_factor=self.source.lr_factor(self.cfg),
                                  loss_scaling=self.source.computes_gradients)
         self.model = self.engine.model
-        self.task = check_first_batch(self.engine, train_data, val_data if val_data is not None else test_data, task,
-                                      trains=self.source.computes_gradients, metrics=metrics)
+        self.metrics = prepare_metrics(metrics, self.sync, shares_evaluation(self.sync, self.data))
+        self.task = check_first_batch(self.engine, self.data, task, trains=self.source.computes_gradients,
+                                      metrics=self.metrics)
+        report_adoption(self.data, self.cfg, self.is_main)
         self.state = RunState()
         self.records: list[dict[str, Any]] = []  # this run's metrics records, as written to metrics.jsonl
-        self.builtin, self.metrics = builtin, metrics or {}  # builtin: data and model from the config (from_config)
+        self.builtin = builtin  # data and model from the config (from_config)
+        self.training_rng: dict[str, Any] | None = None  # where the training stream goes on (None: from the seed)
         own = [self.source] if isinstance(self.source, Callback) else []
-        self.callbacks = CallbackList([*own, *builtin_callbacks(self.cfg, self.task, val_data), *callbacks])
+        self.callbacks = CallbackList([*own, *builtin_callbacks(self.cfg, self.task, self.val_data, self.metrics),
+                                       *callbacks])
         self._session_start = time.perf_counter()
 
     # -- construction from config / run directory ---------------------------------------------------------
@@ -111,8 +105,8 @@ class Trainer:
         """Build data and model from the config (seeded by `cfg.seed`) and return a ready Trainer.
 
         Every rank resolves the config (the planner too, for memory.auto=true) and trains with rank 0's
-        resolution, broadcast. Every rank builds the same model; ranks other than 0 then reseed, so dropout
-        masks differ across shards.
+        resolution, broadcast. Every rank builds the same model (dropout masks differ across ranks: each
+        rank's training stream is its own, gradwise.train.randomness).
         """
         from gradwise.data import build_data
         from gradwise.nn import build_model
@@ -123,8 +117,6 @@ class Trainer:
         resolved = resolve_config(cfg, len(data.train), planner=plan_config)  # each rank, so none waits on a
         cfg = validate(sync.broadcast(resolved.to_dict()))  # collective while rank 0 plans; rank 0's wins
         model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
-        if sync.rank > 0:
-            seed_everything(cfg.seed + 1_000_003 * sync.rank)
         return cls(model, data.train, test_data=data.test, val_data=data.val, config=cfg, out_dir=out_dir,
                    task=data.task, sync=sync, builtin=True, **kwargs)
 
@@ -180,7 +172,8 @@ class Trainer:
         self._session_start = time.perf_counter()
         ranks = payload.get("rng_ranks")
         same_world = ranks is not None and len(ranks) == self.sync.world_size
-        restore_rng(ranks[self.sync.rank] if same_world else payload["rng"])
+        self.training_rng = ranks[self.sync.rank] if same_world else payload["rng"]
+        restore_rng(self.training_rng)
         s.resumed_from = s.step
         self.callbacks.fire("on_checkpoint_load", self, payload)
 
@@ -210,15 +203,19 @@ class Trainer:
 
     def evaluate_all(self) -> dict[str, float]:
         """`val_*` figures (when there is a validation set) and `test_*` figures."""
-        result = self.evaluate(self.val_data, prefix="val") if self.val_data is not None else {}
+        result = self.evaluate(self.data["val"], prefix="val") if self.val_data is not None else {}
         return {**result, **self.evaluate()}
 
-    def evaluate(self, dataset: Dataset | None = None, prefix: str = "test") -> dict[str, float]:
-        """Mean loss (and accuracy or bits-per-char) over `dataset` (default: the test set), keys `prefix_*`."""
-        dataset = dataset if dataset is not None else self.test_data
-        return evaluate(self.model, dataset, self.engine.loss_fn, task=self.task, sync=self.sync,
-                        batch_size=self.cfg.train.eval_batch_size, prefix=prefix, count_fn=self.engine.count_fn,
-                        metrics=self.metrics)
+    def evaluate(self, data: Dataset | DataLoader | None = None, prefix: str = "test") -> dict[str, float]:
+        """Mean loss (and accuracy or bits-per-char, and `metrics`) over `data` (default: the test set), keys
+        `prefix_*`. Evaluation draws from a stream of its own: it never moves the training RNG."""
+        pipeline = self.data["test"] if data is None else as_pipeline(data, "data", self.collate_fn)
+        if pipeline is None:
+            return {}
+        with isolated_rng(derived_seed(self.cfg.seed, EVAL)):
+            return evaluate(self.model, pipeline, self.engine.loss_fn, task=self.task, sync=self.sync,
+                            batch_size=pipeline.batch_size or self.cfg.train.eval_batch_size, seed=self.cfg.seed,
+                            prefix=prefix, count_fn=self.engine.count_fn, metrics=self.metrics)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -252,6 +249,10 @@ class Trainer:
         state.should_stop = state.finished = False
         self._session_start = time.perf_counter()
         self.model.train()
+        if self.training_rng is None:  # the run's first step: the training stream starts from the seed
+            seed_everything(derived_seed(self.cfg.seed, TRAIN, self.sync.rank))
+        else:  # where the last fit (or the checkpoint) left it, whatever ran in between
+            restore_rng(self.training_rng)
         try:
             self.callbacks.fire("on_fit_start", self)
             while state.step < state.end and not state.should_stop:
@@ -269,6 +270,8 @@ class Trainer:
         except BaseException as err:
             self.callbacks.fire("on_exception", self, err)
             raise
+        finally:
+            self.training_rng = capture_rng()
         state.elapsed_seconds, self._session_start = self.wall_seconds(), time.perf_counter()
         summary = self.summary()
         self.callbacks.fire("on_fit_end", self, summary)

@@ -34,7 +34,7 @@ from gradwise.train.callbacks.records import (
 )
 
 
-def builtin_callbacks(cfg: Config, task: str, val_data) -> list[Callback]:
+def builtin_callbacks(cfg: Config, task: str, val_data, metrics: dict | None = None) -> list[Callback]:
     """The built-in callbacks a config asks for, in their fixed order."""
     callbacks: list[Callback] = [ProgressBar(), MetricsFile()]
     if cfg.log.tensorboard:
@@ -46,7 +46,7 @@ def builtin_callbacks(cfg: Config, task: str, val_data) -> list[Callback]:
         callbacks.append(GradientHealth())
     callbacks += [TrainMetrics(), Evaluator(), Checkpointer()]
     if cfg.early_stopping.patience is not None:
-        callbacks.append(EarlyStop(cfg, task, val_data))
+        callbacks.append(EarlyStop(cfg, task, val_data, metrics))
     return callbacks
 
 

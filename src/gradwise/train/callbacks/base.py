@@ -36,11 +36,13 @@ EVENTS = ("on_fit_start", "on_step_start", "on_step_end", "on_train_end", "on_ev
 
 @dataclass
 class StepOutput:
-    """What one step produced: its mean loss (a detached tensor or a float), the samples it used, the lr it used."""
+    """What one step produced: its mean loss (a detached tensor or a float), the samples it used, the lr it used
+    (the first parameter group's; `group_lrs`: each group's by name or index, when they differ)."""
 
     loss: Any
     samples: int
     lr: float
+    group_lrs: dict[str, float] | None = None
 
 
 @dataclass

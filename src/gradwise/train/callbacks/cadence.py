@@ -79,23 +79,35 @@ class Checkpointer(Cadenced):
 
 
 class EarlyStop(Callback):
-    """Stops when the validation metric stops improving (`early_stopping.*`); ends with the best weights."""
+    """Stops when a validation metric stops improving (`early_stopping.*`); ends with the best weights.
 
-    def __init__(self, cfg: Config, task: str, val_data):
-        es = cfg.early_stopping
+    The metric is any one the evaluation reports: `val_loss`, the task's `val_accuracy` or `val_bpc`, or
+    `val_NAME` for a metric of the user's (`metrics={"NAME": ...}`); whether higher is better comes from
+    `early_stopping.mode`, else from the name (accuracy: higher; loss, bpc: lower) or the metric object's
+    `higher_is_better` (torchmetrics sets it).
+    """
+
+    def __init__(self, cfg: Config, task: str, val_data, metrics: dict | None = None):
+        es, metrics = cfg.early_stopping, metrics or {}
         if val_data is None or len(val_data) == 0:
             raise ConfigError(
                 f"config error: early_stopping.patience={es.patience} needs a validation set; set "
                 "data.val_fraction (e.g. 0.1) or pass val_data (the test set is never used to stop)"
             )
-        wanted = {"classification": "val_accuracy", "language_model": "val_bpc"}.get(task)
-        if es.metric != "val_loss" and es.metric != wanted:
-            raise ConfigError(
-                f"config error: early_stopping.metric={es.metric} is not reported for a {task} task "
-                f"(allowed: val_loss{', ' + wanted if wanted else ''})"
-            )
+        builtin = {"val_loss": False, **({"classification": {"val_accuracy": True},
+                                           "language_model": {"val_bpc": False}}.get(task, {}))}
+        reported = [*builtin, *(f"val_{name}" for name in metrics)]
+        if es.metric not in reported:
+            raise ConfigError(f"config error: early_stopping.metric={es.metric} is not reported for this run "
+                              f"(a {task} task; allowed: {', '.join(reported)})")
+        higher = {"min": False, "max": True}.get(es.mode) if es.mode else builtin.get(es.metric)
+        if higher is None:
+            higher = getattr(metrics[es.metric.removeprefix("val_")], "higher_is_better", None)
+        if not isinstance(higher, bool):
+            raise ConfigError(f"config error: early_stopping.metric={es.metric} needs early_stopping.mode=max "
+                              "(higher is better) or min (lower is better)")
         self.metric = es.metric
-        self.tracker = EarlyStopping(es)
+        self.tracker = EarlyStopping(es, higher)
 
     def on_evaluate(self, trainer, results: dict[str, float]) -> None:
         if self.tracker.update(results[self.metric], trainer.state.step, trainer.model):

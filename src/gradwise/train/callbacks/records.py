@@ -1,8 +1,9 @@
 """Built-in callbacks that report: the progress bar, metrics.jsonl, TensorBoard, the train-loss window, the loss scale.
 
 `TrainMetrics` writes a `kind: train` record every `log.every` steps and after
-the last step: the mean loss since the last record (averaged over ranks), lr, gradient
-norm, throughput. A window a checkpoint splits is carried into the resumed run.
+the last step: the mean loss since the last record (averaged over ranks), lr (and
+`lr/NAME` for each parameter group when their rates differ), gradient norm,
+throughput. A window a checkpoint splits is carried into the resumed run.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class TrainMetrics(Callback):
     def __init__(self):
         self.losses: list[Any] = []  # detached losses (or floats) since the last record
         self.lr = 0.0  # the rate the latest step used
+        self.group_lrs: dict[str, float] | None = None  # each parameter group's, when they differ
         self.carry = (0.0, 0)  # (sum, count) of a window that a resume split
         self.window_start, self.window_samples = 0.0, 0
 
@@ -175,7 +177,7 @@ class TrainMetrics(Callback):
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
         self.losses.append(out.loss)
-        self.lr = out.lr
+        self.lr, self.group_lrs = out.lr, out.group_lrs
         self.window_samples += out.samples
         state = trainer.state
         if state.step % trainer.cfg.log.every == 0 or state.step == state.end:
@@ -195,6 +197,7 @@ class TrainMetrics(Callback):
             "epoch": trainer.epochs_done(),
             "train_loss": state.last_train_loss,
             "lr": lr,
+            **{f"lr/{name}": value for name, value in (self.group_lrs or {}).items()},
             "grad_norm": engine.grad_norm(),
             **engine.scaler_metrics(),
             **({"penalty": float(engine.last_penalty)} if engine.last_penalty is not None else {}),
