@@ -105,7 +105,8 @@ def test_exception_is_reported_then_propagates(tmp_path):
     cfg = small_config("train.steps=6")
     trainer = Trainer.from_config(cfg, out_dir=tmp_path / "x", callbacks=[rec], loss_fn=failing_loss)
     calls["n"] = 0  # count the run's calls, not the first-batch check's
-    with pytest.raises(BatchError, match=r"the training step failed at step 4 \(epoch 0, batch 4 of 7\), "
+    with pytest.raises(BatchError, match=r"the training step failed at step 4 \(data position: epoch 0, batch 3 of "
+                                         r"7\), "
                                          r"tuple\(float32\[64, 40\], int64\[64\]\): RuntimeError: boom in the loss"):
         trainer.fit()
     errors = rec.names("on_exception")

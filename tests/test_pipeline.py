@@ -15,13 +15,15 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler, TensorDataset,
-                              WeightedRandomSampler)
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
+                              TensorDataset, WeightedRandomSampler)
 
 from conftest import relative_gap, small_config
 from metric_objects import MacroF1
-from gradwise import Trainer
+from gradwise import Trainer, load_config
 from gradwise.errors import ConfigError, DataError
+from gradwise.resolve import resolve_config
+from gradwise.train.pipeline import adopt_settings, as_pipeline
 from gradwise.train.checks import BatchError
 
 VOCAB, PAD, MASK = 32, 0, 31  # tokens 1..30
@@ -218,17 +220,102 @@ REFUSED = [
      "drop_last=True, but the config gives train.drop_last=False"),
     ("two collates", lambda: DataLoader(data, batch_size=16, collate_fn=pad), [], {"collate_fn": mask_tokens},
      "collate_fn of its own"),
+    ("with replacement", lambda: DataLoader(data, batch_size=16, sampler=RandomSampler(data, replacement=True)), [],
+     {}, "RandomSampler drawing with replacement"),
+    ("resolved config", lambda: DataLoader(data, batch_size=8), ["resolved"], {},  # its default batch size is fixed
+     "batch_size=8, but the config gives train.batch_size=128"),
 ]
 
 
 @pytest.mark.parametrize("make, overrides, kwargs, message", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
-def test_what_a_dataloader_asks_that_cannot_be_honoured_is_refused_in_one_line(tmp_path, make, overrides, kwargs,
-                                                                              message):
-    with pytest.raises(DataError) as err:
-        Trainer(token_model(), make(), config=config(*overrides), out_dir=tmp_path / "run",
-                **{"collate_fn": pad, **kwargs})
+def test_what_a_dataloader_asks_that_cannot_be_honoured_is_refused_in_one_line(make, overrides, kwargs, message):
+    cfg = resolve_config(load_config(None, ["log.progress=off"]), 64) if overrides == ["resolved"] \
+        else config(*overrides)
+    with pytest.raises(DataError) as err:  # at construction, before a run folder could be written
+        Trainer(token_model(), make(), config=cfg, **{"collate_fn": pad, **kwargs})
     assert message in str(err.value) and "\n" not in str(err.value)
-    assert not (tmp_path / "run").exists()
+
+
+def test_adoption_takes_what_the_dataloader_sets_per_process_and_only_that():
+    """A DataLoader's batch_size is per process (as in torch, Lightning, Accelerate): under 2 processes the run's
+    global batch is twice it. torch's defaults (0 workers, no pinning) leave the config's own settings alone;
+    torchdata's samplers are replaced like torch's."""
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+    cfg = config("loader.num_workers=2")
+    pipeline = as_pipeline(DataLoader(data, batch_size=16, collate_fn=pad), "train_data")
+    assert adopt_settings(cfg, pipeline).loader.num_workers == 2
+    spread = as_pipeline(DataLoader(data, batch_size=8, sampler=StatefulDistributedSampler(data, 2, 0)), "train_data")
+    assert adopt_settings(load_config(None, []), spread, world_size=2).train.batch_size == 16
+    with pytest.raises(DataError, match=r"batch_size=16 \(8 per process x 2\), but the config gives train.batch_"):
+        adopt_settings(config("train.batch_size=8"), spread, world_size=2)
+
+
+class Shards(Dataset):
+    """Items read from a per-worker handle that the DataLoader's worker_init_fn opens (as with an HDF5 file)."""
+
+    def __init__(self):
+        self.items, self.handle = Sentences(64), None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        assert self.handle == "open", "worker_init_fn did not run on this dataset"
+        return self.items[i]
+
+
+def open_handle(worker_id):
+    torch.utils.data.get_worker_info().dataset.handle = "open"
+
+
+def test_an_adopted_worker_init_fn_sets_up_the_users_dataset_in_each_worker():
+    loader = DataLoader(Shards(), batch_size=16, collate_fn=pad, num_workers=2, worker_init_fn=open_handle)
+    dataset = Shards()
+    dataset.handle = "open"  # in-process reading: the reference
+    reference = Trainer(token_model(), dataset, collate_fn=pad, config=config("train.steps=6")).fit()
+    assert Trainer(token_model(), loader, config=config("train.steps=6")).fit()["params_sha256"] == \
+        reference["params_sha256"]
+
+
+def split_stream(worker_id):
+    info = torch.utils.data.get_worker_info()
+    info.dataset.share = (info.id, info.num_workers)
+
+
+class SplitStream(IterableDataset):
+    """A stream that its DataLoader's worker_init_fn splits between the workers (HF datasets' way)."""
+
+    def __init__(self, n: int):
+        self.items, self.share = Sentences(n), (0, 1)
+
+    def __iter__(self):
+        first, step = self.share
+        return (self.items[i] for i in range(first, len(self.items), step))
+
+
+def test_a_streaming_dataloader_is_adopted_with_its_hooks_for_training_and_evaluation():
+    """Its worker_init_fn reaches evaluation too: otherwise each worker would score the whole stream and
+    every evaluation row would count twice."""
+    rows = {"rows": RowsSeen()}
+    split = dict(batch_size=16, collate_fn=pad_classes, num_workers=2, worker_init_fn=split_stream)
+    torch.manual_seed(0)
+    trainer = Trainer(Classifier(), DataLoader(SplitStream(64), **split),
+                      test_data=DataLoader(SplitStream(40), **split), config=config("train.steps=6"), metrics=rows)
+    assert trainer.cfg.loader.num_workers == 2 and trainer.fit()["test_rows"] == 40
+
+
+class RowsSeen:
+    """How many rows an evaluation scored."""
+
+    def reset(self):
+        self.n = 0
+
+    def update(self, preds, target):
+        self.n += len(target)
+
+    def compute(self):
+        return self.n
 
 
 # -- one seed for every draw; evaluation apart ----------------------------------------------------------------
@@ -293,18 +380,14 @@ def whole_set_f1(trainer) -> float:
 
 
 def test_a_dataset_level_metric_is_computed_over_the_whole_set():
-    metrics = {"f1": MacroF1(), "f1_per_batch": batch_f1}
-    try:
-        from torchmetrics.classification import MulticlassF1Score
+    from torchmetrics.classification import MulticlassF1Score
 
-        metrics["tm_f1"] = MulticlassF1Score(num_classes=3, average="macro")
-    except ImportError:
-        pass
+    metrics = {"f1": MacroF1(), "f1_per_batch": batch_f1, "tm_f1": MulticlassF1Score(num_classes=3, average="macro")}
     trainer = classifier_run(metrics=metrics)
     summary = trainer.fit()
     whole = whole_set_f1(trainer)
     assert summary["test_f1"] == pytest.approx(whole, abs=1e-12)
-    assert summary.get("test_tm_f1", whole) == pytest.approx(whole, abs=1e-6)
+    assert summary["test_tm_f1"] == pytest.approx(whole, abs=1e-6)
     assert abs(summary["test_f1_per_batch"] - whole) > 1e-3  # a per-batch mean of F1 is not the set's F1
 
 
@@ -374,7 +457,8 @@ def test_a_loader_worker_error_leaves_the_run_resumable_in_the_same_process(tmp_
     finally:
         Damaged.broken = False
     message = str(kept.value)
-    assert "\n" not in message and "reading the batch failed at step" in message and "(epoch 1, batch" in message
+    assert "\n" not in message and "reading the batch failed at step" in message
+    assert "(data position: epoch 1, batch" in message
     assert "ValueError in DataLoader worker process" in message and "item 5 is damaged" in message
     assert multiprocessing.active_children() == []
     resumed = trainer().fit(resume=True)
@@ -392,13 +476,24 @@ def test_a_later_batch_that_does_not_fit_is_one_line_naming_step_position_and_st
         def __getitem__(self, i):
             return (x_wide if Widening.wide else x)[i], i % 2
 
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+
+    def trainer(out=None):
+        return Trainer(copy.deepcopy(model), Widening(), config=config("train.steps=6", "train.checkpoint_every=2"),
+                       out_dir=out)
+
     Widening.wide = False
-    trainer = Trainer(nn.Linear(5, 2), Widening(), config=config("train.steps=6", "train.checkpoint_every=2"),
-                      out_dir=tmp_path / "run")
-    trainer.fit(max_steps=2)
+    straight = trainer().fit()
+    failing = trainer(tmp_path / "run")
+    failing.fit(max_steps=2)
     Widening.wide = True
     with pytest.raises(BatchError) as err:
-        trainer.fit()
-    assert str(err.value).startswith("batch error: the training step failed at step 3 (epoch 0, batch 3 of 4), "
-                                     "list(float32[16, 6], int64[16]): RuntimeError: mat1 and mat2")
+        failing.fit()
+    assert str(err.value).startswith("batch error: the training step failed at step 3 (data position: epoch 0, "
+                                     "batch 2 of 4), list(float32[16, 6], int64[16]): RuntimeError: mat1 and mat2")
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    # the same trainer goes back to its last checkpoint, the failed batch included, once the data is mended
+    Widening.wide = False
+    resumed = failing.fit(resume=True)
+    assert resumed["resumed_from"] == 2 and resumed["params_sha256"] == straight["params_sha256"]

@@ -57,8 +57,8 @@ class PoisonOnRank1(Callback):
 
 
 class RowsSeen(torchmetrics.Metric):
-    """How many evaluation rows it saw: a torchmetrics Metric, whose own all-gather must stay off (gradwise
-    merges the ranks' states: one all-gather, not two)."""
+    """How many evaluation rows it saw: a torchmetrics Metric, which gathers the ranks' states itself when the
+    ranks share the evaluation (and must not when each scored every row: one process, FSDP)."""
 
     def __init__(self):
         super().__init__()

@@ -112,7 +112,10 @@ class LoaderConfig(Section):
     num_workers: int = Field(0, ge=0, description="worker processes preparing batches (a Dataset's __getitem__)")
     pin_memory: bool = Field(False, description="page-locked host memory for faster copies to a GPU")
     prefetch_factor: Optional[int] = Field(None, ge=1, description="batches each worker prepares ahead (torch: 2)")
-    persistent_workers: bool = Field(False, description="keep the workers alive between epochs and evaluations")
+    persistent_workers: bool = Field(False, description="torch's flag, passed on; training builds one loader per "
+                                                        "fit (a stream: per pass), so it keeps nothing there; an "
+                                                        "evaluation DataLoader of yours with it keeps its workers "
+                                                        "between evaluations")
 
     @model_validator(mode="after")
     def _check(self) -> "LoaderConfig":

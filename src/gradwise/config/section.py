@@ -17,6 +17,11 @@ class Section(BaseModel):
                             "edit a copy from .thawed() before building the run")
         super().__setattr__(name, value)
 
+    def given(self, key: str) -> bool:
+        """Whether `key` was set explicitly: given in the YAML or an override, or fixed by resolving the config
+        (every key of a frozen config is)."""
+        return key in self.model_fields_set or bool(self._frozen)
+
     def _set_frozen(self, frozen: bool) -> None:
         self._frozen = frozen
         for name in type(self).model_fields:

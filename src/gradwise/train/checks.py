@@ -17,7 +17,7 @@ import torch
 
 from gradwise.errors import UserInputError
 from gradwise.memory.precision import autocast
-from gradwise.train.batch import ACCEPTED, batch_loss, call_model, dataset_size, describe, first_rows, to_device
+from gradwise.train.batch import ACCEPTED, batch_loss, call_model, dataset_size, describe, to_device
 from gradwise.train.evaluation import infer_task, metric_value, score_batch, split_metrics
 from gradwise.train.pipeline import Pipeline
 from gradwise.train.randomness import capture_rng, restore_rng
@@ -46,7 +46,7 @@ def check_first_batch(engine, data: dict[str, Pipeline | None], task: str | None
     model.eval()
     try:
         train = data["train"]
-        batch = to_device(first_rows(train.dataset, 2, train.collate_fn), engine.device)
+        batch = to_device(train.first_batch(), engine.device)
         stage = "the model's forward"
         with autocast(engine.cfg.precision, engine.device), torch.set_grad_enabled(trains):
             output = call_model(model, batch)
@@ -63,7 +63,7 @@ def check_first_batch(engine, data: dict[str, Pipeline | None], task: str | None
             if pipe is None or dataset_size(pipe.dataset) == 0:
                 continue
             stage, batch = f"evaluation ({role})", None
-            batch = to_device(first_rows(pipe.dataset, 2, pipe.collate_fn), engine.device)
+            batch = to_device(pipe.first_batch(), engine.device)
             with torch.no_grad():
                 for metric in objects.values():
                     metric.reset()

@@ -28,7 +28,7 @@ from gradwise.distributed.sync import GradientSync
 from gradwise.errors import ConfigError
 from gradwise.train.batch import (batch_loss, call_model, count_items, dataset_size, describe, logits, target, tensors,
                                   to_device)
-from gradwise.train.pipeline import BatchReader, Pipeline, batch_loader
+from gradwise.train.pipeline import BatchReader, Pipeline, batch_loader, loader_arguments
 from gradwise.train.randomness import EVAL_DATA, derived_seed
 
 INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -159,22 +159,26 @@ def score_batch(model: nn.Module, batch: Any, loss_fn: Callable, task: str, coun
 def eval_batches(data: Pipeline, batch_size: int, sync: GradientSync, seed: int) -> tuple[Iterable[Any], bool]:
     """(batches, whether ranks share the work): this rank's contiguous share of a sized dataset, or the
     whole of a streaming one (scored on every rank, not reduced). Batches are read and collated as in
-    training (gradwise.train.pipeline), with the evaluation set's loader workers if it came with any."""
-    settings = {**data.loader, **data.hooks}
+    training (gradwise.train.pipeline), with the evaluation set's loader workers if it came with any (kept
+    between evaluations when they persist)."""
+    settings = data.settings()
+    seed = derived_seed(seed, EVAL_DATA)
     if data.streaming:
-        loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=data.collate_fn,
-                            num_workers=settings.get("num_workers", 0),
-                            generator=torch.Generator().manual_seed(derived_seed(seed, EVAL_DATA)))
-        return loader, False
-    n = len(data.dataset)
-    # sharded parameters (FSDP): every forward is a collective, so every rank scores the whole set
-    part = slice(0, n) if sync.sharded else sync.shard(n)
-    requests = [((start,), list(range(start, min(part.stop, start + batch_size))))
-                for start in range(part.start, part.stop, batch_size)]
-    reader = BatchReader(data.dataset, data.collate_fn, derived_seed(seed, EVAL_DATA))
-    if settings.get("num_workers"):
-        return batch_loader(reader, requests, settings, seed), not sync.sharded
-    return (reader.read(*request) for request in requests), not sync.sharded
+        loader = data.evaluation_loader or DataLoader(data.dataset, batch_size=batch_size, collate_fn=data.collate_fn,
+                                                      **loader_arguments(settings, seed))
+    else:
+        n = len(data.dataset)
+        # sharded parameters (FSDP): every forward is a collective, so every rank scores the whole set
+        part = slice(0, n) if sync.sharded else sync.shard(n)
+        requests = [((start,), list(range(start, min(part.stop, start + batch_size))))
+                    for start in range(part.start, part.stop, batch_size)]
+        reader = BatchReader(data.dataset, data.collate_fn, seed)
+        if not settings.get("num_workers"):
+            return (reader.read(*request) for request in requests), not sync.sharded
+        loader = data.evaluation_loader or batch_loader(reader, requests, settings, seed)
+    if settings.get("persistent_workers"):
+        data.evaluation_loader = loader
+    return loader, not (data.streaming or sync.sharded)
 
 
 @torch.no_grad()

@@ -1,15 +1,18 @@
 """The run's random streams: every draw a run makes comes from `seed`, never from what ran before.
 
-    training     dropout and any other draw inside the step: seeded at the first step of a run from
-                 `derived_seed(seed, TRAIN, rank)`, checkpointed, restored on resume and at each next `fit`
-    evaluation   restarted from `derived_seed(seed, EVAL)` at every evaluation and put back afterwards, so
+    training     dropout and any other draw inside the step: seeded at the run's first step from `seed`
+                 and the rank, checkpointed, restored on resume and at each next `fit`
+    evaluation   restarted from a seed of its own at every evaluation and put back afterwards, so
                  evaluating (how often, or an extra `trainer.evaluate()`) never moves the training stream
     batches      each batch is read and collated (a random collator, augmentation in `__getitem__`) under a
-                 seed of its own, `derived_seed(seed, TRAIN_DATA, rank, epoch, batch)`, in the training
-                 process or in a loader worker alike: the same batches whatever the number of workers,
-                 and a resume needs no state to continue them
+                 seed of its own, derived from `seed`, the stream (training or evaluation), the rank and the
+                 batch's key (map-style: its epoch and index, or its first row; a stream: its epoch, the
+                 loader worker and the worker's count of batches), in the training process or in a loader
+                 worker alike: the same batches whatever the number of workers (map-style data), and a
+                 resume needs no state to continue them
 
-Model initialisation is the user's (a built-in model is seeded with `seed` itself by `Trainer.from_config`).
+`derived_seed(seed, *keys)` makes the seeds (numpy's SeedSequence: independent streams). Model initialisation
+is the user's (a built-in model is seeded with `seed` itself by `Trainer.from_config`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,15 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def continue_training_stream(saved: dict[str, Any] | None, seed: int, rank: int) -> None:
+    """Put the training stream where `saved` left it (the last fit, a checkpoint), or, at the run's first step
+    (`saved` None), start it from the seed and the rank."""
+    if saved is None:
+        seed_everything(derived_seed(seed, TRAIN, rank))
+    else:
+        restore_rng(saved)
 
 
 @contextlib.contextmanager

@@ -50,6 +50,17 @@ def resume_from(trainer, run_dir: str | Path, finished_ok: bool = False) -> bool
     return False
 
 
+def reload_after_failure(trainer) -> None:
+    """Ready a trainer whose fit raised (its state stopped mid-step) to be resumed from its last checkpoint,
+    metrics records included. Without a checkpoint its model trained in memory until the failure, so starting
+    again from step 0 with it would not be the run: refused."""
+    if not (trainer.out_dir / "checkpoints" / "last.pt").is_file():
+        raise CheckpointError(f"checkpoint error: '{trainer.out_dir}' has no checkpoint to continue from and this "
+                              "trainer's model trained until the failure; build a new Trainer (and model) to start "
+                              "the run again")
+    trainer.records, trainer.interrupted = [], False
+
+
 def recover(trainer, event: NonFiniteStep) -> None:
     """Raise NonFiniteError (`diagnostics.on_nonfinite=stop`), or reload checkpoints/last.pt with a lower lr."""
     d, state = trainer.cfg.diagnostics, trainer.state

@@ -13,6 +13,7 @@ import warnings
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -20,7 +21,7 @@ from gradwise.errors import DataError, UserInputError
 from gradwise.train.batch import describe, rows, split, to_device
 from gradwise.train.callbacks.base import Callback, StepOutput
 from gradwise.train.checks import BatchError, error_line
-from gradwise.train.pipeline import HOOKS, BatchReader, SeededCollate, batch_loader
+from gradwise.train.pipeline import BatchReader, SeededCollate, batch_loader, loader_arguments, shut_down
 from gradwise.train.randomness import TRAIN_DATA, derived_seed
 from gradwise.train.sampler import EpochBatches, Position
 from gradwise.train.step import NonFiniteStep, group_lrs
@@ -40,24 +41,23 @@ class _AheadBatches:
             yield key, self.sync.local_rows(self.batches.next()).tolist()
 
 
-def shut_down(loader_iterator: Any) -> None:
-    """Stop a DataLoader iterator's worker processes now (a raised exception's traceback may keep the iterator,
-    and with it the workers, alive)."""
-    stop = getattr(loader_iterator, "_shutdown_workers", None)
-    if stop is not None:
-        stop()
-
-
 def step_failure(trainer, err: Exception, stage: str, where: tuple[int, int, int | None], batch: Any) -> BatchError:
-    """A later batch's failure in one line, as the first-batch check reports one: the step, where the batch
-    is (`where`: epoch, batch and batches per epoch, or None for a stream's pass), its structure."""
+    """A later batch's failure in one line, as the first-batch check reports one: the step, the batch's data
+    position (`where`: epoch and batch from 0, as checkpoints hold it, and the batches per epoch, None for a
+    stream's pass), its structure when it was read."""
     epoch, number, per_epoch = where
-    place = f"epoch {epoch}, batch {number} of {per_epoch}" if per_epoch else f"pass {epoch}, batch {number}"
-    return BatchError(f"batch error: {stage} failed at step {trainer.state.step + 1} ({place}), {describe(batch)}: "
+    place = f"data position: epoch {epoch}, batch {number}" + (f" of {per_epoch}" if per_epoch else " of the pass")
+    structure = f", {describe(batch)}" if batch is not None else ""
+    return BatchError(f"batch error: {stage} failed at step {trainer.state.step + 1} ({place}){structure}: "
                       f"{error_line(err)}; the last checkpoint is kept (fit(resume=True) continues from it)")
 
 
-PASS_THROUGH = (NonFiniteStep, UserInputError, MemoryError, torch.OutOfMemoryError)  # not a batch's fault
+def batch_fault(err: Exception) -> bool:
+    """Whether `err` is the batch's doing (the user's data, collate function, model or loss) rather than the
+    run's or the machine's: a gradwise error, memory, a peer process or a loader worker that died."""
+    if isinstance(err, (NonFiniteStep, UserInputError, MemoryError, torch.OutOfMemoryError, dist.DistError)):
+        return False
+    return not str(err).startswith("DataLoader worker (pid")
 
 
 class StepSource(Callback):
@@ -91,9 +91,9 @@ class StepSource(Callback):
         lr, lrs = engine.optimizer.param_groups[0]["lr"], group_lrs(engine.optimizer)  # the rates this update uses
         try:
             loss = self.train_step(engine, to_device(batch, engine.device), global_count)
-        except PASS_THROUGH:
-            raise
-        except Exception as err:  # noqa: BLE001 - the user's model, loss or batch: one line, as the first batch
+        except Exception as err:  # the user's model, loss or batch: one line, as the first batch
+            if not batch_fault(err):
+                raise
             raise step_failure(trainer, err, "the training step", where, batch) from err
         return StepOutput(loss, samples, lr, lrs)
 
@@ -127,7 +127,7 @@ class BatchSteps(StepSource):
             self.loader = self._loader(trainer) if cfg.loader.num_workers else None
         pos = self.batches.position
         key = pos.epoch, pos.batch
-        where = pos.epoch, pos.batch + 1, self.batches.per_epoch
+        where = pos.epoch, pos.batch, self.batches.per_epoch
         idx = self.batches.next()
         global_count = None
         if sync.needs_global_count and isinstance(trainer.train_data, TensorDataset) \
@@ -135,9 +135,9 @@ class BatchSteps(StepSource):
             global_count = engine.count_fn(trainer.train_data.tensors[-1][idx]).to(engine.device)
         try:
             batch = next(self.loader) if self.loader is not None else self.reader.read(key, sync.local_rows(idx))
-        except PASS_THROUGH:
-            raise
-        except Exception as err:  # noqa: BLE001 - the user's dataset or collate function
+        except Exception as err:  # the user's dataset or collate function
+            if not batch_fault(err):
+                raise
             raise step_failure(trainer, err, "reading the batch", where, None) from err
         return self.run_step(trainer, batch, len(idx), where, global_count)
 
@@ -166,8 +166,12 @@ def loader_settings(trainer) -> dict[str, Any]:
     return {**trainer.cfg.loader.model_dump(), **trainer.data["train"].hooks}
 
 
-def _restores_itself(dataset: Any) -> bool:
-    return callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))
+def _holds_stream_state(loader_state: Any) -> bool:
+    """Whether a StatefulDataLoader state holds the stream's own state (its dataset's or its iterator's, in any
+    worker), which the loader restores, rather than a position it replays the pass to."""
+    return isinstance(loader_state, dict) and any(
+        (key in ("dataset_state", "dataset_iter_state") and value is not None) or _holds_stream_state(value)
+        for key, value in loader_state.items())
 
 
 class StreamSteps(StepSource):
@@ -201,16 +205,16 @@ class StreamSteps(StepSource):
                 raise DataError("data error: the streaming training set yielded no batch in a whole pass")
         pos.batch += 1
         n = rows(batch)
-        return self.run_step(trainer, split(batch, sync.shard(n), n), n, (pos.epoch, pos.batch, None))
+        return self.run_step(trainer, split(batch, sync.shard(n), n), n, (pos.epoch, pos.batch - 1, None))
 
     def _next(self, trainer) -> Any:
         pos = trainer.state.position
         try:
             return next(self.stream, None)
-        except PASS_THROUGH:
-            raise
-        except Exception as err:  # noqa: BLE001 - the user's stream or collate function
-            raise step_failure(trainer, err, "reading the batch", (pos.epoch, pos.batch + 1, None), None) from err
+        except Exception as err:  # the user's stream or collate function
+            if not batch_fault(err):
+                raise
+            raise step_failure(trainer, err, "reading the batch", (pos.epoch, pos.batch, None), None) from err
 
     def _resume_state(self, pos: Position) -> dict[str, Any] | None:
         """The checkpoint's loader state when it was saved at `pos` (None: a fresh pass, or skip to `pos`)."""
@@ -222,19 +226,19 @@ class StreamSteps(StepSource):
     def _open(self, trainer, loader_state: dict[str, Any] | None) -> Iterator[Any]:
         cfg, lc, pos = trainer.cfg, trainer.cfg.loader, trainer.state.position
         collate = trainer.data["train"].collate_fn
-        if collate is not None:  # each batch collated under its own seed, keyed by each worker's count: a stream
-            workers = max(1, lc.num_workers)  # that restores its own state resumes the counts (the loader serves
-            resumes = loader_state is not None and _restores_itself(trainer.train_data)  # workers in turn);
-            starts = [len(range(w, pos.batch, workers)) if resumes else 0 for w in range(workers)]  # else replayed
+        if collate is not None:
+            # each batch collated under its own seed, keyed by the worker's count of batches: where the loader
+            # restores the stream's own state, the counts resume as served so far (the workers in turn);
+            # where it replays the pass, the replay counts them again from 0
+            workers = max(1, lc.num_workers)
+            resumes = _holds_stream_state(loader_state)
+            starts = [len(range(w, pos.batch, workers)) if resumes else 0 for w in range(workers)]
             collate = SeededCollate(collate, derived_seed(cfg.seed, TRAIN_DATA, trainer.sync.rank), pos.epoch, starts)
-        hooks = {k: v for k, v in loader_settings(trainer).items() if k in HOOKS}
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.13
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-            self.loader = StatefulDataLoader(
-                trainer.train_data, batch_size=cfg.train.batch_size, drop_last=cfg.train.drop_last,
-                num_workers=lc.num_workers, pin_memory=lc.pin_memory, prefetch_factor=lc.prefetch_factor,
-                persistent_workers=lc.persistent_workers, collate_fn=collate, **hooks,
-                generator=torch.Generator().manual_seed(cfg.seed + pos.epoch))
+            self.loader = StatefulDataLoader(trainer.train_data, batch_size=cfg.train.batch_size,
+                                             drop_last=cfg.train.drop_last, collate_fn=collate,
+                                             **loader_arguments(loader_settings(trainer), cfg.seed + pos.epoch))
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)
         stream = iter(self.loader)

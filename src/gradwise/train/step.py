@@ -66,9 +66,10 @@ def default_loss(outputs: Any, targets: Any) -> torch.Tensor:
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float] | None:
-    """Each parameter group's lr by its `name` (else its index) when the groups' rates differ; else None."""
+    """Each parameter group's lr by its `name` (else its index) when the groups were given different rates
+    (their `initial_lr`, which torch's schedulers keep, else their lr); else None."""
     groups = optimizer.param_groups
-    if len(groups) == 1 or all(g["lr"] == groups[0]["lr"] for g in groups):
+    if len(groups) == 1 or len({g.get("initial_lr", g["lr"]) for g in groups}) == 1:
         return None
     return {str(g.get("name", i)): g["lr"] for i, g in enumerate(groups)}
 

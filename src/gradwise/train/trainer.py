@@ -6,9 +6,9 @@ The trainer composes the parts and runs the loop; it computes nothing itself:
     sync          gradwise.distributed     nothing | DDP | a parameter-server worker's push and pull
     source        gradwise.train.source    where a step's gradients come from (batches; a server: pushes)
     callbacks     gradwise.train.callbacks metrics, evaluation, checkpoints, early stopping, health, progress
+    data          gradwise.train.pipeline  datasets, collate functions, adopted DataLoaders
 
-    trainer = Trainer(model, train_set, test_data=test_set, loss_fn=F.cross_entropy, out_dir="runs/a")
-    summary = trainer.fit()
+    summary = Trainer(model, train_set, test_data=test_set, loss_fn=F.cross_entropy, out_dir="runs/a").fit()
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from gradwise.train.checks import check_first_batch
 from gradwise.train.batch import dataset_size
 from gradwise.train.evaluation import evaluate, prepare_metrics, shares_evaluation
 from gradwise.train.pipeline import adopt_settings, as_pipeline, pipelines, report_adoption
-from gradwise.train.recovery import recover, resume_from
+from gradwise.train.recovery import recover, reload_after_failure, resume_from
 from gradwise.train.run_dir import RunLock, describe_run, prepare_run_dir, resume_config
 from gradwise.train.sampler import Position
 from gradwise.train.source import BatchSteps, StreamSteps
-from gradwise.train.randomness import (EVAL, TRAIN, capture_rng, derived_seed, isolated_rng, restore_rng,
-                                       seed_everything)
+from gradwise.train.randomness import (EVAL, capture_rng, continue_training_stream, derived_seed, isolated_rng,
+                                       restore_rng, seed_everything)
 from gradwise.train.state import check_model_state, params_sha256
 from gradwise.train.step import NonFiniteStep, StepEngine
 
@@ -47,15 +47,13 @@ from gradwise.train.step import NonFiniteStep, StepEngine
 class Trainer:
     """Trains `model` on `train_data` as the config says (docs/your_model.md shows every argument at work).
 
-    The data are Datasets (map-style or streaming) or DataLoaders you built (adopted: gradwise.train.pipeline);
-    `collate_fn` batches their items. `val_data` is what early stopping watches; the test set never steers
-    training. `optimizer`/`scheduler` default to the config's; `loss_fn` and `count_fn` (a batch's loss-bearing
-    items) to gradwise.train.batch's; `task` is inferred from the first batch. `metrics={"name": fn or metric
-    object}` adds `val_name`/`test_name` (gradwise.train.evaluation). `callbacks` run after the built-in ones.
-    `sync` is the strategy (one process, or DDP under torchrun); `source` where steps come from (the parameter
-    server's); `out_dir=None` writes nothing. `config.seed` governs every random draw of the run
-    (gradwise.train.randomness); the model's initialisation is yours. Every set's first batch is checked
-    before anything runs (gradwise.train.checks).
+    Data are Datasets (map-style or streaming) or your DataLoaders (adopted: gradwise.train.pipeline), batched
+    by `collate_fn`; early stopping watches `val_data`, never the test set. `optimizer`, `scheduler`, `loss_fn`,
+    `count_fn` (loss-bearing items) and `task` default to the config's and gradwise.train.batch's; `metrics=
+    {"name": fn or metric object}` adds `val_name`/`test_name`; `callbacks` run after the built-in ones; `sync`
+    is the strategy (one process, DDP under torchrun); `source` where steps come from; `out_dir=None` writes
+    nothing. `config.seed` governs every random draw (gradwise.train.randomness); the model's initialisation is
+    yours. Every set's first batch is checked before anything runs (gradwise.train.checks).
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset | DataLoader, *,
@@ -73,9 +71,9 @@ class Trainer:
         self.train_size = dataset_size(self.train_data)  # None: a streaming dataset
         if self.train_size == 0:
             raise ConfigError("config error: the training set is empty")
-        config = adopt_settings(config or Config(), self.data["train"])  # a DataLoader's batch size, workers
+        self.sync = sync or environment_sync((config or Config()).train.parallel)
+        config = adopt_settings(config or Config(), self.data["train"], self.sync.world_size)  # a DataLoader's
         self.cfg = resolve_config(config, self.train_size)  # a no-op for an already resolved config
-        self.sync = sync or environment_sync(self.cfg.train.parallel)
         self.is_main = self.sync.is_main
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.total_steps = run_length(self.cfg, self.train_size)[1]
@@ -92,6 +90,7 @@ class Trainer:
         self.records: list[dict[str, Any]] = []  # this run's metrics records, as written to metrics.jsonl
         self.builtin = builtin  # data and model from the config (from_config)
         self.training_rng: dict[str, Any] | None = None  # where the training stream goes on (None: from the seed)
+        self.interrupted = False  # a fit raised: its state is mid-step; fit(resume=True) reloads the checkpoint
         own = [self.source] if isinstance(self.source, Callback) else []
         self.callbacks = CallbackList([*own, *builtin_callbacks(self.cfg, self.task, self.val_data, self.metrics),
                                        *callbacks])
@@ -213,9 +212,10 @@ class Trainer:
         if pipeline is None:
             return {}
         with isolated_rng(derived_seed(self.cfg.seed, EVAL)):
-            return evaluate(self.model, pipeline, self.engine.loss_fn, task=self.task, sync=self.sync,
-                            batch_size=pipeline.batch_size or self.cfg.train.eval_batch_size, seed=self.cfg.seed,
-                            prefix=prefix, count_fn=self.engine.count_fn, metrics=self.metrics)
+            result = evaluate(self.model, pipeline, self.engine.loss_fn, task=self.task, sync=self.sync,
+                              batch_size=pipeline.batch_size or self.cfg.train.eval_batch_size, seed=self.cfg.seed,
+                              prefix=prefix, count_fn=self.engine.count_fn, metrics=self.metrics)
+        return self.sync.broadcast(result)  # every rank decides (early stopping) on rank 0's figures
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -240,19 +240,18 @@ class Trainer:
                 lock.release()
 
     def _fit(self, max_steps: int | None, resume: bool) -> dict[str, Any]:
-        if resume and self.out_dir is not None and self.state.resumed_from is None \
-                and self.restore(self.out_dir, finished_ok=True):
-            return read_json(self.out_dir / "summary.json")  # run again after it finished: its summary
+        if resume and self.out_dir is not None and (self.state.resumed_from is None or self.interrupted):
+            if self.interrupted:  # a fit of this trainer raised: back to the last checkpoint, records included
+                reload_after_failure(self)
+            if self.restore(self.out_dir, finished_ok=True):
+                return read_json(self.out_dir / "summary.json")  # run again after it finished: its summary
         self.prepare_out_dir()
         state = self.state
         state.end = state.step if state.finished else self.total_steps if max_steps is None else max_steps
         state.should_stop = state.finished = False
         self._session_start = time.perf_counter()
         self.model.train()
-        if self.training_rng is None:  # the run's first step: the training stream starts from the seed
-            seed_everything(derived_seed(self.cfg.seed, TRAIN, self.sync.rank))
-        else:  # where the last fit (or the checkpoint) left it, whatever ran in between
-            restore_rng(self.training_rng)
+        continue_training_stream(self.training_rng, self.cfg.seed, self.sync.rank)  # whatever ran in between
         try:
             self.callbacks.fire("on_fit_start", self)
             while state.step < state.end and not state.should_stop:
@@ -268,6 +267,7 @@ class Trainer:
                 self.callbacks.fire("on_step_end", self, out)
             self.callbacks.fire("on_train_end", self)
         except BaseException as err:
+            self.interrupted = True
             self.callbacks.fire("on_exception", self, err)
             raise
         finally:
