@@ -1,4 +1,4 @@
-"""A dataset-level metric with no library behind it, shared by the tests and tests/user_ddp_script.py."""
+"""Dataset-level metrics with no library behind them, shared by the tests and tests/user_ddp_script.py."""
 
 import torch
 from sklearn.metrics import f1_score
@@ -26,3 +26,16 @@ class MacroF1:
     def merge_state(self, other):
         self.preds += other.preds
         self.targets += other.targets
+
+
+class RowsSeen:
+    """How many rows an evaluation scored (each row must count once, whatever the ranks or workers)."""
+
+    def reset(self):
+        self.n = 0
+
+    def update(self, preds, target):
+        self.n += len(target)
+
+    def compute(self):
+        return self.n

@@ -15,6 +15,7 @@ import pytest
 import ray
 import torch
 
+import metric_objects
 from conftest import SMALL, small_config
 from gradwise.optim.async_rules import adaptive_lambda, apply_rule, delay_compensated, staleness_aware
 from gradwise.train import Trainer
@@ -332,23 +333,14 @@ def test_your_own_model_and_data_through_picklable_factories(tmp_path):
         x, y = torch.utils.data.default_collate(items)
         return x + 0.1 * torch.randn_like(x), y
 
-    class RowsSeen:  # a dataset-level metric (defined here: Ray pickles it by value)
-        def reset(self):
-            self.n = 0
-
-        def update(self, preds, target):
-            self.n += len(target)
-
-        def compute(self):
-            return self.n
-
+    ray.cloudpickle.register_pickle_by_value(metric_objects)  # the actors cannot import the tests' modules
     cfg = small_config("optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0", "train.steps=30")
-    user = UserRun(model, data, collate_fn=noisy_pairs, metrics={"rows": RowsSeen()})
+    user = UserRun(model, data, collate_fn=noisy_pairs, metrics={"rows": metric_objects.RowsSeen()})
     summary = train_async(cfg, 1, tmp_path / "user", progress="off", user=user)
     seed_everything(cfg.seed)
     train, test = data()
     single = Trainer(model(), train, test_data=test, config=cfg, collate_fn=noisy_pairs,
-                     metrics={"rows": RowsSeen()}).fit()
+                     metrics={"rows": metric_objects.RowsSeen()}).fit()
     assert summary["model_class"] == "Sequential" and summary["train_samples"] == 200
     assert summary["params_sha256"] == single["params_sha256"]  # one worker: exactly single-process training
     assert summary["test_rows"] == single["test_rows"] == 50  # the server evaluates with the user's metrics

@@ -19,7 +19,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
                               TensorDataset, WeightedRandomSampler)
 
 from conftest import relative_gap, small_config
-from metric_objects import MacroF1
+from metric_objects import MacroF1, RowsSeen
 from gradwise import Trainer, load_config
 from gradwise.errors import ConfigError, DataError
 from gradwise.resolve import resolve_config
@@ -303,19 +303,6 @@ def test_a_streaming_dataloader_is_adopted_with_its_hooks_for_training_and_evalu
     trainer = Trainer(Classifier(), DataLoader(SplitStream(64), **split),
                       test_data=DataLoader(SplitStream(40), **split), config=config("train.steps=6"), metrics=rows)
     assert trainer.cfg.loader.num_workers == 2 and trainer.fit()["test_rows"] == 40
-
-
-class RowsSeen:
-    """How many rows an evaluation scored."""
-
-    def reset(self):
-        self.n = 0
-
-    def update(self, preds, target):
-        self.n += len(target)
-
-    def compute(self):
-        return self.n
 
 
 # -- one seed for every draw; evaluation apart ----------------------------------------------------------------
