@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-import gradwise.memory.planner as planner
+import gradwise.tools.planner as planner
 from gradwise.cli import main
 from gradwise.train import Trainer
 

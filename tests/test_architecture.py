@@ -1,4 +1,5 @@
-"""The shape docs/architecture.md promises: no import cycles between gradwise modules, small modules, a short loop."""
+"""The shape docs/architecture.md promises: packages in layers, each importing only the layers below it (no back-edge
+between packages), no import cycles between modules, small modules, a short loop."""
 
 from __future__ import annotations
 
@@ -67,15 +68,48 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_import_cycles():
     mods = modules()
     graph = {name: imports(path, set(mods)) for name, path in mods.items()}
-    assert "gradwise.train.step" in graph["gradwise.memory.planner"]  # the parser sees real edges
+    assert "gradwise.train.step" in graph["gradwise.tools.planner"]  # the parser sees real edges
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_bench_and_train_never_import_experiments():
+# The packages (and top-level modules), bottom first: each may import only those before it (docs/architecture.md).
+LAYERS = [
+    "errors", "io", "config",                                   # the foundation
+    "optim", "memory", "diagnostics", "data", "nn", "resolve",  # the math, data and models; settling a config
+    "checkpoint",                                               # the checkpoint format and sharded I/O
+    "parallel",                                                 # the sync strategies the step calls
+    "train",                                                    # the step engine, the Trainer, sources, callbacks
+    "tools", "asynchronous", "launch", "report",                # the clients of the Trainer
+    "bench", "experiments", "cli", "__main__",                  # the front ends
+]
+
+
+def package(module: str) -> str:
+    """The layer a module belongs to: its top-level package or module under gradwise ("gradwise" itself: the root)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "gradwise"
+
+
+def package_edges() -> dict[tuple[str, str], list[str]]:
     mods = modules()
+    edges: dict[tuple[str, str], list[str]] = {}
     for name, path in mods.items():
-        if name.startswith(("gradwise.bench", "gradwise.train")):
-            assert not any(m.startswith("gradwise.experiments") for m in imports(path, set(mods))), name
+        for dep in imports(path, set(mods)):
+            a, b = package(name), package(dep)
+            if a != b:
+                edges.setdefault((a, b), []).append(f"{name} -> {dep}")
+    return edges
+
+
+def test_packages_import_only_the_layers_below_them():
+    """The root package composes everything (it hands the Trainer its planner); any other back-edge fails."""
+    edges = package_edges()
+    known = set(LAYERS) | {"gradwise"}
+    assert {a for a, _ in edges} | {b for _, b in edges} <= known, "a package missing from LAYERS"
+    assert ("train", "parallel") in edges and ("tools", "train") in edges  # the parser sees real edges
+    upward = [f"{a} -> {b} ({edges[(a, b)][0]})" for a, b in edges
+              if a != "gradwise" and LAYERS.index(b) >= LAYERS.index(a)]
+    assert not upward, "imports against the layers: " + "; ".join(sorted(upward))
 
 
 def test_module_sizes_and_the_loop():

@@ -33,7 +33,7 @@ def updates(run_dir: Path) -> list[dict]:
 
 
 def run_async(tmp_path, name, workers, *extra, resume=False):
-    from gradwise.distributed.ps import train_async
+    from gradwise.asynchronous.ps import train_async
 
     cfg = small_config("optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0", *extra)
     return train_async(cfg, workers, tmp_path / name, resume=resume, progress="off")
@@ -169,7 +169,7 @@ def test_a_killed_worker_rejoins_and_every_gradient_is_applied_once(tmp_path, ru
 def test_resume_continues_from_the_server_checkpoint(tmp_path):
     first = run_async(tmp_path, "run", 2, "train.steps=50", "train.checkpoint_every=25", "ps.rule=staleness-aware")
     assert first["gradients"] == 50
-    from gradwise.distributed.ps import train_async
+    from gradwise.asynchronous.ps import train_async
 
     cfg = Trainer.resume_config(tmp_path / "run", ["train.steps=90"])
     summary = train_async(cfg, 2, tmp_path / "run", resume=True, progress="off")
@@ -222,7 +222,7 @@ def test_a_ray_address_with_nothing_listening_fails_fast_in_one_line():
     import socket
     import time
 
-    from gradwise.distributed.ps import check_reachable
+    from gradwise.asynchronous.ps import check_reachable
     from gradwise.errors import ConfigError
 
     with socket.socket() as s:
@@ -317,8 +317,8 @@ def test_async_refuses_rollback_with_a_reason(tmp_path, capsys):
 def test_your_own_model_and_data_through_picklable_factories(tmp_path):
     from torch.utils.data import TensorDataset
 
-    from gradwise.distributed.ps import train_async
-    from gradwise.distributed.ps_worker import UserRun
+    from gradwise.asynchronous.ps import train_async
+    from gradwise.asynchronous.worker import UserRun
     from gradwise.train import seed_everything
 
     def model():
@@ -347,8 +347,8 @@ def test_your_own_model_and_data_through_picklable_factories(tmp_path):
 
 
 def test_a_streaming_dataset_is_refused_by_the_parameter_server_before_ray_starts(tmp_path):
-    from gradwise.distributed.ps import train_async
-    from gradwise.distributed.ps_worker import UserRun
+    from gradwise.asynchronous.ps import train_async
+    from gradwise.asynchronous.worker import UserRun
     from gradwise.errors import DataError
 
     with pytest.raises(DataError, match="got the streaming Stream; train it with the Trainer"):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from conftest import SMALL, small_config
 from gradwise.data import build_data
-from gradwise.distributed.delay import DelayedGradients
+from gradwise.asynchronous.delay import DelayedGradients
 from gradwise.nn import build_model
 from gradwise.train import Trainer
-from gradwise.train.sampler import EpochBatches
+from gradwise.data.sampler import EpochBatches
 
 SGD = ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0", "schedule.name=constant", "diagnostics.every=0",
        "ps.lr_scale=none"]
@@ -160,7 +160,7 @@ def test_a_collapse_under_staleness_is_flagged_dead_and_the_default_lr_scale_pre
                                                     1 / 4), ("staleness-aware", "inverse-workers", 1.0),
                                                     ("asgd", "none", 1.0)])
 def test_ps_lr_scale_divides_the_lr_by_the_workers_for_rules_that_apply_stale_gradients(rule, lr_scale, factor):
-    from gradwise.distributed.ps_server import PushedGradients
+    from gradwise.asynchronous.server import PushedGradients
 
     cfg = small_config(*SGD[:-1], f"ps.rule={rule}", f"ps.lr_scale={lr_scale}")
     trainer = Trainer.from_config(cfg, source=DelayedGradients(4))

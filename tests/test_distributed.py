@@ -19,12 +19,12 @@ import torch
 from conftest import SMALL
 from gradwise.cli import main
 from gradwise.config import load_config
-from gradwise.distributed.checkpoint import full_states
-from gradwise.distributed.ddp import shard
-from gradwise.distributed.launch import free_port
+from gradwise.checkpoint.sharded import full_states
+from gradwise.parallel.ddp import shard
+from gradwise.launch import free_port
 from gradwise.nn import build_model
-from gradwise.train.sampler import EpochBatches
-from gradwise.train.state import load_checkpoint
+from gradwise.data.sampler import EpochBatches
+from gradwise.checkpoint.format import load_checkpoint
 
 BASE = [*SMALL, "optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0"]
 

@@ -7,7 +7,7 @@ import yaml
 
 from gradwise.cli import main
 from gradwise.config import parse_bytes
-from gradwise.memory.planner import apply_choice, candidate_micro_batches, plan
+from gradwise.tools.planner import apply_choice, candidate_micro_batches, plan
 
 from conftest import SMALL, small_config
 

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from gradwise import Trainer, load_config
 from gradwise.data import build_data
 from gradwise.nn import build_model
-from gradwise.train.state import params_sha256
+from gradwise.checkpoint.format import params_sha256
 
 from conftest import SMALL, small_config
 

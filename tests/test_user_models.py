@@ -16,7 +16,7 @@ from conftest import relative_gap, small_config
 from gradwise import Trainer
 from gradwise.memory.accumulation import item_count
 from gradwise.train.checks import BatchError
-from gradwise.train.state import params_sha256
+from gradwise.checkpoint.format import params_sha256
 
 
 def one_sgd_step(model, data, *extra, **kwargs):

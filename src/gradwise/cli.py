@@ -33,7 +33,7 @@ def _default_out_dir() -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gradwise.config import load_config
-    from gradwise.distributed.ddp import launched_by_torchrun
+    from gradwise.parallel.ddp import launched_by_torchrun
     from gradwise.train import Trainer
 
     if args.strategy == "fsdp":  # sharded data parallel: the same launch as DDP, with train.parallel=fsdp
@@ -51,8 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserInputError("usage error: --strategy simulate runs in one process; drop --nproc")
         return _launch(args)
     source = None
-    if args.strategy == "simulate":  # asynchronous staleness in one process (gradwise.distributed.delay)
-        from gradwise.distributed.delay import DelayedGradients
+    if args.strategy == "simulate":  # asynchronous staleness in one process (gradwise.asynchronous.delay)
+        from gradwise.asynchronous.delay import DelayedGradients
 
         source = DelayedGradients(args.workers if args.workers is not None else 4)
     if args.resume:
@@ -98,7 +98,7 @@ def _launch_target(args: argparse.Namespace):
 
 def _train_async(args: argparse.Namespace) -> int:
     """The Ray parameter server: `--workers M` worker actors, a server actor, this process as the driver."""
-    from gradwise.distributed.ps import train_async
+    from gradwise.asynchronous.ps import train_async
 
     if args.nproc is not None:
         raise UserInputError("usage error: --nproc (synchronous data parallel) and --strategy async are exclusive")
@@ -117,7 +117,7 @@ def _train_async(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     """Check everything checkable, then start --nproc workers under torchrun's elastic agent."""
     from gradwise.data import build_data
-    from gradwise.distributed.launch import LaunchOptions, check_group_fits, launch
+    from gradwise.launch import LaunchOptions, check_group_fits, launch
 
     for flag in ("nproc", "nnodes"):
         if getattr(args, flag) < 1:
@@ -151,8 +151,8 @@ def _train_worker(args: argparse.Namespace) -> int:
     import os
 
     from gradwise.config import load_config
-    from gradwise.distributed.ddp import init_process_group
-    from gradwise.distributed.environment import group_sync
+    from gradwise.parallel.ddp import init_process_group
+    from gradwise.parallel.environment import group_sync
     from gradwise.io import read_json
     from gradwise.train import Trainer
     from gradwise.train.run_dir import resume_config
@@ -188,7 +188,7 @@ def _train_worker(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from gradwise.config import load_config, parse_bytes
     from gradwise.io import write_json
-    from gradwise.memory.planner import format_table, no_fit_error, plan
+    from gradwise.tools.planner import format_table, no_fit_error, plan
 
     try:
         budget = parse_bytes(args.budget, "--budget")
@@ -214,16 +214,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from gradwise.config import load_config
-    from gradwise.diagnostics.inspect import format_report, inspect_run, to_json
+    from gradwise.diagnostics.numerics import format_report as format_ranges
+    from gradwise.tools.inspect import format_report, inspect_run, to_json
+    from gradwise.tools.precision import inspect_precision
 
     if args.steps < 1 or args.probes < 1:
         raise UserInputError(f"usage error: --steps={args.steps} and --probes={args.probes} must be at least 1")
     if args.overrides and args.overrides[0] == "precision":  # gradwise inspect precision [overrides]
-        from gradwise.diagnostics import numerics
-
         cfg = load_config(args.config, args.overrides[1:])
-        report = numerics.inspect_precision(cfg, steps=args.steps)
-        print(to_json(report) if args.json else numerics.format_report(report))
+        report = inspect_precision(cfg, steps=args.steps)
+        print(to_json(report) if args.json else format_ranges(report))
         return 0
     cfg = load_config(args.config, args.overrides)
     report = inspect_run(cfg, steps=args.steps, probes=args.probes)
@@ -267,7 +267,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gradwise.distributed.checkpoint import export_model
+    from gradwise.checkpoint.sharded import export_model
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "model.pt"
     count = export_model(Path(args.run_dir), out)

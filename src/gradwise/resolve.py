@@ -18,7 +18,7 @@ from typing import Callable
 
 from gradwise.config import Config
 from gradwise.errors import ConfigError
-from gradwise.train.sampler import batches_per_epoch
+from gradwise.data.sampler import batches_per_epoch
 
 
 def run_length(cfg: Config, train_size: int | None) -> tuple[int | None, int]:
@@ -43,7 +43,7 @@ def resolve_config(cfg: Config, train_size: int | None, *, gradients_per_update:
                    planner: Callable[[Config], Config] | None = None) -> Config:
     """A resolved, frozen copy of `cfg` for a training set of `train_size` samples.
 
-    `planner(cfg) -> cfg` settles `memory.auto=true` (gradwise.memory.planner.plan_config plans on the
+    `planner(cfg) -> cfg` settles `memory.auto=true` (gradwise.tools.planner.plan_config plans on the
     built-in model and data). `gradients_per_update` > 1 (synchronous parameter server: M gradients per
     update) shortens the schedule's horizon to the number of updates.
     """

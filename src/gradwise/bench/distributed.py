@@ -32,7 +32,7 @@ WARMUP_STEPS = 20
 
 
 def measure_group(nproc: int, steps: int, rounds: int, overrides: list[str]) -> dict[str, Any]:
-    from gradwise.distributed.launch import LaunchOptions, launch
+    from gradwise.launch import LaunchOptions, launch
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "timing.json"
@@ -100,7 +100,7 @@ def straggler_rows(gradients: int, repeats: int) -> dict[str, Any] | None:
     except ImportError:
         return None
     from gradwise.config import load_config
-    from gradwise.distributed.ps import train_async
+    from gradwise.asynchronous.ps import train_async
 
     times: dict[str, list[float]] = {"ssgd": [], "asgd": []}
     for _ in range(repeats):
@@ -126,7 +126,7 @@ def worker(argv: list[str]) -> None:
     """One rank of a timing group (run by torchrun): warm up, then alternate synced and unsynced rounds."""
     from gradwise.config import load_config
     from gradwise.data import build_data
-    from gradwise.distributed.ddp import DDPSync, init_process_group
+    from gradwise.parallel.ddp import DDPSync, init_process_group
     from gradwise.nn import build_model
     from gradwise.train import Trainer, seed_everything
 

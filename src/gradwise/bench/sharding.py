@@ -43,7 +43,7 @@ def state_tensors(optimizer: torch.optim.Optimizer):
 
 
 def measure(nproc: int, parallel: str, steps: int, overrides: list[str]) -> dict[str, Any]:
-    from gradwise.distributed.launch import LaunchOptions, launch
+    from gradwise.launch import LaunchOptions, launch
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cell.json"
@@ -80,8 +80,8 @@ def rows(steps: int, repeats: int, overrides: list[str] | None = None,
 def worker(argv: list[str]) -> None:
     """One rank of a measuring group (run by torchrun)."""
     from gradwise.config import load_config
-    from gradwise.distributed.ddp import init_process_group
-    from gradwise.distributed.environment import group_sync
+    from gradwise.parallel.ddp import init_process_group
+    from gradwise.parallel.environment import group_sync
     from gradwise.train import Trainer
 
     parser = argparse.ArgumentParser()

@@ -15,14 +15,13 @@ smallest normal); which layers are most at risk; the power-of-two loss scale
 that moves the gradients into fp16's range; and the fraction of weight updates
 smaller than half a unit in the last place of the weight (|dw| < 2^-(p+1) |w|
 for p mantissa bits: 2^-11 in fp16), which fp16 weights would round away; the
-reason to keep fp32 master weights. The arithmetic on histograms is pure; only
-`collect` touches a model.
+reason to keep fp32 master weights. The arithmetic on histograms is pure: the
+training steps that fill them are gradwise.tools.precision's.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +29,6 @@ import torch
 from torch import nn
 
 MIN_EXPONENT, MAX_EXPONENT = -160, 130  # fp32 spans 2^-149 .. 2^128
-INSPECT_MICRO_BATCH = 8  # rows per forward while inspecting (activations kept for backward scale with it)
 
 
 @dataclass(frozen=True)
@@ -125,73 +123,6 @@ class LayerRecord:
     output_gradients: Histogram = field(default_factory=Histogram)  # gradients flowing back into its outputs
     gradients: Histogram = field(default_factory=Histogram)  # its parameters' gradients
     update_ratio: Histogram = field(default_factory=Histogram)  # |dw| / |w| per element (w != 0)
-
-
-def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
-    """Run `steps` fp32 training steps of `trainer` with hooks; per-layer histograms of outputs, grads, updates."""
-    from gradwise.train.batch import fetch_batch, rows
-    from gradwise.train.sampler import EpochBatches
-
-    model: nn.Module = trainer.model
-    records: dict[str, LayerRecord] = {}
-    leaves = {name: m for name, m in model.named_modules() if name and not list(m.children())}
-
-    def forward_hook(name):
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor) and output.is_floating_point():
-                records.setdefault(name, LayerRecord()).activations.add(output)
-        return hook
-
-    # An output shared by the whole batch (its leading dimension is not the micro-batch's rows, e.g. a position
-    # embedding's (T, C)) gets one micro-batch's share of the gradient per backward: those shares are summed over
-    # the step's micro-batches, giving the whole batch's gradient, as training without micro-batches sees it.
-    split = trainer.cfg.train.micro_batches > 1
-    shared: dict[str, torch.Tensor] = {}
-    micro_rows = [0]
-
-    def count_rows(_module, args, kwargs):
-        micro_rows[0] = rows((args, kwargs))
-
-    def backward_hook(name):
-        def hook(_module, _grad_input, grad_output):
-            if grad_output and isinstance(grad_output[0], torch.Tensor):
-                g = grad_output[0].detach()
-                if split and (g.ndim == 0 or g.shape[0] != micro_rows[0]):
-                    if name in shared and shared[name].shape != g.shape:  # not batch-shared after all
-                        records.setdefault(name, LayerRecord()).output_gradients.add(shared.pop(name))
-                    shared[name] = shared[name] + g if name in shared else g.clone()
-                else:
-                    records.setdefault(name, LayerRecord()).output_gradients.add(g)
-        return hook
-
-    handles = [model.register_forward_pre_hook(count_rows, with_kwargs=True)]
-    handles += [m.register_forward_hook(forward_hook(name)) for name, m in leaves.items()]
-    handles += [m.register_full_backward_hook(backward_hook(name)) for name, m in leaves.items()]
-    owner = {id(p): name.rsplit(".", 1)[0] for name, p in model.named_parameters()}
-    batches = EpochBatches(len(trainer.train_data), trainer.cfg.train.batch_size, trainer.cfg.seed)
-    try:
-        for _ in range(steps):
-            idx = batches.next()
-            inputs, targets = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, idx))
-            before = {id(p): p.detach().clone() for p in trainer.engine.params}
-            with warnings.catch_warnings():  # the first layer's hook fires on outputs only: expected
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                trainer.engine.train_step((inputs, targets))
-            for name, g in shared.items():
-                records.setdefault(name, LayerRecord()).output_gradients.add(g)
-            shared.clear()
-            for p in trainer.engine.params:
-                rec = records.setdefault(owner[id(p)], LayerRecord())
-                if p.grad is not None:
-                    rec.gradients.add(p.grad)
-                w = before[id(p)]
-                moved = (p.detach() - w).abs()
-                nonzero = w != 0
-                rec.update_ratio.add(moved[nonzero] / w[nonzero].abs())
-    finally:
-        for h in handles:
-            h.remove()
-    return records
 
 
 def lost_update_fraction(h: Histogram, fmt: Format) -> float:
@@ -324,20 +255,3 @@ def format_report(report: dict[str, Any], top: int = 8) -> str:
         lines.append(f"for fp16 hardware: {rec['fp16_setting']}")
     lines.extend(f"  - {reason}" for reason in rec["reasons"])
     return "\n".join(lines)
-
-
-def inspect_precision(cfg: Any, steps: int = 5) -> dict[str, Any]:
-    """Build the configured run in fp32, take `steps` steps with hooks, and analyse the ranges."""
-    from gradwise.train import Trainer
-
-    cfg = cfg.model_copy(deep=True)
-    cfg.precision = "fp32"
-    cfg.log.progress = "off"
-    cfg.diagnostics.every = 0
-    cfg.train.compile = False  # hooks on every layer, a few steps: eager
-    if cfg.train.micro_batch_size is None and cfg.train.accumulate == 1:  # the same gradients, from micro-batches
-        cfg.train.micro_batch_size = min(cfg.train.batch_size, INSPECT_MICRO_BATCH)  # a 16th of the activations
-    trainer = Trainer.from_config(cfg)
-    report = analyse(collect(trainer, steps))
-    report["steps"] = steps
-    return report

@@ -8,7 +8,7 @@ seeds are trained at the chosen lr and tested. Sequential SGD and SSGD use momen
 rules use none (asynchrony adds an implicit momentum of about 1 - 1/M, and 0.9 on top diverged in the
 pilot). SSGD (M synchronous gradients averaged per update) is trained as one process on batch 128 M for
 1/M of the updates, the same arithmetic (for M up to 16: a larger M reads more than the training set per update). ASGD and DC-ASGD run on the delay simulator
-(gradwise.distributed.delay: staleness M - 1) for M up to 64, and on real Ray workers at M = 4 and 8 to
+(gradwise.asynchronous.delay: staleness M - 1) for M up to 64, and on real Ray workers at M = 4 and 8 to
 validate the simulator. `ps.lr_scale=none` throughout: the grid is the lr policy here.
 """
 
@@ -78,8 +78,8 @@ def one_run(method: str, workers: int, seed: int, lr: float, s: dict[str, Any], 
 def _train(cfg, method: str, workers: int, run_dir: Path, ray: bool) -> dict[str, Any]:
     """The run's summary; a run finished by an earlier invocation is read back, not retrained; one that went
     non-finite is kept as diverged (accuracy 0), so a grid point too large does not end the experiment."""
-    from gradwise.distributed.delay import DelayedGradients
-    from gradwise.distributed.ps import train_async
+    from gradwise.asynchronous.delay import DelayedGradients
+    from gradwise.asynchronous.ps import train_async
     from gradwise.errors import NonFiniteError
     from gradwise.train import Trainer
 

@@ -26,7 +26,7 @@ from gradwise.config import load_config
 from gradwise.io import write_json, write_text, write_with
 from gradwise.data import build_data
 from gradwise.train import Trainer
-from gradwise.train.sampler import batches_per_epoch
+from gradwise.data.sampler import batches_per_epoch
 
 BASE = ["model.name=mlp", "model.depth=2", "model.width=128", "optim.name=adam", "optim.lr=0.001",
         "schedule.name=constant", "train.batch_size=32"]

@@ -123,7 +123,7 @@ def _plot(runs: list[dict[str, Any]], out: Path) -> None:
 
 def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     from gradwise.bench import describe_machine
-    from gradwise.diagnostics.numerics import inspect_precision
+    from gradwise.tools.precision import inspect_precision
 
     out = Path(out_dir)
     s = settings(quick)

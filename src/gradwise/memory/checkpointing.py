@@ -1,7 +1,7 @@
 """Activation checkpointing on `torch.utils.checkpoint` (use_reentrant=False, RNG preserved).
 
-Built-in models run their blocks through a `BlockStack` (gradwise.nn.blocks); a policy sets how many
-consecutive blocks form one checkpointed segment:
+Built-in models run their blocks through a `BlockStack` (gradwise.nn.blocks), a `CheckpointedSegments`;
+a policy sets how many consecutive blocks form one checkpointed segment:
 
     none      nothing recomputed
     all       every block is its own segment (block inputs kept, insides recomputed)
@@ -23,7 +23,28 @@ from torch.utils.checkpoint import checkpoint
 
 from gradwise.errors import ConfigError
 from gradwise.memory import measure
-from gradwise.nn.blocks import BlockStack
+
+
+def _run_segment(blocks: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        h = block(h)
+    return h
+
+
+class CheckpointedSegments(nn.ModuleList):
+    """Modules applied in order, in checkpointed segments of `segment` modules (0: none; `apply_checkpointing`
+    sets it)."""
+
+    segment: int = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        if self.segment == 0 or not torch.is_grad_enabled():
+            return _run_segment(blocks, h)
+        for start in range(0, len(blocks), self.segment):
+            measure.note_kept(h)  # the segment input is held until backward
+            h = checkpoint(_run_segment, blocks[start : start + self.segment], h, use_reentrant=False)
+        return h
 
 
 def segment_size(policy: str, n_blocks: int) -> int:
@@ -78,7 +99,7 @@ def apply_checkpointing(model: nn.Module, policy: str, module_names: list[str] |
         for m in chosen:
             m.__class__ = checkpointed_class(type(m))
         return len(chosen)
-    stacks = [m for m in model.modules() if isinstance(m, BlockStack)]
+    stacks = [m for m in model.modules() if isinstance(m, CheckpointedSegments)]
     if policy == "none":
         for stack in stacks:
             stack.segment = 0

@@ -19,33 +19,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from gradwise.memory import measure
+from gradwise.memory.checkpointing import CheckpointedSegments
 
 RESIDUALS = ("none", "residual", "rezero", "highway")
 
 
-def _run_segment(blocks: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
-    for block in blocks:
-        h = block(h)
-    return h
-
-
-class BlockStack(nn.ModuleList):
-    """A ModuleList of blocks applied in order, optionally in checkpointed segments
+class BlockStack(CheckpointedSegments):
+    """A built-in model's blocks, applied in order, optionally in checkpointed segments
     (`gradwise.memory.checkpointing.apply_checkpointing` sets `segment`)."""
-
-    segment: int = 0
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        blocks = list(self)
-        if self.segment == 0 or not torch.is_grad_enabled():
-            return _run_segment(blocks, h)
-        for start in range(0, len(blocks), self.segment):
-            measure.note_kept(h)  # the segment input is held until backward
-            h = checkpoint(_run_segment, blocks[start : start + self.segment], h, use_reentrant=False)
-        return h
 
 
 class HighwayGate(nn.Module):

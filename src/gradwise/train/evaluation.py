@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gradwise.distributed.sync import GradientSync
+from gradwise.parallel.strategy import GradientSync
 from gradwise.errors import ConfigError
 from gradwise.train.batch import (batch_loss, call_model, count_items, dataset_size, describe, logits, target, tensors,
                                   to_device)

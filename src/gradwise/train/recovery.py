@@ -9,7 +9,7 @@ from pathlib import Path
 from gradwise.diagnostics.health import REMEDIES
 from gradwise.errors import CheckpointError, ConfigError, NonFiniteError
 from gradwise.train.run_dir import check_same_trajectory
-from gradwise.train.state import load_checkpoint
+from gradwise.checkpoint.format import load_checkpoint
 from gradwise.train.step import NonFiniteStep
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from gradwise.config import Config, apply_overrides, flatten, read_yaml, validate
-from gradwise.distributed.checkpoint import remove_other_folders
+from gradwise.checkpoint.sharded import remove_other_folders
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import write_text
 

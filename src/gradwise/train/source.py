@@ -3,7 +3,7 @@
 A source has `next_step(trainer) -> StepOutput`, `record_fields()` (extra
 fields for every train and eval record), `window_metrics()` (for train records:
 figures over the steps since the last one), `computes_gradients` (False for the
-parameter server, whose gradients arrive from workers: gradwise.distributed.ps_server)
+parameter server, whose gradients arrive from workers: gradwise.asynchronous.server)
 and `lr_factor(cfg)` (the asynchronous sources' `ps.lr_scale`; 1 otherwise).
 """
 
@@ -23,7 +23,7 @@ from gradwise.train.callbacks.base import Callback, StepOutput
 from gradwise.train.checks import BatchError, error_line
 from gradwise.train.pipeline import BatchReader, SeededCollate, batch_loader, loader_arguments, shut_down
 from gradwise.train.randomness import TRAIN_DATA, derived_seed
-from gradwise.train.sampler import EpochBatches, Position
+from gradwise.data.sampler import EpochBatches, Position
 from gradwise.train.step import NonFiniteStep, group_lrs
 
 
@@ -103,7 +103,7 @@ class StepSource(Callback):
 
 
 class BatchSteps(StepSource):
-    """Each step trains on the next batch in the seeded order (gradwise.train.sampler), resumable by position.
+    """Each step trains on the next batch in the seeded order (gradwise.data.sampler), resumable by position.
 
     Batches are read by the training set's `BatchReader` (its collate function, each batch under its own
     seed). Under data parallel every rank draws the same global batch and reads its strategy's shard of it.

@@ -7,7 +7,7 @@
            -> apply_update (clip once, optimizer and schedule) unless an fp16 overflow skips it
 
 Single-process, data-parallel and parameter-server training all run this code;
-they differ only in the `GradientSync` strategy (gradwise.distributed.sync).
+they differ only in the `GradientSync` strategy (gradwise.parallel.strategy).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 
 from gradwise.config import Config
 from gradwise.diagnostics.health import first_nonfinite_forward, last_nonfinite_grad
-from gradwise.distributed.sync import GradientSync
+from gradwise.parallel.strategy import GradientSync
 from gradwise.errors import ConfigError
 from gradwise.memory.accumulation import micro_batch_slices
 from gradwise.train.batch import (batch_loss, call_model, count_items, default_count_fn, describe, logits, rows, split,

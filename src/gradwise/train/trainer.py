@@ -3,7 +3,7 @@
 The trainer composes the parts and runs the loop; it computes nothing itself:
 
     step engine   gradwise.train.step      gradients and updates (micro-batches, precision, clipping)
-    sync          gradwise.distributed     nothing | DDP | a parameter-server worker's push and pull
+    sync          gradwise.parallel        nothing | DDP | FSDP (the parameter server composes the step itself)
     source        gradwise.train.source    where a step's gradients come from (batches; a server: pushes)
     callbacks     gradwise.train.callbacks metrics, evaluation, checkpoints, early stopping, health, progress
     data          gradwise.train.pipeline  datasets, collate functions, adopted DataLoaders
@@ -22,12 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from gradwise.config import Config, validate
-from gradwise.distributed.checkpoint import model_shapes
-from gradwise.distributed.environment import environment_sync
-from gradwise.distributed.sync import GradientSync
+from gradwise.data import build_data
+from gradwise.nn import build_model
+from gradwise.checkpoint.sharded import model_shapes
+from gradwise.parallel.environment import environment_sync
+from gradwise.parallel.strategy import GradientSync
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.io import read_json, write_json
-from gradwise.memory.planner import plan_config
 from gradwise.resolve import resolve_config, run_length
 from gradwise.train.callbacks import Callback, CallbackList, RunState, builtin_callbacks
 from gradwise.train.checks import check_first_batch
@@ -36,11 +37,11 @@ from gradwise.train.evaluation import evaluate, prepare_metrics, shares_evaluati
 from gradwise.train.pipeline import adopt_settings, as_pipeline, pipelines, report_adoption
 from gradwise.train.recovery import recover, reload_after_failure, resume_from
 from gradwise.train.run_dir import RunLock, describe_run, prepare_run_dir, resume_config
-from gradwise.train.sampler import Position
+from gradwise.data.sampler import Position
 from gradwise.train.source import BatchSteps, StreamSteps
 from gradwise.train.randomness import (EVAL, capture_rng, continue_training_stream, derived_seed, isolated_rng,
                                        restore_rng, seed_everything)
-from gradwise.train.state import check_model_state, params_sha256
+from gradwise.checkpoint.format import check_model_state, params_sha256
 from gradwise.train.step import NonFiniteStep, StepEngine
 
 
@@ -98,22 +99,20 @@ class Trainer:
 
     # -- construction from config / run directory ---------------------------------------------------------
 
+    planner: Callable[[Config], Config] | None = None  # memory.auto's; gradwise's own is set by the package
+
     @classmethod
     def from_config(cls, cfg: Config, out_dir: str | Path | None = None, sync: GradientSync | None = None,
-                    **kwargs) -> "Trainer":
+                    planner: Callable[[Config], Config] | None = None, **kwargs) -> "Trainer":
         """Build data and model from the config (seeded by `cfg.seed`) and return a ready Trainer.
 
-        Every rank resolves the config (the planner too, for memory.auto=true) and trains with rank 0's
-        resolution, broadcast. Every rank builds the same model (dropout masks differ across ranks: each
-        rank's training stream is its own, gradwise.train.randomness).
-        """
-        from gradwise.data import build_data
-        from gradwise.nn import build_model
-
+        Every rank resolves the config (`planner`, default `Trainer.planner`, for memory.auto=true) and trains
+        with rank 0's resolution, broadcast. Every rank builds the same model (dropout masks differ across
+        ranks: each rank's training stream is its own, gradwise.train.randomness)."""
         sync = sync or environment_sync(cfg.train.parallel)
         seed_everything(cfg.seed)
         data = build_data(cfg.data, context=cfg.model.context)
-        resolved = resolve_config(cfg, len(data.train), planner=plan_config)  # each rank, so none waits on a
+        resolved = resolve_config(cfg, len(data.train), planner=planner or cls.planner)  # each rank: none waits on a
         cfg = validate(sync.broadcast(resolved.to_dict()))  # collective while rank 0 plans; rank 0's wins
         model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
         return cls(model, data.train, test_data=data.test, val_data=data.val, config=cfg, out_dir=out_dir,

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradwise.train.sampler import Position
+from gradwise.data.sampler import Position
 
 EVENTS = ("on_fit_start", "on_step_start", "on_step_end", "on_train_end", "on_evaluate", "on_log", "on_message",
           "on_checkpoint_save", "on_checkpoint_load", "on_exception", "on_fit_end")

@@ -16,7 +16,7 @@ from gradwise.diagnostics.health import judge, layer_stats, weight_layers, zero_
 from gradwise.errors import ConfigError
 from gradwise.train.callbacks.base import Callback, StepOutput
 from gradwise.train.early_stopping import EarlyStopping
-from gradwise.train.state import BEST_WEIGHTS
+from gradwise.checkpoint.format import BEST_WEIGHTS
 
 
 class Cadenced(Callback):

@@ -20,7 +20,7 @@ from gradwise.diagnostics.spectra import (
 def inspect_run(cfg: Config, steps: int = 5, probes: int = 8) -> dict[str, Any]:
     from gradwise.train import Trainer
     from gradwise.train.batch import fetch_batch
-    from gradwise.train.sampler import EpochBatches
+    from gradwise.data.sampler import EpochBatches
 
     trainer = Trainer.from_config(cfg)
     model = trainer.model

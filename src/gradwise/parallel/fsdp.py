@@ -13,7 +13,7 @@ FSDP's reduce-scatter averages gradients over ranks as DDP's all-reduce does). W
   global gradient norm, the finiteness flag.
 - checkpoints are sharded: each process writes its own shards with torch.distributed.checkpoint, and a
   run resumes from them on any number of processes, under FSDP (DCP reshards) or any other strategy
-  (which reads the folder whole): gradwise.distributed.checkpoint.
+  (which reads the folder whole): gradwise.checkpoint.sharded.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwise.distributed.checkpoint import (
+from gradwise.checkpoint.sharded import (
     by_name,
     load_sharded,
     new_folder_name,
     remove_other_folders,
     write_shards,
 )
-from gradwise.distributed.ddp import DDPSync
+from gradwise.parallel.ddp import DDPSync
 from gradwise.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ processes share a batch: which rows of a batch this process computes on, the
 loss weights of its micro-batches, which micro-batches skip communication,
 the collectives the trainer's metrics need, and how model and optimizer state
 are saved and loaded (one file in torch's formats; FSDP: each process's shards,
-gradwise.distributed.checkpoint).
+gradwise.checkpoint.sharded).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwise.distributed.checkpoint import check_shards, full_states, remove_other_folders
+from gradwise.checkpoint.sharded import check_shards, full_states, remove_other_folders
 from gradwise.io import write_with
 from gradwise.memory.accumulation import loss_weights
-from gradwise.train.state import with_header
+from gradwise.checkpoint.format import with_header
 
 
 def default_device() -> torch.device:
@@ -114,7 +114,7 @@ class GradientSync:
 
     def save(self, path: Path, payload: dict[str, Any]) -> None:
         """Write a checkpoint (every rank calls this; one file, written by the main process, atomically, with
-        the header and checksum of gradwise.train.state)."""
+        the header and checksum of gradwise.checkpoint.format)."""
         if self.is_main:
             marked = with_header(payload)
             write_with(path, lambda handle: torch.save(marked, handle))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from gradwise.distributed.sync import GradientSync
+from gradwise.parallel.strategy import GradientSync
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 

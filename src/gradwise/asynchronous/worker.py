@@ -4,7 +4,7 @@ A worker owns every M-th row of the training set and loops: pull the server's
 weights (a ticket for one gradient), compute a gradient on its next batch with
 `StepEngine.train_step` (micro-batches, precision, loss scaling, the finiteness
 check), and let `PushPull.synchronize` push it. The worker never applies an
-update: the server does (gradwise.distributed.ps_server).
+update: the server does (gradwise.asynchronous.server).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from gradwise.config import validate
-from gradwise.distributed.sync import GradientSync
+from gradwise.parallel.strategy import GradientSync
 from gradwise.errors import DataError
 from gradwise.train.batch import to_device
 from gradwise.train.pipeline import BatchReader
 from gradwise.train.randomness import TRAIN_DATA, derived_seed
-from gradwise.train.sampler import EpochBatches, Position
+from gradwise.data.sampler import EpochBatches, Position
 from gradwise.train.randomness import seed_everything
 from gradwise.train.step import NonFiniteStep, StepEngine
 
@@ -102,7 +102,7 @@ class PushPull(GradientSync):
 
 
 class Worker:
-    """A worker actor's logic (wrapped by `ray.remote` in gradwise.distributed.ps): its shard, engine and loop."""
+    """A worker actor's logic (wrapped by `ray.remote` in gradwise.asynchronous.ps): its shard, engine and loop."""
 
     def __init__(self, cfg_dict: dict, worker: int, workers: int, server: Any, user: UserRun | None = None):
         from gradwise.data import build_data

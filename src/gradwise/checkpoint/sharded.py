@@ -200,7 +200,7 @@ def export_model(run_dir: Path, out: Path) -> int:
     `out`, a file `torch.load(out, weights_only=True)` reads and `model.load_state_dict` takes; returns the
     number of tensors."""
     from gradwise.io import write_with
-    from gradwise.train.state import load_checkpoint
+    from gradwise.checkpoint.format import load_checkpoint
 
     for _ in range(3):  # a run training meanwhile may replace last.pt and remove the folder it named
         payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")

@@ -1,7 +1,7 @@
 """Asynchronous parameter server on Ray (`--strategy async`): the driver, and the server actor's wrapper.
 
-One server actor runs `Trainer.fit` over pushed gradients (gradwise.distributed.ps_server);
-M worker actors compute them (gradwise.distributed.ps_worker). This process, the
+One server actor runs `Trainer.fit` over pushed gradients (gradwise.asynchronous.server);
+M worker actors compute them (gradwise.asynchronous.worker). This process, the
 driver, resolves the config once (every actor trains with that resolution),
 starts the actors, and watches them: Ray restarts a dead worker actor (up to
 `ps.max_worker_restarts`); the driver tells the server it left (its ticket
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from gradwise.config import Config, apply_overrides, validate
-from gradwise.distributed.ps_worker import UserRun, Worker
+from gradwise.asynchronous.worker import UserRun, Worker
 from gradwise.errors import CheckpointError, ConfigError, DataError, NonFiniteError, UserInputError
 from gradwise.resolve import resolve_config
 
@@ -37,7 +37,7 @@ class ParameterServer:
 
     def setup(self, cfg_dict: dict, out_dir: str | None, workers: int, resume: bool = False,
               user: UserRun | None = None) -> None:
-        from gradwise.distributed.ps_server import PushedGradients
+        from gradwise.asynchronous.server import PushedGradients
         from gradwise.train import Trainer, seed_everything
 
         cfg = validate(cfg_dict)
@@ -138,7 +138,7 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
         raise ConfigError("config error: --strategy async needs Ray: pip install 'gradwise[async]'") from None
 
     from gradwise.data import build_data
-    from gradwise.memory.planner import plan_config
+    from gradwise.tools.planner import plan_config
     from gradwise.train.metrics import Progress
     from gradwise.train.run_dir import holds_run
     from gradwise.train.randomness import seed_everything

@@ -7,9 +7,9 @@ import os
 
 import torch.distributed as dist
 
-from gradwise.distributed.ddp import DDPSync, DistContext, init_process_group, launched_by_torchrun
-from gradwise.distributed.fsdp import FSDPSync
-from gradwise.distributed.sync import GradientSync
+from gradwise.parallel.ddp import DDPSync, DistContext, init_process_group, launched_by_torchrun
+from gradwise.parallel.fsdp import FSDPSync
+from gradwise.parallel.strategy import GradientSync
 
 
 def environment_sync(parallel: str = "ddp") -> GradientSync:

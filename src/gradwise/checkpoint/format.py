@@ -3,8 +3,8 @@
 `last.pt` loads with `torch.load(path, weights_only=True)`; every value is a
 tensor or a plain Python container of numbers and strings, and `sha256` is the
 checksum of all the rest (`content_sha256`), checked on every load. The gradient-sync strategy
-writes them (atomically; gradwise.distributed.sync); a sharded one keeps the model and optimizer in
-a folder that last.pt names (`shards`, gradwise.distributed.checkpoint). The RNG streams are
+writes them (atomically; gradwise.parallel.strategy); a sharded one keeps the model and optimizer in
+a folder that last.pt names (`shards`, gradwise.checkpoint.sharded). The RNG streams are
 gradwise.train.randomness.
 """
 

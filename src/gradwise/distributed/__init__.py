@@ -1,1 +1,0 @@
-"""Scaling out: synchronous data parallel on torch.distributed (`ddp`, `launch`)."""

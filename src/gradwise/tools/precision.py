@@ -1,0 +1,99 @@
+"""`gradwise inspect precision`: a few fp32 training steps of the configured run with hooks that histogram every
+layer's outputs, the gradients flowing back into them, its parameters' gradients and its weight updates; the
+range analysis of those histograms (fp16/bf16 overflow, flush to zero, lost updates, a loss scale) is
+gradwise.diagnostics.numerics'.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwise.data.sampler import EpochBatches
+from gradwise.diagnostics.numerics import LayerRecord, analyse
+from gradwise.train import Trainer
+from gradwise.train.batch import fetch_batch, rows
+
+INSPECT_MICRO_BATCH = 8  # rows per forward while inspecting (activations kept for backward scale with it)
+
+
+def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
+    """Run `steps` fp32 training steps of `trainer` with hooks; per-layer histograms of outputs, grads, updates."""
+    model: nn.Module = trainer.model
+    records: dict[str, LayerRecord] = {}
+    leaves = {name: m for name, m in model.named_modules() if name and not list(m.children())}
+
+    def forward_hook(name):
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                records.setdefault(name, LayerRecord()).activations.add(output)
+        return hook
+
+    # An output shared by the whole batch (its leading dimension is not the micro-batch's rows, e.g. a position
+    # embedding's (T, C)) gets one micro-batch's share of the gradient per backward: those shares are summed over
+    # the step's micro-batches, giving the whole batch's gradient, as training without micro-batches sees it.
+    split = trainer.cfg.train.micro_batches > 1
+    shared: dict[str, torch.Tensor] = {}
+    micro_rows = [0]
+
+    def count_rows(_module, args, kwargs):
+        micro_rows[0] = rows((args, kwargs))
+
+    def backward_hook(name):
+        def hook(_module, _grad_input, grad_output):
+            if grad_output and isinstance(grad_output[0], torch.Tensor):
+                g = grad_output[0].detach()
+                if split and (g.ndim == 0 or g.shape[0] != micro_rows[0]):
+                    if name in shared and shared[name].shape != g.shape:  # not batch-shared after all
+                        records.setdefault(name, LayerRecord()).output_gradients.add(shared.pop(name))
+                    shared[name] = shared[name] + g if name in shared else g.clone()
+                else:
+                    records.setdefault(name, LayerRecord()).output_gradients.add(g)
+        return hook
+
+    handles = [model.register_forward_pre_hook(count_rows, with_kwargs=True)]
+    handles += [m.register_forward_hook(forward_hook(name)) for name, m in leaves.items()]
+    handles += [m.register_full_backward_hook(backward_hook(name)) for name, m in leaves.items()]
+    owner = {id(p): name.rsplit(".", 1)[0] for name, p in model.named_parameters()}
+    batches = EpochBatches(len(trainer.train_data), trainer.cfg.train.batch_size, trainer.cfg.seed)
+    try:
+        for _ in range(steps):
+            idx = batches.next()
+            inputs, targets = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, idx))
+            before = {id(p): p.detach().clone() for p in trainer.engine.params}
+            with warnings.catch_warnings():  # the first layer's hook fires on outputs only: expected
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                trainer.engine.train_step((inputs, targets))
+            for name, g in shared.items():
+                records.setdefault(name, LayerRecord()).output_gradients.add(g)
+            shared.clear()
+            for p in trainer.engine.params:
+                rec = records.setdefault(owner[id(p)], LayerRecord())
+                if p.grad is not None:
+                    rec.gradients.add(p.grad)
+                w = before[id(p)]
+                moved = (p.detach() - w).abs()
+                nonzero = w != 0
+                rec.update_ratio.add(moved[nonzero] / w[nonzero].abs())
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+def inspect_precision(cfg: Any, steps: int = 5) -> dict[str, Any]:
+    """Build the configured run in fp32, take `steps` steps with hooks, and analyse the ranges."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.precision = "fp32"
+    cfg.log.progress = "off"
+    cfg.diagnostics.every = 0
+    cfg.train.compile = False  # hooks on every layer, a few steps: eager
+    if cfg.train.micro_batch_size is None and cfg.train.accumulate == 1:  # the same gradients, from micro-batches
+        cfg.train.micro_batch_size = min(cfg.train.batch_size, INSPECT_MICRO_BATCH)  # a 16th of the activations
+    trainer = Trainer.from_config(cfg)
+    report = analyse(collect(trainer, steps))
+    report["steps"] = steps
+    return report
