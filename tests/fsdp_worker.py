@@ -8,7 +8,9 @@ parameters: tests/test_distributed.py compares them.
 Runs: {mlp, transformer} x {sgd (momentum), adamw, lamb, lars}, 20 steps each, fp32, and three composed runs
 (accumulation 4 with clipping; activation checkpointing with clipping; L1/L2 penalties with early stopping).
 LOCAL_OUT gets the LAMB/LARS runs again with each shard's own norms (what a naive sharded implementation
-does): the test expects those to miss.
+does): the test expects those to miss. Under FSDP one more run trains in fp16 with a loss scale that
+overflows again and again; each rank's skipped steps and final scale go to OUT (they must agree: an overflow
+in any rank's shard skips the step on every rank).
 """
 
 import os
@@ -19,6 +21,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import gradwise.data
+import gradwise.optim.layerwise as layerwise
 from gradwise import Trainer, load_config
 from gradwise.train.randomness import seed_everything
 
@@ -62,12 +65,23 @@ def whole(model) -> dict:
 
 
 def train(args: list[str], local_norms: bool = False) -> tuple[dict, dict]:
+    # local_norms: no reduction over the shards, each shard's own norms
+    layerwise.shard_reduction = local_reduction if local_norms else real_reduction
     trainer = Trainer.from_config(load_config(None, [*COMMON, *args]))
-    if local_norms:
-        trainer.engine.optimizer.shard_sum = lambda squares: squares  # no reduction: each shard's own norms
     done = trainer.fit()
     seed_everything(0)
     return whole(trainer.model), done
+
+
+real_reduction = layerwise.shard_reduction
+
+
+def local_reduction(params):
+    return (lambda squares: squares) if real_reduction(params) is not None else None
+
+
+FP16_OVERFLOWS = ["model.name=mlp", "data.num_samples=400", *OPTIMIZERS["adamw"], "precision=fp16",
+                  "scaler.init_scale=16777216", "scaler.growth_interval=3"]
 
 
 gradwise.data.build_data = build_once
@@ -85,6 +99,10 @@ for kind, out in outputs.items():
         results[name], done = train(args)
         if "early_stopping" in done:
             assert done["early_stopping"]["stopped_at"] == 8 and done["early_stopping"]["best_step"] == 4, done
+    if not local_norms and "RANK" in os.environ:
+        done = train(FP16_OVERFLOWS)[1]  # each rank's own figures
+        results["fp16-ranks"] = [None] * int(os.environ["WORLD_SIZE"])
+        torch.distributed.all_gather_object(results["fp16-ranks"], (done["skipped_steps"], done["loss_scale"]))
     if int(os.environ.get("RANK", "0")) == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(results, out)

@@ -14,7 +14,7 @@ from gradwise.config import ModelConfig, ScalerConfig
 from gradwise.memory.accumulation import loss_weights, micro_batch_slices
 from gradwise.memory.checkpointing import apply_checkpointing, segment_size
 from gradwise.memory.measure import ActivationMeter
-from gradwise.memory.precision import LossScaler
+from gradwise.memory.precision import LossScaler, Precision
 from gradwise.nn import CharTransformer, build_model
 
 
@@ -178,7 +178,7 @@ def test_fp16_overflow_skips_optimizer_and_scheduler_and_backs_off():
     before = [p.detach().clone() for p in trainer.model.parameters()]
     lr_before, epoch_before = trainer.engine.optimizer.param_groups[0]["lr"], trainer.engine.scheduler.last_epoch
     trainer.engine.train_step((x[:8], y[:8]))
-    assert trainer.engine.scaler.skipped_steps == 1 and trainer.engine.scaler.scale == pytest.approx(0.5e30)
+    assert trainer.engine.precision.scaler.skipped_steps == 1 and trainer.engine.precision.scaler.scale == pytest.approx(0.5e30)
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
     assert trainer.engine.scheduler.last_epoch == epoch_before and trainer.engine.optimizer.param_groups[0]["lr"] == lr_before
     # it keeps backing off until the scaled gradients fit, then an update goes through
@@ -187,9 +187,9 @@ def test_fp16_overflow_skips_optimizer_and_scheduler_and_backs_off():
         if trainer.engine.scheduler.last_epoch > epoch_before:
             break
     assert trainer.engine.scheduler.last_epoch == epoch_before + 1
-    assert trainer.engine.scaler.scale * 8 < 65504 * 1e3  # roughly in fp16's range now
+    assert trainer.engine.precision.scaler.scale * 8 < 65504 * 1e3  # roughly in fp16's range now
     assert not all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
-    state = trainer.engine.scaler.state_dict()
+    state = trainer.engine.precision.scaler.state_dict()
     other = LossScaler(ScalerConfig())
     other.load_state_dict(state)
     assert other.state_dict() == state
@@ -200,7 +200,7 @@ def test_clipping_happens_after_unscale():
     x, y = trainer.train_data.tensors
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.engine.train_step((x[:8], y[:8]))
-    assert trainer.engine.scaler.skipped_steps == 0
+    assert trainer.engine.precision.scaler.skipped_steps == 0
     # SGD with lr 1 moves by exactly the clipped gradient: its norm must be clip_norm, not clip_norm / scale
     moved = torch.sqrt(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, trainer.model.parameters())))
     grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in trainer.model.parameters()))
@@ -216,8 +216,8 @@ def test_clip_value_bounds_every_element():
 
 
 def test_loss_scale_trajectory_matches_torch_grad_scaler():
-    cfg = ScalerConfig(init_scale=2.0**10, growth_interval=3)
-    ours = LossScaler(cfg)
+    cfg = small_config("precision=fp16", "scaler.init_scale=1024", "scaler.growth_interval=3")
+    ours = Precision(cfg, torch.device("cpu"))
     theirs = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_factor=2.0, backoff_factor=0.5, growth_interval=3)
     p = nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([p], lr=0.0)
@@ -225,13 +225,18 @@ def test_loss_scale_trajectory_matches_torch_grad_scaler():
     for overflow in pattern:
         grad = torch.tensor([1.0, float("inf") if overflow else 2.0, 3.0])
         p.grad = grad * ours.scale
-        ours.update(not ours.unscale_([p]))
+        finite = ours.unscale_and_check([p.grad], lambda flag: flag)
+        assert finite == (not overflow) and (not finite or torch.equal(p.grad, grad))
+        ours.settle(finite)
         theirs.scale(torch.ones(()))  # GradScaler initialises its scale lazily here
         p.grad = grad * theirs.get_scale()
         theirs.step(opt)
         theirs.update()
         assert ours.scale == theirs.get_scale()
     assert ours.skipped_steps == sum(pattern)
+    other = Precision(cfg, torch.device("cpu"))
+    other.load_state_dict(ours.state_dict())
+    assert other.state_dict() == ours.state_dict()
 
 
 def test_bf16_and_fp16_training_runs_and_reports(tmp_path):

@@ -1,7 +1,7 @@
 """The delay simulator (`--strategy simulate --workers M`): asynchronous training's staleness in one process.
 
 Each step computes one gradient on the weights as they were tau updates earlier, then applies it to the
-current weights through the `ps.rule` (gradwise.optim.async_rules) and the step engine's `apply_update`,
+current weights through the `ps.rule` (gradwise.optim.async_rules) and the step engine's `update`,
 as the parameter server does with a pushed gradient. tau comes from `ps.delay`:
 
     round-robin   M - 1: M equally fast workers, each pushing after the M - 1 others
@@ -108,11 +108,9 @@ class DelayedGradients(BatchSteps):
             self.history = collections.deque([_copy(params)], maxlen=self.max_delay + 1)
         tau = min(self.draw(), len(self.history) - 1)
         stale, current = self.history[-1 - tau], self.history[-1]
-        engine.optimizer.zero_grad(set_to_none=True)
         _load(params, stale)  # the weights a worker pulled tau updates ago
         try:
-            loss = engine.compute_gradients(batch, global_count)
-            finite = engine.unscale_and_check(loss, batch)
+            loss, finite = engine.gradients(batch, global_count)
         finally:
             _load(params, current)
         if finite:
@@ -123,12 +121,11 @@ class DelayedGradients(BatchSteps):
                                    cfg.ps.ms_momentum, cfg.ps.eps)
             for p, g, none in zip(params, corrected, unused):
                 p.grad = None if none else g
-            engine.apply_update()
+        engine.update(finite)
+        if finite:
             self.history.append(_copy(params))
             self.staleness.append(tau)
             self.window.append(tau)
-        if engine.scaler is not None:
-            engine.scaler.update(not finite)
         return loss
 
     def window_metrics(self) -> dict[str, Any]:

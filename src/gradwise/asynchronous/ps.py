@@ -50,7 +50,6 @@ class ParameterServer:
             self.trainer = Trainer(user.model(), train, test_data=test, loss_fn=user.loss_fn, config=cfg,
                                    out_dir=out_dir, source=self.source, collate_fn=user.collate_fn,
                                    metrics=user.metrics)
-        self.source.attach(self.trainer)
         if resume:
             self.trainer.restore(out_dir)
 

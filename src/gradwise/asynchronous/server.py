@@ -4,7 +4,7 @@ The server actor runs `Trainer.fit` (the same loop and callbacks as single-proce
 training: metrics, evaluation, checkpoints, early stopping, gradient health,
 TensorBoard) with `PushedGradients` as its step source: each step waits for the
 next pushed gradient, corrects it by the update rule (gradwise.optim.async_rules)
-and applies it with the step engine's `apply_update`. Pulls and pushes arrive on
+and applies it with the step engine's `update`. Pulls and pushes arrive on
 other actor threads; the fit thread holds the lock except while it waits for a
 push, so a pull never sees a half-applied update or a running evaluation.
 
@@ -33,14 +33,16 @@ from gradwise.config import Config
 from gradwise.errors import ConfigError
 from gradwise.io import write_text
 from gradwise.optim.async_rules import apply_rule, async_lr_factor, rule_lambda, staleness_stats
-from gradwise.train.callbacks import Callback, StepOutput
+from gradwise.train.callbacks import StepOutput
+from gradwise.train.source import StepSource
 from gradwise.train.step import NonFiniteStep, group_lrs
 
 UPDATE_LOG = "updates.jsonl"
 
 
-class PushedGradients(Callback):
-    """The server's step source and its protocol state (checkpointed under the payload's "ps" key)."""
+class PushedGradients(StepSource):
+    """The server's step source and its protocol state (checkpointed under the payload's "ps" key). It meets
+    its trainer when the fit starts (pulls wait for that)."""
 
     computes_gradients = False  # its gradients arrive unscaled from the workers: no loss scaler here
 
@@ -48,7 +50,9 @@ class PushedGradients(Callback):
         self.cfg, self.workers, self.rule = cfg, workers, cfg.ps.rule
         self.lam = rule_lambda(self.rule, cfg.ps.dc_lambda)
         self.cond = threading.Condition()
-        self.trainer = None
+        self.trainer = None  # the server's trainer, from the start of its fit
+        self.params: list[torch.Tensor] = []
+        self.budget = 0
         self.rule_state: dict[str, Any] = {}
         self.version = 0  # updates applied
         self.tickets = 0  # gradients handed out
@@ -69,9 +73,6 @@ class PushedGradients(Callback):
 
     def lr_factor(self, cfg: Config) -> float:
         return async_lr_factor(cfg.ps.rule, cfg.ps.lr_scale, self.workers)
-
-    def attach(self, trainer) -> None:
-        self.trainer, self.params, self.budget = trainer, trainer.engine.params, trainer.total_steps
 
     # -- the workers' calls (other threads) ---------------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class PushedGradients(Callback):
     def pull(self, worker: int) -> dict | None:
         """Current weights for `worker`'s next gradient, or None when the budget is spent (waits under SSP)."""
         with self.cond:
-            self.cond.wait_for(lambda: self._spent() or self._may_start(worker))
+            self.cond.wait_for(lambda: self.trainer is not None and (self._spent() or self._may_start(worker)))
             if self._spent():
                 return None
             self.tickets += 1
@@ -202,7 +203,7 @@ class PushedGradients(Callback):
     def _apply(self, grads: list[torch.Tensor]) -> None:
         for p, g in zip(self.params, grads):
             p.grad = g
-        self.trainer.engine.apply_update()
+        self.trainer.engine.update()
         self.version += 1
 
     def record_fields(self) -> dict[str, Any]:
@@ -227,6 +228,8 @@ class PushedGradients(Callback):
 
     def on_fit_start(self, trainer) -> None:
         self.cond.acquire()
+        self.trainer, self.params, self.budget = trainer, trainer.engine.params, trainer.total_steps
+        self.cond.notify_all()
         if trainer.out_dir is not None:
             self.update_log = open(trainer.out_dir / UPDATE_LOG, "a")
 

@@ -1,9 +1,9 @@
-"""The parameter server's workers: the single-process step engine with a push/pull sync strategy.
+"""The parameter server's workers: the step engine's first call, then a push.
 
 A worker owns every M-th row of the training set and loops: pull the server's
 weights (a ticket for one gradient), compute a gradient on its next batch with
-`StepEngine.train_step` (micro-batches, precision, loss scaling, the finiteness
-check), and let `PushPull.synchronize` push it. The worker never applies an
+`StepEngine.gradients` (micro-batches, precision, loss scaling, the finiteness
+check), and push it through its `ServerLink`. The worker never applies an
 update: the server does (gradwise.asynchronous.server).
 """
 
@@ -18,14 +18,19 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from gradwise.config import validate
-from gradwise.parallel.strategy import GradientSync
+from gradwise.data import build_data
+from gradwise.data.sampler import EpochBatches, Position
 from gradwise.errors import DataError
+from gradwise.nn import build_model
 from gradwise.train.batch import to_device
 from gradwise.train.pipeline import BatchReader
-from gradwise.train.randomness import TRAIN_DATA, derived_seed
-from gradwise.data.sampler import EpochBatches, Position
-from gradwise.train.randomness import seed_everything
+from gradwise.train.randomness import TRAIN_DATA, derived_seed, seed_everything
 from gradwise.train.step import NonFiniteStep, StepEngine
+
+try:
+    import ray  # the `async` extra: the driver refuses to start without it (gradwise.asynchronous.ps)
+except ImportError:
+    ray = None
 
 
 @dataclass
@@ -58,24 +63,18 @@ def worker_shard(n: int, worker: int, workers: int) -> torch.Tensor:
     return torch.arange(worker, n, workers)
 
 
-class PushPull(GradientSync):
-    """A worker's strategy: `pull` the server's weights before a step; `synchronize` pushes the gradient.
-
-    `synchronize` returns False: the update is the server's. An fp16 overflow drops the gradient
-    (its ticket goes back). `slowdown` > 1 simulates a straggler: each gradient takes that many times as long.
-    """
+class ServerLink:
+    """A worker's side of the protocol: `pull` the server's weights (a ticket for one gradient), then `push` the
+    gradient computed on them, or `drop` it (an fp16 overflow: the ticket goes back). `slowdown` > 1 simulates
+    a straggler: each gradient takes that many times as long."""
 
     def __init__(self, server: Any, worker: int, slowdown: float = 1.0):
         self.server, self.worker, self.slowdown = server, worker, slowdown
         self.clock, self.started = 0, 0.0
-        self.position: dict = {"epoch": 0, "batch": 0}
-        self.samples = 0
         self.pushed = 0
 
     def pull(self, model: torch.nn.Module) -> bool:
         """Load the server's current weights into `model`; False when the run's budget is spent."""
-        import ray
-
         pulled = ray.get(self.server.pull.remote(self.worker))
         if pulled is None:
             return False
@@ -83,31 +82,25 @@ class PushPull(GradientSync):
         self.clock, self.started = pulled["clock"], time.perf_counter()
         return True
 
-    def synchronize(self, params: list[torch.Tensor], finite: bool, loss: torch.Tensor) -> bool:
-        import ray
-
-        if not finite:  # an fp16 overflow: this gradient is unusable; the ticket goes back unused
-            ray.get(self.server.drop.remote(self.worker))
-            return False
+    def push(self, params: list[torch.Tensor], loss: torch.Tensor, position: dict, samples: int) -> None:
         grads = [p.grad.detach().to("cpu", torch.float32).clone() if p.grad is not None else torch.zeros_like(p)
                  for p in params]
         elapsed = time.perf_counter() - self.started
         if self.slowdown > 1:
             time.sleep(elapsed * (self.slowdown - 1))
             elapsed *= self.slowdown
-        applied = ray.get(self.server.push.remote(self.worker, self.clock, grads, float(loss), self.position,
-                                                  self.samples, elapsed))
+        applied = ray.get(self.server.push.remote(self.worker, self.clock, grads, float(loss), position, samples,
+                                                  elapsed))
         self.pushed += int(applied)
-        return False
+
+    def drop(self) -> None:
+        ray.get(self.server.drop.remote(self.worker))
 
 
 class Worker:
     """A worker actor's logic (wrapped by `ray.remote` in gradwise.asynchronous.ps): its shard, engine and loop."""
 
     def __init__(self, cfg_dict: dict, worker: int, workers: int, server: Any, user: UserRun | None = None):
-        from gradwise.data import build_data
-        from gradwise.nn import build_model
-
         cfg = validate(cfg_dict)  # the driver's resolved config, the one the server trains with
         self.cfg, self.worker, self.server = cfg, worker, server
         torch.set_num_threads(cfg.ps.worker_threads or max(1, (os.cpu_count() or 1) // workers))
@@ -123,8 +116,8 @@ class Worker:
             self.shard = Subset(train, worker_shard(len(train), worker, workers).tolist())
             seed_everything(cfg.seed + worker)
             model = user.model()
-        self.sync = PushPull(server, worker, cfg.ps.slowdowns().get(worker, 1.0))
-        self.engine = StepEngine(model, cfg, sync=self.sync, loss_fn=user.loss_fn if user else None)
+        self.link = ServerLink(server, worker, cfg.ps.slowdowns().get(worker, 1.0))
+        self.engine = StepEngine(model, cfg, loss_fn=user.loss_fn if user else None)  # one process: no strategy
         self.reader = BatchReader(self.shard, user.collate_fn if user else None,
                                   derived_seed(cfg.seed, TRAIN_DATA, worker))
 
@@ -134,22 +127,24 @@ class Worker:
 
     def run(self) -> int:
         """Pull, compute, push until the server's budget is spent; returns the gradients this call pushed."""
-        import ray
-
-        cfg, sync = self.cfg, self.sync
+        cfg, link, engine = self.cfg, self.link, self.engine
         start = ray.get(self.server.join.remote(self.worker))["position"] or {"epoch": 0, "batch": 0}
         batches = EpochBatches(len(self.shard), cfg.train.batch_size, cfg.seed + self.worker, cfg.train.drop_last,
                                Position(start["epoch"], start["batch"]))
-        sync.pushed = 0
-        while sync.pull(self.engine.model):
+        link.pushed = 0
+        while link.pull(engine.model):
             key = batches.position.epoch, batches.position.batch
             idx = batches.next()
-            batch = to_device(self.reader.read(key, idx), self.engine.device)
-            sync.position = {"epoch": batches.position.epoch, "batch": batches.position.batch}
-            sync.samples = len(idx)
+            batch = to_device(self.reader.read(key, idx), engine.device)
             try:
-                self.engine.train_step(batch)
+                loss, finite = engine.gradients(batch)
             except NonFiniteStep as event:  # the server stops the run, naming the layer
                 ray.get(self.server.fail.remote(self.worker, event.where, event.stage))
                 break
-        return sync.pushed
+            if finite:
+                link.push(engine.params, loss, {"epoch": batches.position.epoch, "batch": batches.position.batch},
+                          len(idx))
+            else:
+                link.drop()
+            engine.precision.settle(finite)  # the update is the server's; the loss scale is this worker's
+        return link.pushed

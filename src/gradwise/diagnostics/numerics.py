@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 MIN_EXPONENT, MAX_EXPONENT = -160, 130  # fp32 spans 2^-149 .. 2^128
 

@@ -55,6 +55,22 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
+def shard_reduction(params: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For sharded parameters (DTensors: FSDP), a function that sums a per-process partial over their mesh's
+    processes (one all-reduce); None for whole tensors."""
+    if not params or not is_sharded(params[0]):
+        return None
+    import torch.distributed as dist  # only reached when a DTensor exists: torch.distributed is loaded already
+
+    group = params[0].device_mesh.get_group()
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=group)
+        return t
+
+    return reduce
+
+
 def as_fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors themselves when fp32, else fp32 copies (never modifies the originals)."""
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
@@ -126,11 +142,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     """What LARS and LAMB share: closure handling, the walk over groups with gradients, and whole-tensor norms.
 
     Under sharding (FSDP: parameters are DTensors) the update runs on each process's local shards and
-    `shard_sum` (set by the strategy: gradwise.train.step) adds the shards' squared norms up, all
-    tensors' at once in one reduction, so each trust ratio is the unsharded tensor's.
+    `shard_sum` (found at each step from the parameters themselves: `shard_reduction`) adds the shards'
+    squared norms up, all tensors' at once in one reduction, so each trust ratio is the unsharded tensor's.
     """
 
-    shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # this step's; None: whole tensors
 
     def tensor_norms(self, *lists: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-tensor L2 norms of each list of (local) tensors, over whole tensors: one reduction for all."""
@@ -152,6 +168,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.shard_sum = shard_reduction([p for group in self.param_groups for p in group["params"]])
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:

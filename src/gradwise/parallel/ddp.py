@@ -14,10 +14,12 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from gradwise.errors import ConfigError
 from gradwise.parallel.strategy import GradientSync
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -41,7 +43,7 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 
 @dataclass
 class DistContext:
-    """This process's place in the group, and the collectives the trainer needs."""
+    """This process's place in the torchrun group (what joining it gives), and leaving it."""
 
     rank: int
     world_size: int
@@ -55,27 +57,6 @@ class DistContext:
     @property
     def device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-
-    def shard(self, n: int) -> slice:
-        return shard(n, self.rank, self.world_size)
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def loss_weights(self, counts: list[torch.Tensor], global_count: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per micro-batch weights N * c_i / C_global: DDP's mean over ranks then yields the global mean loss.
-
-        `global_count` (the global batch's items, when the caller could count them) saves an all-reduce.
-        """
-        if global_count is None:
-            local = torch.stack([c.to(self.device) for c in counts]).sum().to(torch.float32).reshape(1)
-            global_count = self.all_reduce_sum(local)[0]
-        total = global_count.to(torch.float32).clamp(min=1)
-        return [c.to(torch.float32) * self.world_size / total for c in counts]
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     def finish(self) -> None:
         """Leave together and end this worker process now.
@@ -102,15 +83,26 @@ def init_process_group(timeout_s: float = 300.0) -> DistContext:
     return ctx
 
 
+def check_batch_fits(batch_size: int, world_size: int) -> None:
+    """Every process needs at least one row of each global batch."""
+    if batch_size < world_size:
+        raise ConfigError(f"config error: train.batch_size={batch_size} is smaller than the {world_size} processes; "
+                          f"each process needs at least one sample (use train.batch_size >= {world_size})")
+
+
 class DDPSync(GradientSync):
     """Synchronous data parallel: DistributedDataParallel all-reduces during the last micro-batch's backward.
 
-    `reduce=False` skips the all-reduce altogether (ranks drift apart): for measuring communication cost only.
+    Each rank computes on its contiguous share of every global batch and scores its share of each evaluation
+    set. `reduce=False` skips the all-reduce altogether (ranks drift apart): for measuring communication cost
+    only.
     """
 
     needs_global_count = True
+    shares_evaluation = True
 
-    def __init__(self, ctx: DistContext, reduce: bool = True):
+    def __init__(self, ctx: DistContext, reduce: bool = True, writer: Any = None):
+        super().__init__(writer)
         self.ctx, self.reduce = ctx, reduce
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.restarts = restart_count()
@@ -119,19 +111,12 @@ class DDPSync(GradientSync):
     def device(self) -> torch.device:
         return self.ctx.device
 
-    def prepare(self, model: torch.nn.Module, cfg) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, cfg, precision) -> torch.nn.Module:
         """DistributedDataParallel around `model` (BatchNorm made SyncBatchNorm with train.sync_batchnorm)."""
-        from torch.nn.parallel import DistributedDataParallel
+        from torch.nn.parallel import DistributedDataParallel  # its import pulls in much of torch.distributed
 
-        from gradwise.errors import ConfigError
-
-        tc = cfg.train
-        if tc.batch_size < self.world_size:
-            raise ConfigError(
-                f"config error: train.batch_size={tc.batch_size} is smaller than the {self.world_size} processes; "
-                f"each process needs at least one sample (use train.batch_size >= {self.world_size})"
-            )
-        if tc.sync_batchnorm:
+        check_batch_fits(cfg.train.batch_size, self.world_size)
+        if cfg.train.sync_batchnorm:
             if self.ctx.backend != "nccl":
                 raise ConfigError("config error: train.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no "
                                   "CPU kernel); on CPU each process normalises over its own shard")
@@ -140,20 +125,26 @@ class DDPSync(GradientSync):
         return DistributedDataParallel(model, device_ids=device_ids)
 
     def shard(self, n: int) -> slice:
-        return self.ctx.shard(n)
-
-    def local_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return idx[self.ctx.shard(len(idx))]
+        return shard(n, self.rank, self.world_size)
 
     def loss_weights(self, counts: list[torch.Tensor], global_count: torch.Tensor | None) -> list[torch.Tensor]:
-        return self.ctx.loss_weights(counts, global_count)
+        """Per micro-batch weights N * c_i / C_global: DDP's mean over ranks then yields the global mean loss.
+
+        `global_count` (the global batch's items, when the caller could count them) saves an all-reduce.
+        """
+        if global_count is None:
+            local = torch.stack([c.to(self.device) for c in counts]).sum().to(torch.float32).reshape(1)
+            global_count = self.all_reduce_sum(local)[0]
+        total = global_count.to(torch.float32).clamp(min=1)
+        return [c.to(torch.float32) * self.world_size / total for c in counts]
 
     def micro_batch(self, forward_model: torch.nn.Module, last: bool):
         """`no_sync` over every micro-batch's forward and backward but the last (whose backward all-reduces)."""
         return contextlib.nullcontext() if last and self.reduce else forward_model.no_sync()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.ctx.all_reduce_sum(tensor)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
 
     def rank_states(self, obj):
         gathered = [None] * self.world_size

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from gradwise.parallel.ddp import DDPSync, DistContext, init_process_group, launched_by_torchrun
 from gradwise.parallel.fsdp import FSDPSync
-from gradwise.parallel.strategy import GradientSync
+from gradwise.parallel.strategy import GradientSync, SingleProcess
 
 
 def environment_sync(parallel: str = "ddp") -> GradientSync:
@@ -23,7 +23,7 @@ def environment_sync(parallel: str = "ddp") -> GradientSync:
         if joined:  # leave the group before interpreter teardown (gloo's threads must not outlive it)
             atexit.register(leave_group)
         return sync
-    return GradientSync()
+    return SingleProcess()
 
 
 def leave_group(timeout_s: float = 60.0) -> None:

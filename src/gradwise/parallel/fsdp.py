@@ -6,14 +6,14 @@ FSDP's reduce-scatter averages gradients over ranks as DDP's all-reduce does). W
 
 - `prepare` wraps each block (a `BlockStack` entry of a built-in model, or the classes named in
   `train.shard_modules`) and then the root with `fully_shard`; parameters become DTensors sharded on dim 0.
-  Under `precision=bf16` the blocks compute in bf16 (`MixedPrecisionPolicy(param_dtype=bf16)`) while the
+  The mixed-precision policy is the step's `Precision`'s: under bf16 the blocks compute in bf16 while the
   sharded master parameters, the gradient reduction and the optimizer state stay fp32.
 - `micro_batch` turns the reduce-scatter off on every micro-batch but the last (`set_requires_gradient_sync`).
-- `shard_sum` adds a tensor over the shards (one all-reduce): the whole-tensor norms LARS/LAMB need, the
-  global gradient norm, the finiteness flag.
-- checkpoints are sharded: each process writes its own shards with torch.distributed.checkpoint, and a
-  run resumes from them on any number of processes, under FSDP (DCP reshards) or any other strategy
-  (which reads the folder whole): gradwise.checkpoint.sharded.
+- `local_gradients` are this process's shards; `shard_sum` adds a tensor over the shards (one all-reduce):
+  the global gradient norm, the finiteness and overflow flags, the health figures.
+- checkpoints are sharded (its writer: `gradwise.checkpoint.writer.Shards`): each process writes its own
+  shards with torch.distributed.checkpoint, and a run resumes from them on any number of processes, under
+  FSDP (DCP reshards) or any other strategy (which reads the folder whole): gradwise.checkpoint.sharded.
 """
 
 from __future__ import annotations
@@ -25,21 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwise.checkpoint.sharded import (
-    by_name,
-    load_sharded,
-    new_folder_name,
-    remove_other_folders,
-    write_shards,
-)
-from gradwise.parallel.ddp import DDPSync
+from gradwise.checkpoint.sharded import by_name, load_sharded
+from gradwise.checkpoint.writer import Shards
 from gradwise.errors import ConfigError
+from gradwise.nn.blocks import BlockStack
+from gradwise.optim.layerwise import local
+from gradwise.parallel.ddp import DDPSync, check_batch_fits
 
 
 def shard_units(model: nn.Module, class_names: list[str]) -> list[nn.Module]:
     """The modules sharded as units, innermost first: the named classes, else every built-in block."""
-    from gradwise.nn.blocks import BlockStack
-
     if class_names:
         chosen = [m for m in model.modules() if type(m).__name__ in set(class_names)]
         missing = sorted(set(class_names) - {type(m).__name__ for m in chosen})
@@ -52,21 +47,19 @@ def shard_units(model: nn.Module, class_names: list[str]) -> list[nn.Module]:
 
 
 class FSDPSync(DDPSync):
-    """FSDP2 sharding over the torchrun process group (gloo on CPU, NCCL on CUDA)."""
+    """FSDP2 sharding over the torchrun process group (gloo on CPU, NCCL on CUDA). Every forward is a
+    collective, so every rank scores the whole of each evaluation set."""
 
-    sharded = True
+    shares_evaluation = False
 
-    def prepare(self, model: nn.Module, cfg) -> nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    def __init__(self, ctx, reduce: bool = True):
+        super().__init__(ctx, reduce, writer=Shards())
 
-        if cfg.train.batch_size < self.world_size:
-            raise ConfigError(f"config error: train.batch_size={cfg.train.batch_size} is smaller than the "
-                              f"{self.world_size} processes; each process needs at least one sample")
-        if cfg.master_weights == "fp16":
-            raise ConfigError("config error: master_weights=fp16 is not supported with train.parallel=fsdp "
-                              "(FSDP keeps fp32 master shards); use precision=bf16 or fp16 with fp32 masters")
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if cfg.precision == "bf16" else MixedPrecisionPolicy()
+    def prepare(self, model: nn.Module, cfg, precision) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard  # a slow import, needed by FSDP alone
+
+        check_batch_fits(cfg.train.batch_size, self.world_size)
+        policy = precision.fsdp_policy()
         for unit in shard_units(model, cfg.train.shard_modules):
             fully_shard(unit, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
@@ -76,8 +69,11 @@ class FSDPSync(DDPSync):
         forward_model.set_requires_gradient_sync(last and self.reduce)
         return contextlib.nullcontext()
 
+    def local_gradients(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [local(p.grad) for p in params if p.grad is not None]
+
     def shard_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.ctx.all_reduce_sum(tensor)
+        return self.all_reduce_sum(tensor)
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -88,18 +84,6 @@ class FSDPSync(DDPSync):
             optimizer.state.clear()
             optimizer_state["state"] = {}
         return model_state, optimizer_state
-
-    def save(self, path: Path, payload: dict[str, Any]) -> None:
-        """Every rank writes its shards to a new folder beside `path`; then rank 0 writes `path` naming it
-        (the moment the checkpoint counts) and removes the folders of older checkpoints."""
-        name = self.broadcast(new_folder_name(payload["step"]))
-        state = {"model": payload.pop("model"), "optimizer": payload.pop("optimizer"),
-                 "model_states": payload.pop("model_states", {})}
-        files = write_shards(path.parent / name, state, self)
-        super().save(path, {**payload, "shards": {"dir": name, "files": files, "world_size": self.world_size,
-                                                  "model_states": sorted(state["model_states"])}})
-        if self.is_main:
-            remove_other_folders(path.parent, keep=name)
 
     def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]) -> None:
         """A sharded checkpoint: each rank reads what its shards need (written by any number of processes);

@@ -53,17 +53,27 @@ class StepProfile:
         return self.activation_bytes + self.params_bytes + self.grads_bytes + self.optimizer_bytes
 
 
-def profile_step(engine: StepEngine, inputs, targets, steps: int = 3, warmup: int = 1) -> StepProfile:
-    """Run `warmup + steps` real training steps of `engine` on one batch; measure memory and time.
+class Metering:
+    """A step engine's `forward_context`: while `on`, each forward runs under a fresh ActivationMeter (the
+    activations kept for backward); otherwise nothing."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.meters, self.on = model, [], False
+
+    def __call__(self):
+        if not self.on:
+            return contextlib.nullcontext()
+        self.meters.append(ActivationMeter(self.model))
+        return self.meters[-1].track()
+
+
+def profile_step(engine: StepEngine, metering: Metering, inputs, targets, steps: int = 3,
+                 warmup: int = 1) -> StepProfile:
+    """Run `warmup + steps` real training steps of `engine` (built with `metering` as its forward context) on
+    one batch; measure memory and time.
 
     The engine's parameters change (these are real updates): profile a copy you can discard.
     """
-    meters: list[ActivationMeter] = []
-
-    def metered():
-        meters.append(ActivationMeter(engine.model))
-        return meters[-1].track()
-
     device = engine.device
     inputs, targets = inputs.to(device), targets.to(device)
     for _ in range(warmup):
@@ -71,9 +81,9 @@ def profile_step(engine: StepEngine, inputs, targets, steps: int = 3, warmup: in
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    engine.forward_context = metered
+    metering.on = True
     engine.train_step((inputs, targets))
-    engine.forward_context = contextlib.nullcontext
+    metering.on = False
     peak = cuda_peak(device)
     times = []
     for _ in range(steps):
@@ -85,7 +95,7 @@ def profile_step(engine: StepEngine, inputs, targets, steps: int = 3, warmup: in
     seconds = statistics.median(times)
     sizes = state_bytes(engine.model, engine.optimizer)
     return StepProfile(
-        activation_bytes=max(m.bytes for m in meters),
+        activation_bytes=max(m.bytes for m in metering.meters),
         params_bytes=sizes["params"],
         grads_bytes=sizes["grads"],
         optimizer_bytes=sizes["optimizer_state"],
@@ -123,8 +133,10 @@ def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, 
                     trial.memory.checkpoint, trial.memory.auto = policy, False
                     trial.train.compile = False  # a trial of a few steps would time the compilation
                     trial.precision = precision
-                    engine = StepEngine(copy.deepcopy(initial), resolve_config(trial, len(data.train)))
-                    prof = profile_step(engine, inputs, targets, steps=trial_steps)
+                    model = copy.deepcopy(initial)
+                    metering = Metering(model)
+                    engine = StepEngine(model, resolve_config(trial, len(data.train)), forward_context=metering)
+                    prof = profile_step(engine, metering, inputs, targets, steps=trial_steps)
                     row = {"accumulate": micro, "micro_batch": -(-cfg.train.batch_size // micro),
                            "checkpoint": policy, "precision": precision, "memory_bytes": prof.total_bytes,
                            "samples_per_s": prof.samples_per_second, "fits": prof.total_bytes <= budget,

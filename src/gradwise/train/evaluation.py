@@ -72,7 +72,7 @@ def split_metrics(metrics: dict[str, Any] | None) -> tuple[dict[str, Callable], 
 
 def shares_evaluation(sync: GradientSync, data: dict[str, Pipeline | None]) -> bool:
     """Whether ranks split an evaluation set between them (unsharded data parallel, a sized set)."""
-    return sync.world_size > 1 and not sync.sharded and any(
+    return sync.shares_evaluation and any(
         pipeline is not None and not pipeline.streaming for role, pipeline in data.items() if role != "train")
 
 
@@ -167,18 +167,16 @@ def eval_batches(data: Pipeline, batch_size: int, sync: GradientSync, seed: int)
         loader = data.evaluation_loader or DataLoader(data.dataset, batch_size=batch_size, collate_fn=data.collate_fn,
                                                       **loader_arguments(settings, seed))
     else:
-        n = len(data.dataset)
-        # sharded parameters (FSDP): every forward is a collective, so every rank scores the whole set
-        part = slice(0, n) if sync.sharded else sync.shard(n)
+        part = sync.evaluation_rows(len(data.dataset))  # FSDP: the whole set (every forward is a collective)
         requests = [((start,), list(range(start, min(part.stop, start + batch_size))))
                     for start in range(part.start, part.stop, batch_size)]
         reader = BatchReader(data.dataset, data.collate_fn, seed)
         if not settings.get("num_workers"):
-            return (reader.read(*request) for request in requests), not sync.sharded
+            return (reader.read(*request) for request in requests), sync.shares_evaluation
         loader = data.evaluation_loader or batch_loader(reader, requests, settings, seed)
     if settings.get("persistent_workers"):
         data.evaluation_loader = loader
-    return loader, not (data.streaming or sync.sharded)
+    return loader, sync.shares_evaluation and not data.streaming
 
 
 @torch.no_grad()
@@ -201,7 +199,6 @@ def evaluate(model: nn.Module, data: Pipeline | None, loss_fn: Callable, *, task
     for batch in batches:
         score_batch(model, to_device(batch, sync.device), loss_fn, task, count_fn, sums, per_batch, objects)
     model.train(was_training)
-    shared = shared and sync.world_size > 1
     loss_sum, items, correct, scored, unscored, *extra = (sync.all_reduce_sum(sums) if shared else sums).tolist()
     result = {f"{prefix}_loss": loss_sum / max(items, 1.0)}
     result.update({f"{prefix}_{name}": value / max(items, 1.0) for name, value in zip(per_batch, extra)})

@@ -1,13 +1,18 @@
 """The step engine: one update from one batch, and nothing else (no files, no logging, no loop).
 
-    loss = engine.train_step(batch)
-         = zero_grad; compute_gradients (micro-batches, autocast, loss weights, penalty, loss scale)
-           -> unscale and check (fp16 overflow, or the finiteness check naming the layer)
-           -> sync.synchronize (the strategy: nothing, DDP, a push to a parameter server)
-           -> apply_update (clip once, optimizer and schedule) unless an fp16 overflow skips it
+A step is two calls:
 
-Single-process, data-parallel and parameter-server training all run this code;
-they differ only in the `GradientSync` strategy (gradwise.parallel.strategy).
+    loss, finite = engine.gradients(batch)   zero_grad; per micro-batch (inside the strategy's
+                                             `micro_batch(last)`: DDP/FSDP reduce in the last backward):
+                                             forward under the precision, loss weights, penalty, backward;
+                                             then unscale and check (fp16 overflow), or the finiteness check
+                                             naming the layer
+    engine.update(finite)                    clip once, optimizer and schedule (skipped when not finite);
+                                             the precision settles (the fp16 scale grows or backs off)
+
+`train_step` is the two in a row. Single-process, data-parallel and sharded training run it with their
+`GradientSync` strategy (gradwise.parallel); the parameter server's worker calls `gradients` and pushes, its
+server calls `update`, and the delay simulator calls both around stale weights (gradwise.asynchronous).
 """
 
 from __future__ import annotations
@@ -22,16 +27,15 @@ from torch import nn
 
 from gradwise.config import Config
 from gradwise.diagnostics.health import first_nonfinite_forward, last_nonfinite_grad
-from gradwise.parallel.strategy import GradientSync
 from gradwise.errors import ConfigError
 from gradwise.memory.accumulation import micro_batch_slices
+from gradwise.memory.checkpointing import apply_checkpointing
+from gradwise.memory.precision import Precision
+from gradwise.optim import build_optimizer, build_scheduler, scaled_lr
+from gradwise.optim.penalties import penalised_params, penalty
+from gradwise.parallel.strategy import GradientSync, SingleProcess
 from gradwise.train.batch import (batch_loss, call_model, count_items, default_count_fn, describe, logits, rows, split,
                                   tensors)
-from gradwise.memory.checkpointing import apply_checkpointing
-from gradwise.memory.precision import LossScaler, autocast
-from gradwise.optim import build_optimizer, build_scheduler, scaled_lr
-from gradwise.optim.layerwise import LayerwiseOptimizer, local
-from gradwise.optim.penalties import penalised_params, penalty
 from gradwise.train.compilation import compile_forward
 
 
@@ -74,10 +78,6 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float] | None:
     return {str(g.get("name", i)): g["lr"] for i, g in enumerate(groups)}
 
 
-def _inputs_to_half(_module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-
-
 class StepEngine:
     """Computes gradients and applies updates for `model` as the (resolved) config says.
 
@@ -86,8 +86,8 @@ class StepEngine:
     `count_fn(targets)` counts a batch's loss-bearing items, which weight its
     micro-batches. `loss_scaling=False` builds no fp16 loss scaler (a parameter
     server applies gradients its workers already unscaled). `lr_factor` multiplies
-    the scaled optim.lr, or a given optimizer's rates (an asynchronous run's `ps.lr_scale`). `forward_context`
-    wraps each forward (e.g. an ActivationMeter's `track`).
+    the scaled optim.lr, or a given optimizer's rates (an asynchronous run's `ps.lr_scale`).
+    `forward_context` wraps each forward (e.g. an ActivationMeter's `track`: the planner's measurement).
     """
 
     def __init__(self, model: nn.Module, cfg: Config, *, sync: GradientSync | None = None,
@@ -95,32 +95,27 @@ class StepEngine:
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, loss_scaling: bool = True,
-                 lr_factor: float = 1.0):
+                 lr_factor: float = 1.0, forward_context: Callable[[], Any] = contextlib.nullcontext):
         if cfg.schedule.total_steps is None:
             raise ConfigError("config error: schedule.total_steps is unset; resolve the config first "
                               "(gradwise.resolve.resolve_config)")
         self.cfg = cfg
-        self.sync = sync or GradientSync()
+        self.sync = sync or SingleProcess()
         self.device = self.sync.device
         self.model = model.to(self.device)
         self.loss_fn = loss_fn or default_loss
         self.count_fn = count_fn or default_count_fn(model)
-        self.forward_context: Callable[[], Any] = contextlib.nullcontext
+        self.forward_context = forward_context
+        self.precision = Precision(cfg, self.device, loss_scaling)
         apply_checkpointing(self.model, cfg.memory.checkpoint, cfg.memory.modules)
-        if cfg.master_weights == "fp16":  # pure fp16: weights, grads and optimizer state all in half
-            self.model.half()
-            self.model.register_forward_pre_hook(_inputs_to_half)
-        self.forward_model = self.sync.prepare(self.model, cfg)  # what the step calls: the model, or DDP around it
+        self.precision.prepare(self.model)
+        self.forward_model = self.sync.prepare(self.model, cfg, self.precision)  # the model, or DDP around it
         if cfg.train.compile:
             self.forward_model = compile_forward(self.forward_model, cfg.train)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        use_scaler = loss_scaling and cfg.precision == "fp16" and cfg.scaler.enabled
-        self.scaler = LossScaler(cfg.scaler) if use_scaler else None
         self.lr = lr_factor * scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.schedule.base_batch,
                                         cfg.schedule.scale_rule)
         self.optimizer = optimizer or build_optimizer(cfg.optim, self.model, self.lr)
-        if isinstance(self.optimizer, LayerwiseOptimizer):  # its trust ratios need whole-tensor norms
-            self.optimizer.shard_sum = self.sync.shard_sum if self.sync.sharded else None
         self.scheduler = scheduler or build_scheduler(cfg.schedule, self.optimizer, cfg.schedule.total_steps)
         if optimizer is not None and lr_factor != 1.0:  # a user's optimizer gets the source's factor too (async: 1/M)
             self.scale_lr(lr_factor)
@@ -130,7 +125,7 @@ class StepEngine:
         self._nonfinite_flag = torch.zeros(1, device=self.device)  # buffers for the per-step finiteness check
         self._unit_scale = torch.ones(1, device=self.device)
 
-    # -- the three moves ---------------------------------------------------------------------------------------
+    # -- the step's two calls ----------------------------------------------------------------------------------
 
     def train_step(self, batch: Any, global_count: torch.Tensor | None = None) -> torch.Tensor:
         """One update on one batch (any structure: gradwise.train.batch); returns its mean loss (detached).
@@ -138,14 +133,35 @@ class StepEngine:
         Raises NonFiniteStep (before any update) when the loss or a gradient is not finite and
         `diagnostics.check_finite` is on; under fp16 loss scaling the scaler skips the update instead.
         """
+        loss, finite = self.gradients(batch, global_count)
+        self.update(finite)
+        return loss
+
+    def gradients(self, batch: Any, global_count: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """This batch's gradients in the parameters' `.grad` (reduced over the strategy's processes), unscaled;
+        returns (the batch's mean loss, detached; whether the gradients are finite: False only for an fp16
+        overflow, which the scaler skips; any other non-finite value raises NonFiniteStep naming the layer)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.compute_gradients(batch, global_count)
-        finite = self.unscale_and_check(loss, batch)
-        if self.sync.synchronize(self.params, finite, loss):
-            self.apply_update(finite)
-        if self.scaler is not None:
-            self.scaler.update(not finite)
-        return loss
+        finite = self.precision.unscale_and_check(self.sync.local_gradients(self.params), self.sync.shard_sum)
+        if finite is None:  # nothing to unscale: the finiteness check
+            if self.cfg.diagnostics.check_finite:
+                self.check_finite(loss, batch)
+            finite = True
+        return loss, finite
+
+    def update(self, finite: bool = True) -> None:
+        """Clip (once per update, on unscaled gradients), then step optimizer and schedule, unless the
+        gradients are not `finite`; then the precision settles (the fp16 scale grows or backs off)."""
+        if finite:
+            tc = self.cfg.train
+            if tc.clip_value is not None:
+                torch.nn.utils.clip_grad_value_(self.params, tc.clip_value)
+            if tc.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, tc.clip_norm, foreach=True)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.precision.settle(finite)
 
     def micro_batches(self, batch: Any, global_count: torch.Tensor | None = None
                       ) -> list[tuple[Any, torch.Tensor | None]]:
@@ -180,7 +196,7 @@ class StepEngine:
         for i, (part, weight) in enumerate(micro):
             last = i == len(micro) - 1
             with self.sync.micro_batch(self.forward_model, last):
-                with self.forward_context(), autocast(self.cfg.precision, self.device):
+                with self.forward_context(), self.precision.forward():
                     output = call_model(self.forward_model, part)
                     if self.sync.world_size > 1 and rows(part) == 0:  # an empty shard adds 0
                         loss = sum(t.sum() for t in tensors(output) if t.is_floating_point()) * 0.0
@@ -193,41 +209,18 @@ class StepEngine:
                     extra = penalty(self.penalised, self.cfg.regularize.l1, self.cfg.regularize.l2)
                     objective = loss + extra
                     self.last_penalty = self.sync.shard_sum(extra.detach().clone().reshape(1))[0]  # FSDP: whole
-                (self.scaler.scale_loss(objective) if self.scaler else objective).backward()
+                self.precision.backward(objective)
             total = loss.detach() if total is None else total + loss.detach()
         return total
-
-    def unscale_and_check(self, loss: torch.Tensor, batch: Any) -> bool:
-        """fp16: unscale the gradients, False on overflow. Otherwise the finiteness check (raises NonFiniteStep)."""
-        if self.scaler is not None:
-            return self.scaler.unscale_(self.params)
-        if self.cfg.diagnostics.check_finite:
-            self.check_finite(loss, batch)
-        return True
-
-    def apply_update(self, finite: bool = True) -> None:
-        """Clip (once per update, on unscaled gradients), then step optimizer and schedule; nothing if not finite."""
-        if not finite:
-            return
-        tc = self.cfg.train
-        if tc.clip_value is not None:
-            torch.nn.utils.clip_grad_value_(self.params, tc.clip_value)
-        if tc.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, tc.clip_norm, foreach=True)
-        self.optimizer.step()
-        self.scheduler.step()
 
     # -- checks and adjustments --------------------------------------------------------------------------------
 
     def check_finite(self, loss: torch.Tensor, batch: Any) -> None:
         # one fused kernel flags any non-finite gradient or loss (it multiplies them by exactly 1.0), one host sync
-        checked = [p.grad for p in self.params if p.grad is not None]
-        if self.sync.sharded:
-            checked = [local(g) for g in checked]  # this process's shards
-        checked.append(loss.detach().float().reshape(1))
+        checked = [*self.sync.local_gradients(self.params), loss.detach().float().reshape(1)]
         found = self._nonfinite_flag.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._unit_scale)
-        if not bool(self.sync.shard_sum(found).item()):  # any rank's shard
+        if not bool(self.sync.shard_sum(found).item()):  # any process's shard
             return
         in_forward = first_nonfinite_forward(self.model, lambda: call_model(self.model, batch))
         if in_forward is not None:
@@ -237,12 +230,11 @@ class StepEngine:
         raise NonFiniteStep(last_nonfinite_grad(self.model), "gradient in backward")
 
     def grad_norm(self) -> float:
-        grads = [local(p.grad) for p in self.params if p.grad is not None]
+        """The global gradient norm (over every process's shards)."""
+        grads = self.sync.local_gradients(self.params)
         if not grads:
             return 0.0
-        if not self.sync.sharded:
-            return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-        squares = torch.stack(torch._foreach_norm(grads)).square().sum()  # over this process's shards
+        squares = torch.stack(torch._foreach_norm(grads)).square().sum()  # this process's (shards')
         return float(self.sync.shard_sum(squares.reshape(1)).sqrt()[0])
 
     def scale_lr(self, factor: float) -> None:
@@ -251,8 +243,3 @@ class StepEngine:
             group["lr"] *= factor
         if hasattr(self.scheduler, "base_lrs"):  # e.g. ReduceLROnPlateau has none: it works from the group lr
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
-
-    def scaler_metrics(self) -> dict[str, float]:
-        if self.scaler is None:
-            return {}
-        return {"loss_scale": self.scaler.scale, "skipped_steps": self.scaler.skipped_steps}

@@ -138,12 +138,12 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint payload (a collective under data parallel: every rank must call it)."""
         model_state, optimizer_state = self.sync.state_dicts(self.model, self.engine.optimizer)
-        s, scaler = self.state, self.engine.scaler
+        s = self.state
         payload = {
             "model": model_state, "optimizer": optimizer_state, "scheduler": self.engine.scheduler.state_dict(),
             "step": s.step, "position": {"epoch": s.position.epoch, "batch": s.position.batch},
             "rng": capture_rng(), "rng_ranks": self.sync.rank_states(capture_rng()),
-            "scaler": scaler.state_dict() if scaler else None, "config": self.cfg.to_dict(),
+            "scaler": self.engine.precision.state_dict(), "config": self.cfg.to_dict(),
             "progress": {"elapsed_seconds": self.wall_seconds(), "samples_seen": s.samples_seen,
                          "last_train_loss": s.last_train_loss},
         }
@@ -159,8 +159,7 @@ class Trainer:
             engine.scheduler.load_state_dict(payload["scheduler"])
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint error: '{where}' optimizer/scheduler state does not fit: {err}") from None
-        if engine.scaler is not None and payload.get("scaler"):
-            engine.scaler.load_state_dict(payload["scaler"])
+        engine.precision.load_state_dict(payload.get("scaler"))
         s.step = int(payload["step"])
         s.position = Position(int(payload["position"]["epoch"]), int(payload["position"]["batch"]))
         progress = payload.get("progress", {})
@@ -285,8 +284,9 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         s, engine = self.state, self.engine
         return {
-            "final_train_loss": s.last_train_loss, **s.last_eval, "steps": s.step, "skipped_steps": 0,
-            **engine.scaler_metrics(), "epochs": self.epochs_done(),
+            "final_train_loss": s.last_train_loss, **s.last_eval, "steps": s.step,
+            "skipped_steps": engine.precision.skipped_steps, "epochs": self.epochs_done(),
+            **({"loss_scale": engine.precision.scale} if engine.precision.scale is not None else {}),
             "wall_seconds": round(s.elapsed_seconds, 3),
             "samples_per_second": s.samples_seen / max(s.elapsed_seconds, 1e-9),
             "params_sha256": params_sha256(self.model),

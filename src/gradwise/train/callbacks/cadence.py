@@ -153,7 +153,7 @@ class GradientHealth(Callback):
         if self.before is None:
             return
         d, state = trainer.cfg.diagnostics, trainer.state
-        stats = layer_stats(trainer.model, self.before, trainer.sync.shard_sum if trainer.sync.sharded else None)
+        stats = layer_stats(trainer.model, self.before, trainer.sync.shard_sum)
         self.before = None
         verdict = judge(stats, d.vanishing_ratio, d.vanishing_norm, d.exploding_norm, d.exploding_update,
                         self.zero_before)

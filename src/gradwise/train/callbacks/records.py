@@ -110,11 +110,10 @@ class ScalerLog(Callback):
         self.before: float | None = None
 
     def on_step_start(self, trainer) -> None:
-        scaler = trainer.engine.scaler
-        self.before = scaler.scale if scaler is not None else None
+        self.before = trainer.engine.precision.scale
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
-        scale = trainer.engine.scaler.scale if self.before is not None else None
+        scale = trainer.engine.precision.scale
         if scale is not None and scale != self.before:
             trainer.log({"kind": "scaler", "step": trainer.state.step, "scale": scale,
                          "event": "overflow" if scale < self.before else "growth"})
@@ -199,7 +198,7 @@ class TrainMetrics(Callback):
             "lr": lr,
             **{f"lr/{name}": value for name, value in (self.group_lrs or {}).items()},
             "grad_norm": engine.grad_norm(),
-            **engine.scaler_metrics(),
+            **engine.precision.metrics(),
             **({"penalty": float(engine.last_penalty)} if engine.last_penalty is not None else {}),
             "samples_per_s": self.window_samples / max(now - self.window_start, 1e-9),
             "time": round(trainer.wall_seconds(), 3),
