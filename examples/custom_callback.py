@@ -32,11 +32,11 @@ class LossTarget(Callback):
             trainer.log({"kind": "target", "step": record["step"], "max_grad_norm": self.max_grad_norm})
             trainer.state.should_stop = True  # the run checkpoints and ends after this step
 
-    def on_checkpoint_save(self, trainer, payload):
-        payload["loss_target"] = {"max_grad_norm": self.max_grad_norm}
+    def state_dict(self, trainer):  # kept in checkpoints under payload["callbacks"]["LossTarget"]
+        return {"max_grad_norm": self.max_grad_norm}
 
-    def on_checkpoint_load(self, trainer, payload):
-        self.max_grad_norm = payload.get("loss_target", {}).get("max_grad_norm", 0.0)
+    def load_state_dict(self, trainer, state):  # on resume (None: the checkpoint has none)
+        self.max_grad_norm = state["max_grad_norm"] if state else 0.0
 
     def on_fit_end(self, trainer, summary):
         summary["max_grad_norm"] = self.max_grad_norm

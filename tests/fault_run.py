@@ -7,7 +7,7 @@ POINT is where the process dies:
   mid-checkpoint-write      the second checkpoint's file half written (its temp file left behind)
   during-evaluation         inside the second evaluation
   after-final-checkpoint    after the last checkpoint, before summary.json
-  mid-shard-save            under torchrun with train.parallel=fsdp: rank 1, once the second sharded
+  mid-shard-save            under torchrun with train.strategy=fsdp: rank 1, once the second sharded
                             checkpoint's folder is written, before last.pt names it
 """
 

@@ -1,4 +1,4 @@
-"""Trains the same small runs with `train.parallel=fsdp` (under torchrun) or in one process, and writes the final
+"""Trains the same small runs with `train.strategy=fsdp` (under torchrun) or in one process, and writes the final
 parameters: tests/test_distributed.py compares them.
 
     python tests/fsdp_worker.py OUT                                   one process
@@ -26,7 +26,7 @@ from gradwise import Trainer, load_config
 from gradwise.train.randomness import seed_everything
 
 COMMON = ["train.steps=20", "train.batch_size=32", "log.progress=off", "log.plots=false", "diagnostics.every=0",
-          "train.eval_every=1000", "train.checkpoint_every=1000", "train.parallel=fsdp", "schedule.name=constant"]
+          "train.eval_every=null", "train.checkpoint_every=null", "train.strategy=fsdp", "schedule.name=constant"]
 MODELS = {
     "mlp": ["model.name=mlp", "data.num_samples=400"],
     "transformer": ["model.name=transformer", "data.name=text", "data.test_fraction=0.01", "model.context=16",

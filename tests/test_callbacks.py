@@ -136,11 +136,11 @@ class StopBelow(Callback):
                 trainer.log({"kind": "target", "step": record["step"], "best": self.best})
                 trainer.state.should_stop = True
 
-    def on_checkpoint_save(self, trainer, payload):
-        payload["stop_below"] = {"best": self.best}
+    def state_dict(self, trainer):
+        return {"best": self.best}
 
-    def on_checkpoint_load(self, trainer, payload):
-        self.best = payload["stop_below"]["best"]
+    def load_state_dict(self, trainer, state):
+        self.best = state["best"]
 
     def on_fit_end(self, trainer, summary):
         summary["best_logged_loss"] = self.best
@@ -154,7 +154,7 @@ def test_a_user_callback_logs_stops_and_resumes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"kind": "target", "step": stopped, "best": first["best_logged_loss"]} in records
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["step"] == stopped and ckpt["stop_below"]["best"] == first["best_logged_loss"]
+    assert ckpt["step"] == stopped and ckpt["callbacks"]["StopBelow"]["best"] == first["best_logged_loss"]
     # resumed with a lower target, the callback's state comes back from the checkpoint
     resumed = StopBelow(target=-1.0)
     trainer = Trainer.resume(tmp_path / "run", [f"train.steps={stopped + 4}"], callbacks=[resumed])

@@ -112,7 +112,7 @@ def test_resume_across_a_change_of_process_count(tmp_path):
     assert r.returncode == 0, r.stderr
     # 1 process for 10 steps, then 2 FSDP processes to 20, compiled (fully_shard, then torch.compile)
     assert gradwise("train", "--out", str(tmp_path / "b"), "train.steps=10", *args).returncode == 0
-    r = gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "b"), "train.steps=20", "train.parallel=fsdp",
+    r = gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "b"), "train.steps=20", "train.strategy=fsdp",
                  *COMPILED)
     assert r.returncode == 0, r.stderr
     for run in ("a", "b"):
@@ -171,7 +171,7 @@ def worker_with_rank(launcher_pid: int, rank: int) -> int | None:
 
 KILLED_RUNS = {  # (steps, args): long enough that a worker is still training once the first checkpoint exists
     "ddp": (500, [*SMALL, "model.channels=[32,32]", "optim.name=sgd"]),
-    "fsdp": (200, [*SMALL, "model.name=mlp", "optim.name=adamw", "train.parallel=fsdp"]),
+    "fsdp": (200, [*SMALL, "model.name=mlp", "optim.name=adamw", "train.strategy=fsdp"]),
 }
 
 
@@ -379,10 +379,10 @@ def test_an_fsdp_run_resumes_on_another_number_of_processes_and_survives_a_crash
     so every run ends by restoring weights that crossed a resume."""
     args = [*SMALL, "model.name=mlp", "optim.name=adamw", "schedule.name=constant", "diagnostics.every=0",
             "data.val_fraction=0.1", "train.eval_every=5", "early_stopping.patience=100",
-            "early_stopping.min_delta=1e9", "train.checkpoint_every=5", "train.parallel=fsdp"]
+            "early_stopping.min_delta=1e9", "train.checkpoint_every=5", "train.strategy=fsdp"]
     straight = gradwise("train", "--nproc", "2", "--strategy", "fsdp", "--out", str(tmp_path / "straight"),
-                        *args[:-1], "train.steps=20")  # --strategy fsdp is train.parallel=fsdp
-    assert straight.returncode == 0 and "parallel: fsdp" in (tmp_path / "straight" / "config.yaml").read_text()
+                        *args[:-1], "train.steps=20")  # --strategy fsdp is train.strategy=fsdp
+    assert straight.returncode == 0 and "strategy: fsdp" in (tmp_path / "straight" / "config.yaml").read_text()
     first = tmp_path / "two-one"
     assert gradwise("train", "--nproc", "2", "--out", str(first), *args, "train.steps=10").returncode == 0
     assert [p.name for p in (first / "checkpoints").iterdir() if p.is_dir()] == [

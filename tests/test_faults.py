@@ -243,3 +243,17 @@ def test_a_stateless_optimizer_resumes_exactly(tmp_path):
     assert main(["train", "--out", str(tmp_path / "split"), *args, "train.steps=4"]) == 0
     assert main(["train", "--resume", str(tmp_path / "split"), "train.steps=8"]) == 0
     assert summary(tmp_path / "split")["params_sha256"] == summary(tmp_path / "straight")["params_sha256"]
+
+
+def test_a_run_written_by_the_previous_checkpoint_format_resumes_exactly(tmp_path):
+    """tests/data/v2_run: 10 steps written with format version 2 (each callback's state under a key of its own,
+    `train.parallel` in config.yaml), resumed here to 20 steps: the weights of 20 straight steps today."""
+    import shutil
+
+    args = ["data.num_samples=500", "model.name=mlp", "model.width=16", "model.depth=1", "train.batch_size=32",
+            "schedule.name=constant", "log.progress=off", "log.plots=false", "diagnostics.every=0"]
+    shutil.copytree(Path(__file__).with_name("data") / "v2_run", tmp_path / "old")
+    assert main(["train", "--resume", str(tmp_path / "old"), "train.steps=20"]) == 0
+    assert main(["train", "--out", str(tmp_path / "new"), *args, "train.steps=20"]) == 0
+    resumed, straight = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("old", "new"))
+    assert resumed["resumed_from"] == 10 and resumed["params_sha256"] == straight["params_sha256"]

@@ -128,9 +128,10 @@ def test_resume_restores_rng_so_dropout_matches(tmp_path):
 def test_checkpoint_loads_weights_only_and_holds_everything(tmp_path):
     assert run_cli(["train", "--out", str(tmp_path / "r"), "train.steps=5", *SMALL]) == 0
     ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
-    for key in ("model", "optimizer", "scheduler", "step", "position", "rng", "config"):
+    for key in ("model", "optimizer", "scheduler", "step", "position", "rng", "config", "callbacks", "launch"):
         assert key in ckpt
-    assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
+    assert len(ckpt["rng"]) == 1 and set(ckpt["rng"][0]) >= {"python", "numpy", "torch"}  # one process's
+    assert set(ckpt["callbacks"]) >= {"Evaluator", "MetricsFile", "TrainMetrics"}  # each callback's own state
     assert ckpt["step"] == 5 and ckpt["config"]["train"]["steps"] == 5
     model = build_model(load_config(None, SMALL).model, (40,), 10, "classification")
     model.load_state_dict(ckpt["model"])

@@ -3,7 +3,7 @@ python and under `torchrun --nproc-per-node 2` and compares the weights and the 
 evaluation row counted once); batches go through a collate function of its own. Options after the run folder:
 
     die-after-final   rank 1 of the first attempt is killed after the final checkpoint (torchrun restarts the group)
-    fsdp              train.parallel=fsdp, each Linear sharded as a unit (train.shard_modules), and a spare
+    fsdp              train.strategy=fsdp, each Linear sharded as a unit (train.shard_modules), and a spare
                       layer the forward never uses (no gradient, so no optimizer state, in any checkpoint)
     nan-on-rank-1     rank 1 alone computes a non-finite output once, at step 5 (the others stay finite), with
                       diagnostics.on_nonfinite=rollback: every rank must take the same collective path
@@ -85,7 +85,7 @@ model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
 overrides = ["train.steps=20", "train.batch_size=64", "optim.name=sgd", "optim.lr=0.1",
              "log.progress=off", "log.plots=false", "diagnostics.every=0"]
 if "fsdp" in options:
-    overrides += ["train.parallel=fsdp", "train.shard_modules=[Linear]", "diagnostics.every=5"]
+    overrides += ["train.strategy=fsdp", "train.shard_modules=[Linear]", "diagnostics.every=5"]
     model = WithSpare(model)
 if "nan-on-rank-1" in options:
     overrides += ["train.checkpoint_every=3", "diagnostics.on_nonfinite=rollback"]

@@ -36,8 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gradwise.parallel.ddp import launched_by_torchrun
     from gradwise.train import Trainer
 
-    if args.strategy == "fsdp":  # sharded data parallel: the same launch as DDP, with train.parallel=fsdp
-        args.strategy, args.overrides = "sync", [*args.overrides, "train.parallel=fsdp"]
+    if args.strategy in ("ddp", "fsdp"):  # the synchronous strategies are a config key: --strategy X is
+        args.overrides = [*args.overrides, f"train.strategy={args.strategy}"]  # train.strategy=X
     if args.resume and (args.config or args.out):
         raise UserInputError("usage error: --resume DIR continues that run with its own config; drop --config/--out")
     if launched_by_torchrun():
@@ -80,7 +80,7 @@ def _report(run_dir, summary: dict) -> None:
 def _launch_target(args: argparse.Namespace):
     """(config, run directory) that a launcher hands to its workers, checked before anything starts."""
     from gradwise.config import load_config
-    from gradwise.train.run_dir import RunLock, holds_run, resume_config
+    from gradwise.train.run_dir import RunLock, refuse_existing_run, resume_config
 
     if args.resume:
         cfg = resume_config(args.resume, args.overrides)
@@ -88,9 +88,7 @@ def _launch_target(args: argparse.Namespace):
         return cfg, Path(args.resume)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else _default_out_dir()
-    if holds_run(out):
-        raise UserInputError(f"checkpoint error: '{out}' already holds a run; pass --resume {out} "
-                             "to continue it or choose another --out")
+    refuse_existing_run(out)
     if out.exists():
         RunLock(out).check_free()
     return cfg, out
@@ -160,7 +158,7 @@ def _train_worker(args: argparse.Namespace) -> int:
     ctx = init_process_group()
     try:
         cfg = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
-        sync = group_sync(ctx, cfg.train.parallel)
+        sync = group_sync(ctx, cfg.train.strategy)
         restarts = sync.restarts
         out = Path(args.resume) if args.resume else Path(sync.broadcast(str(args.out or _default_out_dir())))
         if args.resume or (restarts and (out / "checkpoints" / "last.pt").is_file()):
@@ -286,10 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly; train.steps=M extends it")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ps = train.add_argument_group("asynchronous parameter server on Ray (see docs/async.md)")
-    ps.add_argument("--strategy", choices=["sync", "fsdp", "async", "simulate"], default="sync",
-                    help="sync: one process or --nproc data parallel (DDP); fsdp: --nproc sharded data parallel "
-                         "(train.parallel=fsdp); async: a Ray parameter server; simulate: async staleness in "
-                         "one process (ps.delay; docs/async.md)")
+    ps.add_argument("--strategy", choices=["ddp", "fsdp", "async", "simulate"],
+                    help="ddp (default, train.strategy=ddp): one process, or --nproc data parallel; fsdp "
+                         "(train.strategy=fsdp): --nproc sharded data parallel; async: a Ray parameter server; "
+                         "simulate: async staleness in one process (ps.delay; docs/async.md)")
     ps.add_argument("--workers", type=int, help="async: worker actors; simulate: workers simulated (default 4)")
     ps.add_argument("--ray-address", help="async: a running Ray cluster (default: start a local Ray)")
     dp = train.add_argument_group("data parallel (see docs/distributed.md)")

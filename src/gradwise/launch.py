@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 from gradwise.errors import UserInputError
+from gradwise.parallel.ddp import check_batch_fits
 
 
 @dataclass
@@ -58,11 +59,8 @@ def check_port(port: int) -> None:
 
 
 def check_group_fits(world_size: int, batch_size: int, train_samples: int) -> None:
-    if batch_size < world_size:
-        raise UserInputError(
-            f"config error: train.batch_size={batch_size} is smaller than the {world_size} processes "
-            f"(--nproc x --nnodes); each needs at least one sample per step"
-        )
+    """Before any process starts: every process needs a row of each batch and of the training set."""
+    check_batch_fits(batch_size, world_size)
     if train_samples < world_size:
         raise UserInputError(
             f"config error: {world_size} processes but only {train_samples} training samples; "

@@ -132,25 +132,24 @@ class DelayedGradients(BatchSteps):
         window, self.window = self.window, []
         return staleness_stats(window)
 
-    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
-        payload["delay"] = {"workers": self.workers, "rng": self.rng.getstate(), "rule_state": self.rule_state,
-                            "staleness": self.staleness, "history": list(self.history or [])}
+    @property
+    def launch(self) -> dict[str, Any]:
+        return {"strategy": "simulate", "workers": self.workers}
 
-    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
-        saved = payload.get("delay")
-        if saved is None:
-            raise ConfigError("config error: this run was not trained with --strategy simulate; resume it "
-                              "without --strategy simulate")
-        if saved.get("workers") != self.workers:
-            raise ConfigError(f"config error: the simulated run was started with {saved.get('workers')} workers; "
-                              f"resume it with --workers {saved.get('workers')}")
+    def state_dict(self, trainer) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "rule_state": self.rule_state, "staleness": self.staleness,
+                "history": list(self.history or [])}
+
+    def load_state_dict(self, trainer, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
         device = trainer.engine.device  # checkpoints load onto the CPU
         self.rule_state = {k: [t.to(device) for t in v] if isinstance(v, list) else v
-                           for k, v in saved["rule_state"].items()}
-        self.staleness = list(saved["staleness"])
-        self.loaded = {**saved, "history": [[t.to(device) for t in v] for v in saved["history"]]}
+                           for k, v in state["rule_state"].items()}
+        self.staleness = list(state["staleness"])
+        self.loaded = {**state, "history": [[t.to(device) for t in v] for v in state["history"]]}
         if self.draw is not None:  # a rollback mid-fit; a resume restores at the fit's start
-            self._restore(saved)
+            self._restore(self.loaded)
 
     def _restore(self, saved: dict) -> None:
         """The delay stream and the weight versions where the checkpoint left them."""

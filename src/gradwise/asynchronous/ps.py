@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset
 
 from gradwise.config import Config, apply_overrides, validate
 from gradwise.asynchronous.worker import UserRun, Worker
-from gradwise.errors import CheckpointError, ConfigError, DataError, NonFiniteError, UserInputError
+from gradwise.errors import ConfigError, DataError, NonFiniteError, UserInputError
 from gradwise.resolve import resolve_config
 
 
@@ -139,13 +139,12 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     from gradwise.data import build_data
     from gradwise.tools.planner import plan_config
     from gradwise.train.metrics import Progress
-    from gradwise.train.run_dir import holds_run
+    from gradwise.train.run_dir import refuse_existing_run
     from gradwise.train.randomness import seed_everything
 
     check_async_config(cfg, workers)
-    if out_dir is not None and not resume and holds_run(Path(out_dir)):
-        raise CheckpointError(f"checkpoint error: '{out_dir}' already holds a run; pass --resume {out_dir} "
-                              "to continue it or choose another --out")
+    if out_dir is not None and not resume:
+        refuse_existing_run(Path(out_dir))
     if user is not None:
         seed_everything(cfg.seed)  # as every actor does before calling user.data()
     train = user.datasets()[0] if user else build_data(cfg.data, context=cfg.model.context).train

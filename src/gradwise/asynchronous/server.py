@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from gradwise.config import Config
-from gradwise.errors import ConfigError
 from gradwise.io import write_text
 from gradwise.optim.async_rules import apply_rule, async_lr_factor, rule_lambda, staleness_stats
 from gradwise.train.callbacks import StepOutput
@@ -233,21 +232,21 @@ class PushedGradients(StepSource):
         if trainer.out_dir is not None:
             self.update_log = open(trainer.out_dir / UPDATE_LOG, "a")
 
-    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
-        payload["ps"] = {"workers": self.workers, "version": self.version, "applied": trainer.state.step,
-                         "clocks": self.clocks, "positions": self.positions, "staleness": self.staleness,
-                         "rule_state": self.rule_state}
+    @property
+    def launch(self) -> dict[str, Any]:
+        return {"strategy": "async", "workers": self.workers}
+
+    def state_dict(self, trainer) -> dict[str, Any]:
         if self.update_log is not None:
             self.update_log.flush()
+        return {"version": self.version, "applied": trainer.state.step, "clocks": self.clocks,
+                "positions": self.positions, "staleness": self.staleness, "rule_state": self.rule_state}
 
-    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
-        ps = payload.get("ps") or {}
-        if ps.get("workers") != self.workers:
-            raise ConfigError(f"config error: the run was started with {ps.get('workers')} workers; "
-                              f"resume it with --workers {ps.get('workers')}")
-        self.version, self.tickets, self.clocks = int(ps["version"]), int(ps["applied"]), list(ps["clocks"])
-        self.positions, self.staleness = list(ps["positions"]), list(ps["staleness"])
-        self.rule_state = ps.get("rule_state") or {}
+    def load_state_dict(self, trainer, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        self.version, self.tickets, self.clocks = int(state["version"]), int(state["applied"]), list(state["clocks"])
+        self.positions, self.staleness = list(state["positions"]), list(state["staleness"])
+        self.rule_state = state.get("rule_state") or {}
         log = trainer.out_dir / UPDATE_LOG
         kept = [line for line in log.read_text().splitlines()
                 if json.loads(line)["gradient"] <= self.tickets] if log.exists() else []

@@ -107,7 +107,7 @@ def straggler_rows(gradients: int, repeats: int) -> dict[str, Any] | None:
         for rule in times:
             cfg = load_config(None, [f"ps.rule={rule}", f"ps.slowdown={STRAGGLER['slowdown']}",
                                      f"train.steps={gradients}", "log.progress=off", "log.plots=false",
-                                     "diagnostics.every=0", "train.eval_every=1000000000"])
+                                     "diagnostics.every=0", "train.eval_every=null"])
             summary = train_async(cfg, STRAGGLER["workers"], None, progress="off")
             times[rule].append(summary["wall_seconds"] / gradients)
     ratio = statistics.median(s / a for s, a in zip(times["ssgd"], times["asgd"]))
@@ -139,7 +139,7 @@ def worker(argv: list[str]) -> None:
     ctx = init_process_group()
     sync = DDPSync(ctx) if ctx.world_size > 1 else None
     cfg = load_config(None, ["log.progress=off", "log.plots=false", "diagnostics.every=0",
-                             "train.eval_every=1000000000", "train.checkpoint_every=1000000000", *overrides])
+                             "train.eval_every=null", "train.checkpoint_every=null", *overrides])
     seed_everything(cfg.seed)
     data = build_data(cfg.data, context=cfg.model.context)
     model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)

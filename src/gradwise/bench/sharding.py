@@ -1,7 +1,7 @@
 """DDP vs FSDP: per-rank memory of parameters + gradients + optimizer state, and step time, at N = 1, 2, 4.
 
 Part of `gradwise bench distributed`. Each cell is a fresh torchrun group running this module's worker
-on the default job (`train.parallel` = ddp or fsdp). After warm-up steps, a rank counts the bytes of the
+on the default job (`train.strategy` = ddp or fsdp). After warm-up steps, a rank counts the bytes of the
 tensors it actually holds (parameters, `.grad`s and optimizer state, each storage once; under FSDP the
 local shards, after the step has freed the gathered copies), then times `steps` updates through
 `Trainer.fit`. N = 1 runs one process with no strategy (the baseline both are divided by).
@@ -48,7 +48,7 @@ def measure(nproc: int, parallel: str, steps: int, overrides: list[str]) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cell.json"
         status = launch(LaunchOptions(nproc=nproc), ["--out", str(out), "--steps", str(steps),
-                                                     f"train.parallel={parallel}", *overrides],
+                                                     f"train.strategy={parallel}", *overrides],
                         module="gradwise.bench.sharding")
         if status != 0:
             raise RuntimeError(f"the {nproc}-process {parallel} group failed (exit {status})")
@@ -90,8 +90,8 @@ def worker(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     ctx = init_process_group()
     cfg = load_config(None, ["log.progress=off", "log.plots=false", "diagnostics.every=0",
-                             "train.eval_every=1000000000", "train.checkpoint_every=1000000000", *overrides])
-    sync = group_sync(ctx, cfg.train.parallel) if ctx.world_size > 1 else None
+                             "train.eval_every=null", "train.checkpoint_every=null", *overrides])
+    sync = group_sync(ctx, cfg.train.strategy) if ctx.world_size > 1 else None
     trainer = Trainer.from_config(cfg, sync=sync)
     trainer.test_data = trainer.val_data = None  # time training alone
     trainer.fit(max_steps=WARMUP_STEPS)

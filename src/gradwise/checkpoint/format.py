@@ -21,7 +21,10 @@ from gradwise.errors import CheckpointError
 from gradwise.optim.layerwise import is_sharded
 
 FORMAT = "gradwise-checkpoint"
-VERSION = 2  # 2: a content checksum (`sha256`)
+VERSION = 3  # 2: a content checksum (`sha256`); 3: callbacks' and sources' state in "callbacks", "launch",
+READS = (2, VERSION)  # every process's RNG state in "rng" (version 2 files are read through `upgraded_payload`)
+LEGACY_STATE = {"evaluation": "Evaluator", "early_stopping": "EarlyStop", "stream": "StreamSteps",
+                "delay": "DelayedGradients", "ps": "PushedGradients"}  # version 2's keys -> version 3's
 BEST_WEIGHTS = "early_stopping.best_weights"  # early stopping's best weights among the model-shaped states
 
 
@@ -70,10 +73,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint error: '{path}' is unreadable or corrupt ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint error: '{path}' is not a gradwise checkpoint")
-    if payload.get("version") != VERSION:
-        raise CheckpointError(
-            f"checkpoint error: '{path}' has format version {payload.get('version')}; this gradwise reads {VERSION}"
-        )
+    if payload.get("version") not in READS:
+        raise CheckpointError(f"checkpoint error: '{path}' has format version {payload.get('version')}; this "
+                              f"gradwise reads {', '.join(map(str, READS))}")
     stored = payload.pop("sha256", None)
     if stored != content_sha256(payload):
         raise CheckpointError(f"checkpoint error: '{path}' is corrupt (its content does not match the checksum "
@@ -87,7 +89,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     legacy = (payload.get("early_stopping") or {}).pop("best_weights", None)  # where files before model_states
     if legacy is not None:                                                    # kept them
         payload.setdefault("model_states", {})[BEST_WEIGHTS] = legacy
-    return payload
+    return upgraded_payload(payload) if payload["version"] == 2 else payload
+
+
+def upgraded_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """A version 2 payload (each callback's state under a key of its own) in version 3's layout."""
+    callbacks = {name: payload.pop(key) for key, name in LEGACY_STATE.items() if key in payload}
+    if "metrics_records" in payload:
+        callbacks["MetricsFile"] = {"records": payload.pop("metrics_records")}
+    progress = payload.get("progress", {})
+    if "window_loss" in progress:
+        callbacks["TrainMetrics"] = {"loss": progress.pop("window_loss"), "steps": progress.pop("window_steps", 0)}
+    launched = (("DelayedGradients", "simulate"), ("PushedGradients", "async"))
+    strategy, workers = next(((strategy, callbacks[name]["workers"]) for name, strategy in launched
+                              if name in callbacks), (None, None))
+    payload["launch"] = {"strategy": strategy, "workers": workers}
+    payload["rng"] = payload.pop("rng_ranks", None) or [payload["rng"]]
+    payload["callbacks"] = callbacks
+    return {**payload, "version": VERSION}
 
 
 def check_model_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: str) -> None:

@@ -77,17 +77,20 @@ class TrainConfig(Section):
     steps: Optional[int] = Field(None, gt=0, description="optimizer updates; or set epochs")
     epochs: Optional[int] = Field(None, gt=0, description="passes over the training set; or set steps")
     drop_last: bool = Field(False, description="drop each epoch's last partial batch")
-    eval_every: int = Field(500, gt=0, description="evaluate (validation and test) every N steps and at the end")
+    eval_every: Optional[int] = Field(500, gt=0, description="evaluate (validation and test) every N steps and at "
+                                                             "the end (null: at the end only)")
     eval_batch_size: int = Field(1000, gt=0)
-    checkpoint_every: int = Field(1000, gt=0, description="write checkpoints/last.pt every N steps (and at the end)")
+    checkpoint_every: Optional[int] = Field(1000, gt=0, description="write checkpoints/last.pt every N steps and at "
+                                                                     "the end (null: at the end only)")
     accumulate: int = Field(1, gt=0, description="micro-batches per update (micro-batch = batch_size / accumulate)")
     micro_batch_size: Optional[int] = Field(None, gt=0, description="or: samples per micro-batch")
     clip_norm: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this, once per update")
     clip_value: Optional[float] = Field(None, gt=0, description="clip each gradient element to [-v, v], once per update")
     sync_batchnorm: bool = Field(False, description="multi-process: BatchNorm statistics over the global batch (CUDA)")
-    parallel: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="multi-process: ddp (a full replica per process) or fsdp (parameters, gradients and "
-                           "optimizer state sharded across processes: FSDP2)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="the sync strategy (--strategy ddp|fsdp): one process, or under --nproc / torchrun ddp "
+                           "(a full replica per process) or fsdp (parameters, gradients and optimizer state sharded "
+                           "across processes: FSDP2)")
     compile: bool = Field(False, description="torch.compile the training forward (docs/speed.md: slower than eager "
                                              "for the built-in models on this CPU, measured)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
@@ -98,14 +101,20 @@ class TrainConfig(Section):
         default_factory=list, description="fsdp: module classes sharded as units (default: each block of a "
                                           "built-in model; your model: e.g. [GPT2Block]); the root always is")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, data: Any) -> Any:
+        """3000 steps when neither train.steps nor train.epochs is given."""
+        if isinstance(data, dict) and data.get("steps") is None and data.get("epochs") is None:
+            return {**data, "steps": 3000}
+        return data
+
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
         if self.steps is not None and self.epochs is not None:
             raise ValueError(
                 f"train.steps={self.steps} and train.epochs={self.epochs} are both set; set only one"
             )
-        if self.steps is None and self.epochs is None:
-            self.__dict__["steps"] = 3000
         if self.micro_batch_size is not None and self.accumulate != 1:
             raise ValueError(
                 f"train.accumulate={self.accumulate} and train.micro_batch_size={self.micro_batch_size} "

@@ -28,7 +28,7 @@ from gradwise.io import write_json, write_text, write_with
 
 BASE = ["data.name=mnist1d", "data.val_fraction=0.1", "model.name=cnn", "optim.name=sgd", "schedule.name=cosine",
         "train.batch_size=128", "ps.lr_scale=none", "diagnostics.every=0", "log.progress=off", "log.plots=false",
-        "train.checkpoint_every=1000000"]
+        "train.checkpoint_every=null"]
 ASYNC = {"ASGD": "asgd", "DC-ASGD-c": "dcasgd-c", "DC-ASGD-a": "dcasgd-a"}  # method -> ps.rule
 SEQ0 = "sequential SGD, momentum 0"  # the asynchronous rules' optimizer without staleness
 MOMENTUM = {"sequential SGD": 0.9, "SSGD": 0.9}  # the asynchronous rules and SEQ0: 0

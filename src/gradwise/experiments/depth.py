@@ -68,7 +68,7 @@ class TargetLoss(LossRecorder):
 
 def train(overrides: list[str], recorder: LossRecorder | None = None, jacobian: bool = True) -> dict[str, Any]:
     """Train one config in memory; a non-finite step ends the run and counts as diverged."""
-    cfg = load_config(None, ["log.progress=off", "train.eval_every=1000000", "diagnostics.every=0", *overrides])
+    cfg = load_config(None, ["log.progress=off", "train.eval_every=null", "diagnostics.every=0", *overrides])
     recorder = recorder or LossRecorder()
     trainer = Trainer.from_config(cfg, callbacks=[recorder])
     chi = None

@@ -43,7 +43,7 @@ SWEEP = (1 / 3, 1.0, 3.0)
 CHANCE = 0.15  # validation accuracy below this (MNIST-1D: 10 classes) counts as not trained
 MAX_EXTENSIONS = 2
 COMMON = ["data.name=mnist1d", "data.val_fraction=0.1", "model.name=cnn", "model.channels=[32,32,32]",
-          "model.kernel_sizes=[5,3,3]", "train.steps=null", "train.eval_every=1000000", "train.eval_batch_size=4096",
+          "model.kernel_sizes=[5,3,3]", "train.steps=null", "train.eval_every=null", "train.eval_batch_size=4096",
           "log.progress=off"]
 
 # Part two. name -> (optimizer, implementation, trust coefficient, poly power). The grid is over the rate

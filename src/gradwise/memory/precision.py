@@ -103,7 +103,7 @@ class Precision:
         from torch.distributed.fsdp import MixedPrecisionPolicy  # FSDP alone needs it (a slow import)
 
         if self.half_weights:
-            raise ConfigError("config error: master_weights=fp16 is not supported with train.parallel=fsdp "
+            raise ConfigError("config error: master_weights=fp16 is not supported with train.strategy=fsdp "
                               "(FSDP keeps fp32 master shards); use precision=bf16 or fp16 with fp32 masters")
         if self.name == "bf16":
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -86,8 +86,9 @@ def init_process_group(timeout_s: float = 300.0) -> DistContext:
 def check_batch_fits(batch_size: int, world_size: int) -> None:
     """Every process needs at least one row of each global batch."""
     if batch_size < world_size:
-        raise ConfigError(f"config error: train.batch_size={batch_size} is smaller than the {world_size} processes; "
-                          f"each process needs at least one sample (use train.batch_size >= {world_size})")
+        raise ConfigError(f"config error: train.batch_size={batch_size} is smaller than the {world_size} processes "
+                          f"(--nproc x --nnodes); each needs at least one sample per step (use train.batch_size >= "
+                          f"{world_size})")
 
 
 class DDPSync(GradientSync):

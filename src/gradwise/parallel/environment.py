@@ -12,14 +12,14 @@ from gradwise.parallel.fsdp import FSDPSync
 from gradwise.parallel.strategy import GradientSync, SingleProcess
 
 
-def environment_sync(parallel: str = "ddp") -> GradientSync:
+def environment_sync(strategy: str = "ddp") -> GradientSync:
     """The strategy this process's environment asks for: when torchrun started it in a group of more than
-    one (the process group is joined here), `DDPSync`, or `FSDPSync` for `parallel="fsdp"`
-    (`train.parallel`); else one process. So a user's script that builds a Trainer trains data-parallel
+    one (the process group is joined here), `DDPSync`, or `FSDPSync` for `strategy="fsdp"`
+    (`train.strategy`); else one process. So a user's script that builds a Trainer trains data-parallel
     under `torchrun --nproc-per-node N script.py` with no extra code."""
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         joined = not dist.is_initialized()
-        sync = group_sync(init_process_group(), parallel)
+        sync = group_sync(init_process_group(), strategy)
         if joined:  # leave the group before interpreter teardown (gloo's threads must not outlive it)
             atexit.register(leave_group)
         return sync
@@ -42,6 +42,6 @@ def leave_group(timeout_s: float = 60.0) -> None:
     dist.destroy_process_group()
 
 
-def group_sync(ctx: DistContext, parallel: str = "ddp") -> DDPSync:
-    """The multi-process strategy `train.parallel` names, over the group `ctx` describes."""
-    return FSDPSync(ctx) if parallel == "fsdp" else DDPSync(ctx)
+def group_sync(ctx: DistContext, strategy: str = "ddp") -> DDPSync:
+    """The multi-process strategy `train.strategy` names, over the group `ctx` describes."""
+    return FSDPSync(ctx) if strategy == "fsdp" else DDPSync(ctx)

@@ -63,7 +63,7 @@ class EarlyStopping:
         return {"best_value": self.best_value, "best_step": self.best_step, "bad_evaluations": self.bad_evaluations,
                 "stopped_at": self.stopped_at}
 
-    def load_state_dict(self, state: dict[str, Any], best_weights: dict[str, torch.Tensor] | None) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The figures of `state_dict` (the best weights come back apart, with the model-shaped states)."""
         self.best_value, self.best_step = float(state["best_value"]), state["best_step"]
         self.bad_evaluations, self.stopped_at = int(state["bad_evaluations"]), state["stopped_at"]
-        self.best_weights = best_weights

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gradwise.diagnostics.health import REMEDIES
 from gradwise.errors import CheckpointError, ConfigError, NonFiniteError
+from gradwise.train.callbacks import EarlyStop
 from gradwise.train.run_dir import check_same_trajectory
 from gradwise.checkpoint.format import load_checkpoint
 from gradwise.train.step import NonFiniteStep
@@ -35,15 +36,16 @@ def resume_from(trainer, run_dir: str | Path, finished_ok: bool = False) -> bool
     payload = load_checkpoint(path)
     check_same_trajectory(payload["config"], trainer.cfg.to_dict(), str(path))
     trainer.load_state_dict(payload, where=str(path))
-    stopped_at = (payload.get("early_stopping") or {}).get("stopped_at")
     state = trainer.state
+    early_stop = trainer.callbacks.find(EarlyStop)  # a run early stopping ended is over
+    stopped_at = early_stop.tracker.stopped_at if early_stop is not None else None
     state.finished = stopped_at is not None or state.step >= trainer.total_steps
     if state.finished and (run_dir / "summary.json").is_file():
         if finished_ok:
             return True
         raise ConfigError(
-            f"config error: the run in '{run_dir}' stopped early at step {stopped_at} "
-            f"(early_stopping.patience={trainer.cfg.early_stopping.patience}); there is nothing to resume"
+            f"config error: the run in '{run_dir}' stopped early at step {stopped_at} (early stopping, "
+            f"early_stopping.patience={trainer.cfg.early_stopping.patience}); there is nothing to resume"
             if stopped_at is not None else
             f"config error: the run in '{run_dir}' is finished (step {state.step} of {trainer.total_steps}); "
             f"pass train.steps=M with M > {state.step} to train further")

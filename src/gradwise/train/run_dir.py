@@ -18,7 +18,7 @@ LOCK = ".gradwise.lock"
 # Keys a resumed run may change: they alter how long it runs, what it reports and how it computes (train.compile,
 # ps.worker_threads: the same arithmetic up to floating-point rounding), never the trajectory itself.
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
-                  "train.checkpoint_every", "train.parallel", "train.shard_modules", "train.compile",
+                  "train.checkpoint_every", "train.strategy", "train.shard_modules", "train.compile",
                   "train.compile_mode", "train.compile_backend", "ps.worker_threads", "log.", "loader.")
 
 
@@ -26,10 +26,22 @@ def _resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
 
 
+RENAMED = {("train", "parallel"): "strategy"}  # keys earlier versions wrote into config.yaml and checkpoints
+
+
+def upgraded(raw: dict) -> dict:
+    """A config tree an earlier gradwise wrote, with its renamed keys under their current names."""
+    for (section, old), new in RENAMED.items():
+        part = raw.get(section)
+        if isinstance(part, dict) and old in part:
+            part[new] = part.pop(old)
+    return raw
+
+
 def check_same_trajectory(saved: dict, current: dict, where: str) -> None:
     """Refuse a config that differs from the checkpoint's in a key that would change the run's trajectory
     (config.yaml edited by hand, or a script passing another config), as an override on --resume is refused."""
-    before, now = flatten(saved), flatten(current)
+    before, now = flatten(upgraded(saved)), flatten(current)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and not _resumable(k))
     if changed:
         key = changed[0]
@@ -50,6 +62,13 @@ def holds_run(folder: Path) -> bool:
     """Whether `folder` holds a run worth keeping: one that reached a checkpoint or finished. An attempt
     that crashed before its first checkpoint (config.yaml, metrics) holds nothing a resume could use."""
     return folder.is_dir() and ((folder / "checkpoints" / "last.pt").is_file() or (folder / "summary.json").is_file())
+
+
+def refuse_existing_run(folder: Path) -> None:
+    """A new run must not start in a folder that holds one (CheckpointError naming how to continue it)."""
+    if holds_run(folder):
+        raise CheckpointError(f"checkpoint error: '{folder}' already holds a run; pass --resume {folder} "
+                              "to continue it or choose another --out")
 
 
 def clear_attempt(folder: Path) -> None:
@@ -148,9 +167,8 @@ def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool, about: tuple[str, d
     """Make `out_dir` ready and write the resolved config.yaml (`about`, from `describe_run`: a line on what is
     trained, as a comment at its top, and the user's data and model sections). A fresh run refuses a folder
     that holds a run and replaces an attempt that crashed before its first checkpoint."""
-    if fresh and holds_run(out_dir):
-        raise CheckpointError(f"checkpoint error: '{out_dir}' already holds a run; pass --resume "
-                              f"{out_dir} to continue it or choose another --out")
+    if fresh:
+        refuse_existing_run(out_dir)
     foreign = [name for name in ("config.yaml", "metrics.jsonl") if (out_dir / name).is_file()]
     if fresh and foreign and not ((out_dir / "config.yaml").is_file() and _written_by_gradwise(out_dir / "config.yaml")):
         raise CheckpointError(f"checkpoint error: '{out_dir}' has a {foreign[0]} that no gradwise run wrote; "
@@ -175,7 +193,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
             raise ConfigError(
                 f"config error: '{key}' cannot change on --resume (allowed: {', '.join(RESUMABLE_KEYS)}*)"
             )
-    raw = read_yaml(run_dir / "config.yaml")
+    raw = upgraded(read_yaml(run_dir / "config.yaml"))
     if (raw.get("model") or {}).get("name") == "user":
         raise CheckpointError(f"checkpoint error: '{run_dir}' trained a model of your own "
                               f"({raw['model'].get('class')}); continue it from Python with "

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gradwise.errors import DataError, UserInputError
+from gradwise.errors import ConfigError, DataError, UserInputError
 from gradwise.train.batch import describe, rows, split, to_device
 from gradwise.train.callbacks.base import Callback, StepOutput
 from gradwise.train.checks import BatchError, error_line
@@ -41,6 +41,20 @@ class _AheadBatches:
             yield key, self.sync.local_rows(self.batches.next()).tolist()
 
 
+def check_same_launch(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume a run with another `--strategy async|simulate` or `--workers` than it was trained with."""
+    saved = saved or StepSource.launch
+    if saved["strategy"] != current["strategy"]:
+        if saved["strategy"] is None:
+            raise ConfigError(f"config error: this run was not trained with --strategy {current['strategy']}; "
+                              f"resume it without --strategy {current['strategy']}")
+        raise ConfigError(f"config error: this run was trained with --strategy {saved['strategy']} --workers "
+                          f"{saved['workers']}; resume it with those flags")
+    if saved["workers"] != current["workers"]:
+        raise ConfigError(f"config error: the run was started with {saved['workers']} workers; resume it with "
+                          f"--workers {saved['workers']}")
+
+
 def step_failure(trainer, err: Exception, stage: str, where: tuple[int, int, int | None], batch: Any) -> BatchError:
     """A later batch's failure in one line, as the first-batch check reports one: the step, the batch's data
     position (`where`: epoch and batch from 0, as checkpoints hold it, and the batches per epoch, None for a
@@ -61,9 +75,12 @@ def batch_fault(err: Exception) -> bool:
 
 
 class StepSource(Callback):
-    """The defaults every source shares; `close()` drops what it holds (loader workers) when a fit ends."""
+    """The defaults every source shares; `close()` drops what it holds (loader workers) when a fit ends.
+    `launch` says how the run was started (`--strategy` and `--workers` of an asynchronous run): a checkpoint
+    records it, and a resume started otherwise is refused (`check_same_launch`)."""
 
     computes_gradients = True
+    launch: dict[str, Any] = {"strategy": None, "workers": None}
 
     def lr_factor(self, cfg) -> float:
         """What the step engine multiplies the scaled optim.lr by (an asynchronous source's staleness policy)."""
@@ -140,14 +157,6 @@ class BatchSteps(StepSource):
                 raise
             raise step_failure(trainer, err, "reading the batch", where, None) from err
         return self.run_step(trainer, batch, len(idx), where, global_count)
-
-    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
-        delay = payload.get("delay")
-        if delay is not None:
-            from gradwise.errors import ConfigError
-
-            raise ConfigError(f"config error: this run was trained with --strategy simulate --workers "
-                              f"{delay.get('workers')}; resume it with those flags")
 
     def _loader(self, trainer) -> Iterator[Any]:
         cfg, pos = trainer.cfg, trainer.state.position
@@ -246,15 +255,14 @@ class StreamSteps(StepSource):
             next(stream)
         return stream
 
-    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
+    def state_dict(self, trainer) -> dict[str, Any] | None:
         if self.loader is not None and self.position is trainer.state.position:
             pos = self.position
-            payload["stream"] = {"epoch": pos.epoch, "batch": pos.batch, "loader": self.loader.state_dict()}
-        elif self.restored is not None:  # nothing read since the resume (a fit that only completes the outputs)
-            payload["stream"] = self.restored
+            return {"epoch": pos.epoch, "batch": pos.batch, "loader": self.loader.state_dict()}
+        return self.restored  # nothing read since the resume (a fit that only completes the outputs), or None
 
-    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
-        self.restored, self.stream = payload.get("stream"), None
+    def load_state_dict(self, trainer, state: dict[str, Any] | None) -> None:
+        self.restored, self.stream = state, None
 
     def close(self) -> None:
         shut_down(self.stream)

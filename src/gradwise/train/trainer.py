@@ -38,7 +38,7 @@ from gradwise.train.pipeline import adopt_settings, as_pipeline, pipelines, repo
 from gradwise.train.recovery import recover, reload_after_failure, resume_from
 from gradwise.train.run_dir import RunLock, describe_run, prepare_run_dir, resume_config
 from gradwise.data.sampler import Position
-from gradwise.train.source import BatchSteps, StreamSteps
+from gradwise.train.source import BatchSteps, StreamSteps, check_same_launch
 from gradwise.train.randomness import (EVAL, capture_rng, continue_training_stream, derived_seed, isolated_rng,
                                        restore_rng, seed_everything)
 from gradwise.checkpoint.format import check_model_state, params_sha256
@@ -72,7 +72,7 @@ class Trainer:
         self.train_size = dataset_size(self.train_data)  # None: a streaming dataset
         if self.train_size == 0:
             raise ConfigError("config error: the training set is empty")
-        self.sync = sync or environment_sync((config or Config()).train.parallel)
+        self.sync = sync or environment_sync((config or Config()).train.strategy)
         config = adopt_settings(config or Config(), self.data["train"], self.sync.world_size)  # a DataLoader's
         self.cfg = resolve_config(config, self.train_size)  # a no-op for an already resolved config
         self.is_main = self.sync.is_main
@@ -109,7 +109,7 @@ class Trainer:
         Every rank resolves the config (`planner`, default `Trainer.planner`, for memory.auto=true) and trains
         with rank 0's resolution, broadcast. Every rank builds the same model (dropout masks differ across
         ranks: each rank's training stream is its own, gradwise.train.randomness)."""
-        sync = sync or environment_sync(cfg.train.parallel)
+        sync = sync or environment_sync(cfg.train.strategy)
         seed_everything(cfg.seed)
         data = build_data(cfg.data, context=cfg.model.context)
         resolved = resolve_config(cfg, len(data.train), planner=planner or cls.planner)  # each rank: none waits on a
@@ -142,16 +142,18 @@ class Trainer:
         payload = {
             "model": model_state, "optimizer": optimizer_state, "scheduler": self.engine.scheduler.state_dict(),
             "step": s.step, "position": {"epoch": s.position.epoch, "batch": s.position.batch},
-            "rng": capture_rng(), "rng_ranks": self.sync.rank_states(capture_rng()),
+            "rng": self.sync.rank_states(capture_rng()),  # every process's, in rank order
             "scaler": self.engine.precision.state_dict(), "config": self.cfg.to_dict(),
             "progress": {"elapsed_seconds": self.wall_seconds(), "samples_seen": s.samples_seen,
                          "last_train_loss": s.last_train_loss},
+            "launch": dict(self.source.launch), "callbacks": self.callbacks.state_dicts(self),
         }
         self.callbacks.fire("on_checkpoint_save", self, payload)
         return payload
 
     def load_state_dict(self, payload: dict[str, Any], where: str = "checkpoint") -> None:
         engine, s = self.engine, self.state
+        check_same_launch(payload.get("launch"), self.source.launch)
         self.sync.verify_checkpoint(payload)
         check_model_state(self.model, model_shapes(payload), where)
         try:
@@ -167,11 +169,11 @@ class Trainer:
         s.samples_seen = int(progress.get("samples_seen", 0))
         s.last_train_loss = float(progress.get("last_train_loss", float("nan")))
         self._session_start = time.perf_counter()
-        ranks = payload.get("rng_ranks")
-        same_world = ranks is not None and len(ranks) == self.sync.world_size
-        self.training_rng = ranks[self.sync.rank] if same_world else payload["rng"]
+        ranks = payload["rng"]  # another number of processes: every one starts from rank 0's
+        self.training_rng = ranks[self.sync.rank] if len(ranks) == self.sync.world_size else ranks[0]
         restore_rng(self.training_rng)
         s.resumed_from = s.step
+        self.callbacks.load_state_dicts(self, payload.get("callbacks", {}))
         self.callbacks.fire("on_checkpoint_load", self, payload)
 
     def save_checkpoint(self) -> None:
@@ -191,8 +193,8 @@ class Trainer:
 
     def epochs_done(self) -> float:
         """Passes over the training set so far (a streaming dataset: completed passes)."""
-        s = self.state
-        return round(s.samples_seen / self.train_size, 4) if self.train_size else float(s.position.epoch)
+        return round(self.state.samples_seen / self.train_size, 4) if self.train_size else \
+            float(self.state.position.epoch)
 
     def wall_seconds(self) -> float:
         """Training wall time of the whole run so far, earlier sessions included."""
@@ -292,8 +294,7 @@ class Trainer:
             "params_sha256": params_sha256(self.model),
             "num_parameters": sum(p.numel() for p in self.model.parameters()), "task": self.task,
             "model_class": type(self.model).__name__, "data_class": type(self.train_data).__name__,
-            "train_samples": self.train_size,
-            "resumed_from": s.resumed_from, "rollbacks": s.rollbacks, "world_size": self.sync.world_size,
-            "restarts": self.sync.restarts, "health": s.health,
+            "train_samples": self.train_size, "resumed_from": s.resumed_from, "rollbacks": s.rollbacks,
+            "world_size": self.sync.world_size, "restarts": self.sync.restarts, "health": s.health,
             **({"penalty": float(engine.last_penalty)} if engine.last_penalty is not None else {}),
         }

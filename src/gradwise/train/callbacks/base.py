@@ -13,10 +13,17 @@ set `trainer.state.should_stop`. Events, in the order a run meets them:
     on_evaluate(trainer, results)            after an evaluation ({"val_loss": ..., "test_accuracy": ...})
     on_log(trainer, record)                  for every metrics record (train, eval, health, scaler, ...)
     on_message(trainer, text)                for every human-readable message
-    on_checkpoint_save(trainer, payload)     while a checkpoint is built: add your own state to `payload`
-    on_checkpoint_load(trainer, payload)     after a checkpoint was loaded: restore your state
+    on_checkpoint_save(trainer, payload)     while a checkpoint is built (the whole payload: for state shaped
+                                             like the model, `payload["model_states"][name]`)
+    on_checkpoint_load(trainer, payload)     after a checkpoint was loaded
     on_exception(trainer, error)             when `fit` ends with an exception (then it propagates)
     on_fit_end(trainer, summary)             after the last step: add to `summary` before it is written
+
+A callback's own state goes into checkpoints through `state_dict(trainer)` and
+comes back through `load_state_dict(trainer, state)` (None when the checkpoint
+has none), kept under `payload["callbacks"][key]`, its key being its class name
+(`state_key` to choose another; repeats are numbered), so no two callbacks can
+write over each other's keys. A step source keeps its state the same way.
 
 Built-in callbacks come first in a fixed order, the user's after them, so a
 user callback sees every built-in record and the final summary.
@@ -64,7 +71,17 @@ class RunState:
 
 
 class Callback:
-    """Override any of the events listed in this module's docstring; the default does nothing."""
+    """Override any of the events listed in this module's docstring; the default does nothing. Override
+    `state_dict` / `load_state_dict` to keep state in checkpoints (exact resume)."""
+
+    state_key: str | None = None  # its key in payload["callbacks"] (default: the class name)
+
+    def state_dict(self, trainer) -> Any:
+        """What this callback keeps in a checkpoint (torch-saveable: tensors, numbers, strings, containers)."""
+        return None
+
+    def load_state_dict(self, trainer, state: Any) -> None:
+        """Restore from `state` (what `state_dict` returned when the checkpoint was written; None if nothing)."""
 
     def on_fit_start(self, trainer) -> None: ...
     def on_step_start(self, trainer) -> None: ...
@@ -95,6 +112,25 @@ class CallbackList:
     def fire(self, event: str, trainer, *args) -> None:
         for handler in self._by_event[event]:
             handler(trainer, *args)
+
+    def _stateful(self) -> list[tuple[str, Callback]]:
+        """(key, callback) for every callback that keeps state; keys unique (a repeated name is numbered)."""
+        keyed, seen = [], {}
+        for cb in self.callbacks:
+            if type(cb).state_dict is Callback.state_dict and type(cb).load_state_dict is Callback.load_state_dict:
+                continue
+            name = cb.state_key or type(cb).__name__
+            seen[name] = seen.get(name, 0) + 1
+            keyed.append((name if seen[name] == 1 else f"{name}#{seen[name]}", cb))
+        return keyed
+
+    def state_dicts(self, trainer) -> dict[str, Any]:
+        """Every stateful callback's state, by key: `payload["callbacks"]`."""
+        return {key: cb.state_dict(trainer) for key, cb in self._stateful()}
+
+    def load_state_dicts(self, trainer, states: dict[str, Any]) -> None:
+        for key, cb in self._stateful():
+            cb.load_state_dict(trainer, states.get(key))
 
     def find(self, kind: type) -> Any:
         """The first callback of class `kind`, or None."""

@@ -20,13 +20,13 @@ from gradwise.checkpoint.format import BEST_WEIGHTS
 
 
 class Cadenced(Callback):
-    """Acts every `every(cfg)` steps and at the run's last step; after the last step (however the run ended)
-    once more, unless that step already did."""
+    """Acts every `every(cfg)` steps (None: never on a cadence) and at the run's last step; after the last step
+    (however the run ended) once more, unless that step already did."""
 
     def __init__(self):
         self.done_at: int | None = None
 
-    def every(self, cfg: Config) -> int:
+    def every(self, cfg: Config) -> int | None:
         raise NotImplementedError
 
     def act(self, trainer) -> None:
@@ -34,7 +34,8 @@ class Cadenced(Callback):
 
     def on_step_end(self, trainer, out: StepOutput) -> None:
         state = trainer.state
-        if state.step % self.every(trainer.cfg) == 0 or state.step == state.end:
+        every = self.every(trainer.cfg)
+        if (every and state.step % every == 0) or state.step == state.end:
             self._act(trainer)
 
     def on_train_end(self, trainer) -> None:
@@ -49,7 +50,7 @@ class Cadenced(Callback):
 class Evaluator(Cadenced):
     """Validation and test figures every `train.eval_every` steps and at the end: a `kind: eval` record."""
 
-    def every(self, cfg: Config) -> int:
+    def every(self, cfg: Config) -> int | None:
         return cfg.train.eval_every
 
     def act(self, trainer) -> None:
@@ -60,18 +61,18 @@ class Evaluator(Cadenced):
                          "time": round(trainer.wall_seconds(), 3), **state.last_eval})
         trainer.callbacks.fire("on_evaluate", trainer, state.last_eval)
 
-    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
-        payload["evaluation"] = {"step": self.done_at, "results": dict(trainer.state.last_eval)}
+    def state_dict(self, trainer) -> dict[str, Any]:
+        return {"step": self.done_at, "results": dict(trainer.state.last_eval)}
 
-    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
-        saved = payload.get("evaluation") or {}
-        self.done_at, trainer.state.last_eval = saved.get("step"), dict(saved.get("results") or {})
+    def load_state_dict(self, trainer, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        self.done_at, trainer.state.last_eval = state.get("step"), dict(state.get("results") or {})
 
 
 class Checkpointer(Cadenced):
     """checkpoints/last.pt every `train.checkpoint_every` steps and at the end."""
 
-    def every(self, cfg: Config) -> int:
+    def every(self, cfg: Config) -> int | None:
         return cfg.train.checkpoint_every
 
     def act(self, trainer) -> None:
@@ -123,14 +124,19 @@ class EarlyStop(Callback):
             trainer.log({"kind": "eval", "step": state.step, "restored_from_step": self.tracker.best_step,
                          **state.last_eval})
 
+    def state_dict(self, trainer) -> dict[str, Any]:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, trainer, state: dict[str, Any] | None) -> None:
+        if state:
+            self.tracker.load_state_dict(state)
+
     def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
-        payload["early_stopping"] = self.tracker.state_dict()
-        if self.tracker.best_weights is not None:
+        if self.tracker.best_weights is not None:  # shaped like the model: sharded with it under FSDP
             payload.setdefault("model_states", {})[BEST_WEIGHTS] = self.tracker.best_weights
 
     def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
-        if payload.get("early_stopping"):
-            self.tracker.load_state_dict(payload["early_stopping"], payload.get("model_states", {}).get(BEST_WEIGHTS))
+        self.tracker.best_weights = payload.get("model_states", {}).get(BEST_WEIGHTS)
 
     def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
         summary["early_stopping"] = self.tracker.summary()

@@ -75,11 +75,11 @@ class MetricsFile(_HeldForOneFit):
             trainer.records[:0] = kept
         self.held = open(path, "a")
 
-    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
-        payload["metrics_records"] = len(trainer.records)
+    def state_dict(self, trainer) -> dict[str, Any]:
+        return {"records": len(trainer.records)}
 
-    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
-        self.resumed_records = payload.get("metrics_records")
+    def load_state_dict(self, trainer, state: dict[str, Any] | None) -> None:
+        self.resumed_records = (state or {}).get("records")
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:
         if self.held is not None:
@@ -208,11 +208,11 @@ class TrainMetrics(Callback):
         self.window_start, self.window_samples = now, 0
         trainer.log(record)
 
-    def on_checkpoint_save(self, trainer, payload: dict[str, Any]) -> None:
+    def state_dict(self, trainer) -> dict[str, Any]:
         total, count = self.window(trainer)
-        payload["progress"].update({"window_loss": total, "window_steps": count})
+        return {"loss": total, "steps": count}
 
-    def on_checkpoint_load(self, trainer, payload: dict[str, Any]) -> None:
-        progress = payload.get("progress", {})
+    def load_state_dict(self, trainer, state: dict[str, Any] | None) -> None:
+        state = state or {}
         self.losses = []
-        self.carry = (float(progress.get("window_loss", 0.0)), int(progress.get("window_steps", 0)))
+        self.carry = (float(state.get("loss", 0.0)), int(state.get("steps", 0)))
