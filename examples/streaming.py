@@ -34,7 +34,8 @@ class Signals(IterableDataset):
             label = int(torch.randint(0, 4, (1,), generator=g))
             noise = torch.randn(32, generator=g) * 2.0
             if i % workers == worker:  # each worker yields its share; all draw the same numbers
-                yield torch.sin(2 * torch.pi * (label + 1) * t) + torch.sin(6 * torch.pi * t * (label % 2 + 1)) + noise, \
+                wave = torch.sin(2 * torch.pi * (label + 1) * t) + torch.sin(6 * torch.pi * t * (label % 2 + 1))
+                yield wave + noise, \
                     torch.tensor(label)
 
 

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 import gradwise.data
 import gradwise.optim.layerwise as layerwise
+import gradwise.train.trainer
 from gradwise import Trainer, load_config
 from gradwise.train.randomness import seed_everything
 
@@ -61,7 +62,8 @@ def build_once(cfg, context):  # the text corpus takes ~1.5 s to build: once per
 
 def whole(model) -> dict:
     """The model's parameters and buffers, each gathered whole (a collective under FSDP)."""
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in model.state_dict().items()}
 
 
 def train(args: list[str], local_norms: bool = False) -> tuple[dict, dict]:
@@ -84,7 +86,7 @@ FP16_OVERFLOWS = ["model.name=mlp", "data.num_samples=400", *OPTIMIZERS["adamw"]
                   "scaler.init_scale=16777216", "scaler.growth_interval=3"]
 
 
-gradwise.data.build_data = build_once
+gradwise.train.trainer.build_data = build_once  # what Trainer.from_config calls
 outputs = {"sharded": Path(sys.argv[1])}
 if sys.argv[2:]:
     outputs["local-norms"] = Path(sys.argv[2])

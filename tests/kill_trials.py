@@ -1,6 +1,7 @@
 """Random kill-and-resume trials (not collected by pytest; minutes): each trial starts a small run, kills it
 with SIGKILL at a random moment, then runs `gradwise train --resume` (the original command when the kill
-came before config.yaml was written), itself killed at random at most twice more, until the run finishes, and compares its `params_sha256` with an uninterrupted run's.
+came before config.yaml was written), itself killed at random at most twice more, until the run finishes,
+and compares its `params_sha256` with an uninterrupted run's.
 
     python tests/kill_trials.py [--trials 30] [--seed 0] [--out /tmp/kill-trials]
 
@@ -74,7 +75,8 @@ def main() -> None:
             landed.append(checkpoint_step(out))
             attempts += 1
             # the same command again, or --resume once it wrote its config.yaml (a kill during start-up may not)
-            proc = gradwise("--resume", str(out)) if (out / "config.yaml").exists() else gradwise("--out", str(out), *RUN)
+            started = (out / "config.yaml").exists()
+            proc = gradwise("--resume", str(out)) if started else gradwise("--out", str(out), *RUN)
         if not landed:  # it finished before the kill time: not a trial
             unkilled += 1
             shutil.rmtree(out, ignore_errors=True)

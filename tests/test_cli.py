@@ -90,8 +90,8 @@ def test_bad_resumes_leave_the_run_untouched(tmp_path, capsys):
     ckpt = run / "checkpoints" / "last.pt"
     ckpt.write_bytes((other / "checkpoints" / "last.pt").read_bytes())
     mismatched = snapshot()
-    check_one_line_error(capsys, main(["train", "--resume", str(run), "train.steps=8"]), "'model.channels' is [8, 8] now",
-                         "but [4, 4] in the checkpoint", "cannot change on resume")
+    check_one_line_error(capsys, main(["train", "--resume", str(run), "train.steps=8"]),
+                         "'model.channels' is [8, 8] now", "but [4, 4] in the checkpoint", "cannot change on resume")
     assert snapshot() == mismatched
 
     # a corrupt checkpoint

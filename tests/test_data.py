@@ -112,8 +112,10 @@ def test_csv_with_header_and_label_column(tmp_path):
         (lambda d: DataConfig(name="npz", path=str(d / "nope.npz")), "does not exist"),
         (lambda d: DataConfig(name="csv"), "needs data.path"),
         (lambda d: DataConfig(name="npz", path=_npz(d / "k.npz", x=np.zeros((4, 2)))), "lacks array(s) ['y']"),
-        (lambda d: DataConfig(name="npz", path=_npz(d / "n.npz", x=np.zeros((4, 2)), y=np.zeros(3))), "4 inputs but 3 labels"),
-        (lambda d: DataConfig(name="npz", path=_npz(d / "f.npz", x=np.zeros((4, 2)), y=np.array([0, 1, 0.5, 1]))), "non-negative integers"),
+        (lambda d: DataConfig(name="npz", path=_npz(d / "n.npz", x=np.zeros((4, 2)), y=np.zeros(3))),
+         "4 inputs but 3 labels"),
+        (lambda d: DataConfig(name="npz", path=_npz(d / "f.npz", x=np.zeros((4, 2)), y=np.array([0, 1, 0.5, 1]))),
+         "non-negative integers"),
         (lambda d: DataConfig(name="text", path=str(d / "missing-dir")), "does not exist"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -31,6 +32,22 @@ BASE = [*SMALL, "optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0"]
 
 def gradwise(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gradwise", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def in_process(*args: str) -> int:
+    """A one-process run through the CLI's own `main`, here: no interpreter, torch and torch._dynamo start-up
+    to pay (a few seconds a process)."""
+    return main(list(args))
+
+
+def run_script(path: Path, *args: str) -> None:
+    """`python path args`, here (a script's one-process run)."""
+    saved = sys.argv
+    sys.argv = [str(path), *args]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv = saved
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -87,9 +104,8 @@ def test_two_processes_match_one_process(tmp_path):
     accumulation (`no_sync` on all but the last micro-batch) and the 2 processes compiled (torch.compile around
     DDP). DDP without accumulation or compile runs in the resume, restart and user-script tests below."""
     args = [*BASE, "train.steps=20", "train.checkpoint_every=20", "train.accumulate=2"]
-    one = gradwise("train", "--out", str(tmp_path / "one"), *args)
+    assert in_process("train", "--out", str(tmp_path / "one"), *args) == 0
     two = gradwise("train", "--nproc", "2", "--out", str(tmp_path / "two"), *args, *COMPILED)
-    assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     s1, s2 = summary(tmp_path / "one"), summary(tmp_path / "two")
@@ -104,14 +120,13 @@ def test_two_processes_match_one_process(tmp_path):
 
 def test_resume_across_a_change_of_process_count(tmp_path):
     args = [*BASE, "schedule.name=constant", "train.checkpoint_every=100"]
-    assert gradwise("train", "--out", str(tmp_path / "straight"), "train.steps=20", *args).returncode == 0
+    assert in_process("train", "--out", str(tmp_path / "straight"), "train.steps=20", *args) == 0
     # 2 processes for 10 steps, then 1 process to 20
     r = gradwise("train", "--nproc", "2", "--out", str(tmp_path / "a"), "train.steps=10", *args)
     assert r.returncode == 0, r.stderr
-    r = gradwise("train", "--resume", str(tmp_path / "a"), "train.steps=20")
-    assert r.returncode == 0, r.stderr
+    assert in_process("train", "--resume", str(tmp_path / "a"), "train.steps=20") == 0
     # 1 process for 10 steps, then 2 FSDP processes to 20, compiled (fully_shard, then torch.compile)
-    assert gradwise("train", "--out", str(tmp_path / "b"), "train.steps=10", *args).returncode == 0
+    assert in_process("train", "--out", str(tmp_path / "b"), "train.steps=10", *args) == 0
     r = gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "b"), "train.steps=20", "train.strategy=fsdp",
                  *COMPILED)
     assert r.returncode == 0, r.stderr
@@ -133,7 +148,7 @@ def test_two_nodes_rendezvous_through_the_endpoint(tmp_path):
     second = gradwise(*node)
     first_out, first_err = first.communicate(timeout=120)
     assert first.returncode == 0 and second.returncode == 0, first_err + second.stderr
-    assert gradwise("train", "--out", str(tmp_path / "one"), *args).returncode == 0
+    assert in_process("train", "--out", str(tmp_path / "one"), *args) == 0
     assert summary(tmp_path / "two-nodes")["world_size"] == 2
     assert_same_weights(tmp_path / "one", tmp_path / "two-nodes")
 
@@ -278,12 +293,10 @@ def test_every_rank_trains_with_rank_0s_plan_when_their_timings_differ(tmp_path)
 
 def test_a_users_script_under_torchrun_trains_data_parallel_with_no_extra_code(tmp_path):
     script = Path(__file__).with_name("user_ddp_script.py")
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True,
-                         timeout=120)
+    run_script(script, str(tmp_path / "one"))
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
                           f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script), str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=180)
-    assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert summary(tmp_path / "one")["world_size"] == 1 and summary(tmp_path / "two")["world_size"] == 2
     assert_same_weights(tmp_path / "one", tmp_path / "two")
@@ -318,9 +331,7 @@ def test_a_users_model_under_fsdp_matches_one_process_and_a_nan_on_one_rank_roll
         assert run.returncode == 0, run.stderr[-2000:]
 
     torchrun("two")
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one-two"), "fsdp", "stop-at-10"],
-                         capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr[-2000:]
+    run_script(Path(script), str(tmp_path / "one-two"), "fsdp", "stop-at-10")
     torchrun("one-two")  # resumed at step 10 on 2 processes
     torchrun("nan", "nan-on-rank-1", "stop-at-10")
     torchrun("nan", "nan-on-rank-1")  # resumed at step 10
@@ -398,9 +409,9 @@ def test_an_fsdp_run_resumes_on_another_number_of_processes_and_survives_a_crash
     assert main(["train", "--resume", str(damaged), "train.steps=20"]) == 2
     refused = capsys.readouterr().err
     assert len(refused.strip().splitlines()) == 1 and f"'{shard}' is corrupt" in refused, refused
-    assert gradwise("train", "--resume", str(first), "train.steps=20").returncode == 0
+    assert in_process("train", "--resume", str(first), "train.steps=20") == 0
     assert gradwise("train", "--nproc", "4", "--resume", str(tmp_path / "two-four"), "train.steps=20").returncode == 0
-    assert gradwise("train", "--out", str(tmp_path / "one-two"), *args, "train.steps=10").returncode == 0
+    assert in_process("train", "--out", str(tmp_path / "one-two"), *args, "train.steps=10") == 0
     assert gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "one-two"), "train.steps=20").returncode == 0
     crashed = tmp_path / "crashed"
     died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",

@@ -41,13 +41,15 @@ def test_repro_large_batch_quick_writes_results(tmp_path, capsys):
     assert "| batch | sgd+momentum | adam | lars | lamb |" in md
     # every lr is chosen on the validation split: the reported best is the best by validation accuracy
     for best in results["best"]:
-        rivals = [r for r in results["runs"] if (r["optimizer"], r["batch_size"]) == (best["optimizer"], best["batch_size"])]
+        rivals = [r for r in results["runs"]
+                  if (r["optimizer"], r["batch_size"]) == (best["optimizer"], best["batch_size"])]
         assert best["val_accuracy"] == max(r["val_accuracy"] for r in rivals)
     # part two: LARS at both trust coefficients, each also with pytorch-optimizer's LARS, and LAMB, over seeds
     recipes = {(c["recipe"], c["batch_size"]): c for c in results["recipe"]}
     batch = results["settings"]["recipe_batches"][0]
-    assert set(recipes) == {(name, batch) for name in ("lars eta=1e-3", "lars eta=1e-2", "lars eta=1e-3 (pytorch-optimizer)",
-                                                       "lars eta=1e-2 (pytorch-optimizer)", "lamb")}
+    names = ("lars eta=1e-3", "lars eta=1e-2", "lars eta=1e-3 (pytorch-optimizer)", "lars eta=1e-2 (pytorch-optimizer)",
+             "lamb")
+    assert set(recipes) == {(name, batch) for name in names}
     assert all(len(c["test_accuracy"]) == len(results["settings"]["recipe_seeds"]) for c in recipes.values())
     peer = [r for r in results["recipe_runs"] if "pytorch-optimizer" in r["recipe"]]
     assert peer and not any(r["trust_ratios"] for r in peer)  # the peer's optimizer, not gradwise's, ran them

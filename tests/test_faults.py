@@ -217,7 +217,8 @@ def test_a_truncated_mnist1d_cache_is_regenerated(tmp_path):
 
 
 def test_the_checksum_of_a_set_does_not_depend_on_the_hash_seed():
-    code = "from gradwise.checkpoint.format import content_sha256; print(content_sha256({'s': {'alpha', 'beta', 'gamma'}}))"
+    code = ("from gradwise.checkpoint.format import content_sha256; "
+            "print(content_sha256({'s': {'alpha', 'beta', 'gamma'}}))")
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(digests) == 1

@@ -178,9 +178,11 @@ def test_fp16_overflow_skips_optimizer_and_scheduler_and_backs_off():
     before = [p.detach().clone() for p in trainer.model.parameters()]
     lr_before, epoch_before = trainer.engine.optimizer.param_groups[0]["lr"], trainer.engine.scheduler.last_epoch
     trainer.engine.train_step((x[:8], y[:8]))
-    assert trainer.engine.precision.scaler.skipped_steps == 1 and trainer.engine.precision.scaler.scale == pytest.approx(0.5e30)
+    scaler = trainer.engine.precision.scaler
+    assert scaler.skipped_steps == 1 and scaler.scale == pytest.approx(0.5e30)
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
-    assert trainer.engine.scheduler.last_epoch == epoch_before and trainer.engine.optimizer.param_groups[0]["lr"] == lr_before
+    assert trainer.engine.scheduler.last_epoch == epoch_before
+    assert trainer.engine.optimizer.param_groups[0]["lr"] == lr_before
     # it keeps backing off until the scaled gradients fit, then an update goes through
     for _ in range(200):
         trainer.engine.train_step((x[:8], y[:8]))

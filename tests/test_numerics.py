@@ -11,7 +11,8 @@ from torch.utils.data import TensorDataset
 
 from gradwise import load_config
 from gradwise.config import ScalerConfig
-from gradwise.diagnostics.numerics import FORMATS, Histogram, analyse, loss_scale_for, lost_update_fraction, range_fractions
+from gradwise.diagnostics.numerics import (FORMATS, Histogram, analyse, loss_scale_for, lost_update_fraction,
+                                          range_fractions)
 from gradwise.memory.precision import LossScaler
 from gradwise.train import Trainer
 from gradwise.train.metrics import read_metrics

@@ -33,7 +33,8 @@ def test_plan_picks_the_fastest_setting_that_fits():
     assert best is not None and best["fits"]
     assert best["samples_per_s"] == max(r["samples_per_s"] for r in rows)
     # memory is measured, and less of the batch per micro-step keeps fewer activations
-    by_micro = {r["accumulate"]: r["activation_bytes"] for r in rows if r["checkpoint"] == "none" and r["precision"] == "fp32"}
+    by_micro = {r["accumulate"]: r["activation_bytes"] for r in rows
+                if r["checkpoint"] == "none" and r["precision"] == "fp32"}
     assert by_micro[16] < by_micro[1]
     # a budget between the smallest and largest footprint excludes the large ones
     sizes = sorted(r["memory_bytes"] for r in rows)

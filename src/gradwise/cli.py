@@ -8,11 +8,26 @@ machine failing a write (a full disk: one line too); 1 any other failure.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+from gradwise.checkpoint.sharded import export_model
+from gradwise.config import load_config, parse_bytes
+from gradwise.data import build_data
+from gradwise.diagnostics.numerics import format_report as format_ranges
 from gradwise.errors import NonFiniteError, UserInputError, describe_os_error, os_error_status
+from gradwise.io import read_json, write_json, write_text
+from gradwise.launch import LaunchOptions, check_group_fits, launch
+from gradwise.parallel.ddp import init_process_group, launched_by_torchrun
+from gradwise.parallel.environment import group_sync
+from gradwise.report import render_compare, render_report
+from gradwise.tools.inspect import format_report, inspect_run, to_json
+from gradwise.tools.planner import format_table, no_fit_error, plan
+from gradwise.tools.precision import inspect_precision
+from gradwise.train import Trainer
+from gradwise.train.run_dir import RunLock, refuse_existing_run, resume_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,10 +47,6 @@ def _default_out_dir() -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gradwise.config import load_config
-    from gradwise.parallel.ddp import launched_by_torchrun
-    from gradwise.train import Trainer
-
     if args.strategy in ("ddp", "fsdp"):  # the synchronous strategies are a config key: --strategy X is
         args.overrides = [*args.overrides, f"train.strategy={args.strategy}"]  # train.strategy=X
     if args.resume and (args.config or args.out):
@@ -79,9 +90,6 @@ def _report(run_dir, summary: dict) -> None:
 
 def _launch_target(args: argparse.Namespace):
     """(config, run directory) that a launcher hands to its workers, checked before anything starts."""
-    from gradwise.config import load_config
-    from gradwise.train.run_dir import RunLock, refuse_existing_run, resume_config
-
     if args.resume:
         cfg = resume_config(args.resume, args.overrides)
         RunLock(Path(args.resume)).check_free()
@@ -114,9 +122,6 @@ def _train_async(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     """Check everything checkable, then start --nproc workers under torchrun's elastic agent."""
-    from gradwise.data import build_data
-    from gradwise.launch import LaunchOptions, check_group_fits, launch
-
     for flag in ("nproc", "nnodes"):
         if getattr(args, flag) < 1:
             raise UserInputError(f"usage error: --{flag}={getattr(args, flag)} must be at least 1")
@@ -146,15 +151,6 @@ def _train_worker(args: argparse.Namespace) -> int:
     The worker ends through `DistContext.finish` (exit status 0, or 2/1 for input/non-finite errors)
     rather than by returning, so a finished rank cannot abort in interpreter teardown.
     """
-    import os
-
-    from gradwise.config import load_config
-    from gradwise.parallel.ddp import init_process_group
-    from gradwise.parallel.environment import group_sync
-    from gradwise.io import read_json
-    from gradwise.train import Trainer
-    from gradwise.train.run_dir import resume_config
-
     ctx = init_process_group()
     try:
         cfg = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
@@ -184,10 +180,6 @@ def _train_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from gradwise.config import load_config, parse_bytes
-    from gradwise.io import write_json
-    from gradwise.tools.planner import format_table, no_fit_error, plan
-
     try:
         budget = parse_bytes(args.budget, "--budget")
     except ValueError as err:
@@ -211,11 +203,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from gradwise.config import load_config
-    from gradwise.diagnostics.numerics import format_report as format_ranges
-    from gradwise.tools.inspect import format_report, inspect_run, to_json
-    from gradwise.tools.precision import inspect_precision
-
     if args.steps < 1 or args.probes < 1:
         raise UserInputError(f"usage error: --steps={args.steps} and --probes={args.probes} must be at least 1")
     if args.overrides and args.overrides[0] == "precision":  # gradwise inspect precision [overrides]
@@ -243,9 +230,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from gradwise.io import write_text
-    from gradwise.report import render_report
-
     out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
     write_text(out, render_report(args.run_dir))
     print(f"wrote {out}")
@@ -253,9 +237,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from gradwise.io import write_text
-    from gradwise.report import render_compare
-
     if len(args.run_dirs) < 2:
         raise UserInputError("usage error: compare needs at least two run directories")
     out = Path(args.out or "compare.html")
@@ -265,8 +246,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gradwise.checkpoint.sharded import export_model
-
     out = Path(args.out) if args.out else Path(args.run_dir) / "model.pt"
     count = export_model(Path(args.run_dir), out)
     print(f"wrote {out} ({count} tensors: model.load_state_dict(torch.load('{out}', weights_only=True)))")
@@ -291,18 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--workers", type=int, help="async: worker actors; simulate: workers simulated (default 4)")
     ps.add_argument("--ray-address", help="async: a running Ray cluster (default: start a local Ray)")
     dp = train.add_argument_group("data parallel (see docs/distributed.md)")
-    dp.add_argument("--nproc", type=int, help="processes on this machine (torchrun); train.batch_size is the global batch")
+    dp.add_argument("--nproc", type=int,
+                    help="processes on this machine (torchrun); train.batch_size is the global batch")
     dp.add_argument("--max-restarts", type=int, default=0,
                     help="restart the group from the last checkpoint this many times when a worker dies (default 0)")
     dp.add_argument("--port", type=int, help="rendezvous port on this machine (default: a free one)")
     dp.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
-    dp.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of a multi-machine run (same on every node)")
+    dp.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                    help="rendezvous of a multi-machine run (same on every node)")
     dp.add_argument("--rdzv-id", default="gradwise", help="names the run at the rendezvous; the same on every node")
     dp.add_argument("--rdzv-timeout", type=float, default=60.0,
                     help="seconds to wait for every node to join before giving up (default 60)")
     train.set_defaults(func=cmd_train)
 
-    planner = sub.add_parser("plan", help="find the fastest micro-batch/checkpoint/precision setting within a memory budget")
+    planner = sub.add_parser("plan", help="find the fastest micro-batch/checkpoint/precision setting within a "
+                                          "memory budget")
     planner.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     planner.add_argument("--budget", required=True, help="memory budget, e.g. 2GiB, 512MiB, 500MB")
     planner.add_argument("--config", help="YAML config file")

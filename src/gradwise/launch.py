@@ -77,7 +77,8 @@ def torchrun_argv(opts: LaunchOptions, worker_args: list[str], module: str = "gr
         endpoint = opts.rdzv_endpoint
     return [
         f"--nnodes={opts.nnodes}", f"--nproc-per-node={opts.nproc}", f"--max-restarts={opts.max_restarts}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={opts.rdzv_id if opts.nnodes > 1 else uuid.uuid4().hex}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={opts.rdzv_id if opts.nnodes > 1 else uuid.uuid4().hex}",
         f"--rdzv-conf=join_timeout={max(1, round(opts.rdzv_timeout))}", "--monitor-interval=0.2",
         "-m", module, *worker_args,
     ]

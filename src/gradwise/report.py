@@ -32,7 +32,8 @@ PANELS = [
     ("Staleness (async)", "updates", [("train", "staleness_mean"), ("train", "staleness_max")], False),
     ("L1/L2 penalty", "penalty", [("train", "penalty")], True),
 ]
-SUMMARY_KEYS = ["model_class", "data_class", "train_samples", "task", "final_train_loss", "test_loss", "test_accuracy", "test_bpc", "val_loss", "val_accuracy", "steps",
+SUMMARY_KEYS = ["model_class", "data_class", "train_samples", "task", "final_train_loss", "test_loss", "test_accuracy",
+                "test_bpc", "val_loss", "val_accuracy", "steps",
                 "epochs", "wall_seconds", "samples_per_second", "skipped_steps", "loss_scale", "rollbacks",
                 "world_size", "restarts", "updates", "staleness_mean", "staleness_max", "num_parameters",
                 "params_sha256"]

@@ -22,10 +22,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset
 
-from gradwise.config import Config, apply_overrides, validate
+from gradwise.asynchronous.server import PushedGradients
 from gradwise.asynchronous.worker import UserRun, Worker
+from gradwise.config import Config, apply_overrides, validate
+from gradwise.data import build_data
 from gradwise.errors import ConfigError, DataError, NonFiniteError, UserInputError
 from gradwise.resolve import resolve_config
+from gradwise.tools.planner import plan_config
+from gradwise.train import Trainer
+from gradwise.train.metrics import Progress
+from gradwise.train.randomness import seed_everything
+from gradwise.train.run_dir import refuse_existing_run
 
 
 class ParameterServer:
@@ -37,8 +44,6 @@ class ParameterServer:
 
     def setup(self, cfg_dict: dict, out_dir: str | None, workers: int, resume: bool = False,
               user: UserRun | None = None) -> None:
-        from gradwise.asynchronous.server import PushedGradients
-        from gradwise.train import Trainer, seed_everything
 
         cfg = validate(cfg_dict)
         self.source = PushedGradients(cfg, workers)
@@ -136,11 +141,6 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     except ImportError:
         raise ConfigError("config error: --strategy async needs Ray: pip install 'gradwise[async]'") from None
 
-    from gradwise.data import build_data
-    from gradwise.tools.planner import plan_config
-    from gradwise.train.metrics import Progress
-    from gradwise.train.run_dir import refuse_existing_run
-    from gradwise.train.randomness import seed_everything
 
     check_async_config(cfg, workers)
     if out_dir is not None and not resume:

@@ -117,7 +117,8 @@ class Worker:
             seed_everything(cfg.seed + worker)
             model = user.model()
         self.link = ServerLink(server, worker, cfg.ps.slowdowns().get(worker, 1.0))
-        self.engine = StepEngine(model, cfg, loss_fn=user.loss_fn if user else None)  # one process: no strategy
+        # gradients only, in one process: the updates are the server's
+        self.engine = StepEngine(model, cfg, loss_fn=user.loss_fn if user else None, updates=False)
         self.reader = BatchReader(self.shard, user.collate_fn if user else None,
                                   derived_seed(cfg.seed, TRAIN_DATA, worker))
 

@@ -37,7 +37,8 @@ def busy_loops(seconds: float) -> int:
 class SlowItems(Dataset):
     def __init__(self, loops: int):
         g = torch.Generator().manual_seed(0)
-        self.x, self.y, self.loops = torch.randn(ITEMS, 32, generator=g), torch.randint(0, 4, (ITEMS,), generator=g), loops
+        self.x, self.y = torch.randn(ITEMS, 32, generator=g), torch.randint(0, 4, (ITEMS,), generator=g)
+        self.loops = loops
 
     def __len__(self) -> int:
         return ITEMS
@@ -80,7 +81,7 @@ def run(steps: int = 300, repeats: int = 5) -> dict[str, Any]:
             plain_epoch(model, data, workers)
             return time.perf_counter() - t0
 
-        time_trainer(), time_plain()  # untimed warm-up: first-call costs (lazy imports, allocator, worker start-up code)
+        time_trainer(), time_plain()  # untimed warm-up: first-call costs (lazy imports, allocator, worker start-up)
         times: dict[str, list[float]] = {"gradwise": [], "plain": []}
         for r in range(max(3, repeats)):
             order = (("gradwise", time_trainer), ("plain", time_plain))

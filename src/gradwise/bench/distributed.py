@@ -27,13 +27,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradwise.bench.sharding import rows as sharding_rows
+from gradwise.config import load_config
+from gradwise.data import build_data
+from gradwise.launch import LaunchOptions, launch
+from gradwise.nn import build_model
+from gradwise.parallel.ddp import DDPSync, init_process_group
+from gradwise.train import Trainer, seed_everything
+
 PROCESSES = (1, 2)
 WARMUP_STEPS = 20
 
 
 def measure_group(nproc: int, steps: int, rounds: int, overrides: list[str]) -> dict[str, Any]:
-    from gradwise.launch import LaunchOptions, launch
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "timing.json"
         status = launch(LaunchOptions(nproc=nproc), ["--out", str(out), "--steps", str(steps), "--rounds",
@@ -74,12 +80,12 @@ def run(steps: int = 300, repeats: int = 5, overrides: list[str] | None = None,
         rows.append(row)
     notes = ["Throughput counts global samples; the communication share is the step time DDP's all-reduce "
              "adds (rounds with vs without it, same group)."]
-    straggler = straggler_rows(gradients=max(40, min(2 * steps, 400)), repeats=max(1, repeats // 3))
+    straggler = straggler_rows(gradients=max(40, min(2 * steps, 400)), repeats=max(1, repeats // 3),
+                               overrides=overrides)
     if straggler is None:
         notes.append("sync vs async with a straggler: skipped (Ray not installed; pip install 'gradwise[async]')")
     else:
         rows.extend(straggler["rows"])
-    from gradwise.bench.sharding import rows as sharding_rows
 
     memory = sharding_rows(steps=max(5, steps // 20), repeats=max(1, repeats // 3), overrides=overrides,
                            counts=sharding_counts)
@@ -93,13 +99,13 @@ def run(steps: int = 300, repeats: int = 5, overrides: list[str] | None = None,
 STRAGGLER = {"workers": 4, "slowdown": "3:3"}
 
 
-def straggler_rows(gradients: int, repeats: int) -> dict[str, Any] | None:
-    """SSGD vs ASGD wall time per gradient with one slow worker (None without Ray)."""
+def straggler_rows(gradients: int, repeats: int, overrides: list[str] = ()) -> dict[str, Any] | None:
+    """SSGD vs ASGD wall time per gradient with one slow worker, on the job `overrides` describe (None without
+    Ray)."""
     try:
         import ray  # noqa: F401
     except ImportError:
         return None
-    from gradwise.config import load_config
     from gradwise.asynchronous.ps import train_async
 
     times: dict[str, list[float]] = {"ssgd": [], "asgd": []}
@@ -107,7 +113,7 @@ def straggler_rows(gradients: int, repeats: int) -> dict[str, Any] | None:
         for rule in times:
             cfg = load_config(None, [f"ps.rule={rule}", f"ps.slowdown={STRAGGLER['slowdown']}",
                                      f"train.steps={gradients}", "log.progress=off", "log.plots=false",
-                                     "diagnostics.every=0", "train.eval_every=null"])
+                                     "diagnostics.every=0", "train.eval_every=null", *overrides])
             summary = train_async(cfg, STRAGGLER["workers"], None, progress="off")
             times[rule].append(summary["wall_seconds"] / gradients)
     ratio = statistics.median(s / a for s, a in zip(times["ssgd"], times["asgd"]))
@@ -124,12 +130,6 @@ def straggler_rows(gradients: int, repeats: int) -> dict[str, Any] | None:
 
 def worker(argv: list[str]) -> None:
     """One rank of a timing group (run by torchrun): warm up, then alternate synced and unsynced rounds."""
-    from gradwise.config import load_config
-    from gradwise.data import build_data
-    from gradwise.parallel.ddp import DDPSync, init_process_group
-    from gradwise.nn import build_model
-    from gradwise.train import Trainer, seed_everything
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, required=True)

@@ -135,7 +135,8 @@ def run(steps: int = 300, repeats: int = 5) -> dict[str, Any]:
                 "job": job, "precision": precision, "GFLOP/step": m["flops_per_step"] / 1e9,
                 "ms/step": m["s_per_step"] * 1e3, "achieved GFLOP/s": achieved / 1e9,
                 "matmul peak GFLOP/s": peaks[precision] / 1e9, "MFU": achieved / peaks[precision],
-                "model-shape GFLOP/s": m["shape_gflops"], "model-shape / peak": m["shape_gflops"] * 1e9 / peaks[precision],
+                "model-shape GFLOP/s": m["shape_gflops"],
+                "model-shape / peak": m["shape_gflops"] * 1e9 / peaks[precision],
             })
     bandwidth = memory_bandwidth()
     return {"steps": steps, "repeats": repeats, "rows": rows, "raw": raw,

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from gradwise.config import load_config
 from gradwise.data import build_data
@@ -59,7 +60,6 @@ def plain_loop(model, x, y, cfg, steps: int) -> None:
 def lightning_fit(model, x, y, cfg, steps: int) -> None:
     """The same job under Lightning's Trainer (imported only here: a benchmark peer)."""
     import lightning as L
-    from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
     class Batches(Dataset):  # index a whole batch at once, like the other two loops
         def __len__(self):
@@ -145,9 +145,9 @@ def measure(overrides: list[str], steps: int, repeats: int) -> dict[str, Any]:
               "extra_s_per_step": extra}
     if "lightning" in times:
         result["lightning_s_per_step"] = times["lightning"]
-        result["lightning_ratio"] = statistics.median(l / p for l, p in zip(times["lightning"], times["plain"]))
+        result["lightning_ratio"] = statistics.median(lt / p for lt, p in zip(times["lightning"], times["plain"]))
         result["trainer_over_lightning"] = statistics.median(
-            t / l for t, l in zip(times["trainer"], times["lightning"]))
+            t / lt for t, lt in zip(times["trainer"], times["lightning"]))
     return result
 
 

@@ -20,6 +20,12 @@ from typing import Any
 
 import torch
 
+from gradwise.config import load_config
+from gradwise.launch import LaunchOptions, launch
+from gradwise.parallel.ddp import init_process_group
+from gradwise.parallel.environment import group_sync
+from gradwise.train import Trainer
+
 COUNTS = (1, 2, 4)
 WARMUP_STEPS = 3
 
@@ -43,8 +49,6 @@ def state_tensors(optimizer: torch.optim.Optimizer):
 
 
 def measure(nproc: int, parallel: str, steps: int, overrides: list[str]) -> dict[str, Any]:
-    from gradwise.launch import LaunchOptions, launch
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cell.json"
         status = launch(LaunchOptions(nproc=nproc), ["--out", str(out), "--steps", str(steps),
@@ -79,11 +83,6 @@ def rows(steps: int, repeats: int, overrides: list[str] | None = None,
 
 def worker(argv: list[str]) -> None:
     """One rank of a measuring group (run by torchrun)."""
-    from gradwise.config import load_config
-    from gradwise.parallel.ddp import init_process_group
-    from gradwise.parallel.environment import group_sync
-    from gradwise.train import Trainer
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, required=True)
@@ -93,7 +92,7 @@ def worker(argv: list[str]) -> None:
                              "train.eval_every=null", "train.checkpoint_every=null", *overrides])
     sync = group_sync(ctx, cfg.train.strategy) if ctx.world_size > 1 else None
     trainer = Trainer.from_config(cfg, sync=sync)
-    trainer.test_data = trainer.val_data = None  # time training alone
+    trainer.data["val"] = trainer.data["test"] = None  # time training alone
     trainer.fit(max_steps=WARMUP_STEPS)
     engine = trainer.engine
     mine = {"params": held_bytes(engine.params), "grads": held_bytes([p.grad for p in engine.params

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradwise.checkpoint.format import load_checkpoint
 from gradwise.errors import CheckpointError
-from gradwise.io import fsync_dir
+from gradwise.io import fsync_dir, write_with
 
 PREFIX = "shards-"
 
@@ -168,7 +169,8 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))
     except Exception as err:  # noqa: BLE001 - DCP reports a mismatch with the checkpoint as any of several types
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise CheckpointError(f"checkpoint error: '{folder}' does not fit this model and optimizer ({reason})") from None
+        raise CheckpointError(f"checkpoint error: '{folder}' does not fit this model and optimizer "
+                              f"({reason})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=False))  # parameters without state; model keys: checked before
     return state.get("model_states", {})
@@ -199,9 +201,6 @@ def export_model(run_dir: Path, out: Path) -> int:
     """Write the model state_dict of `run_dir`'s last checkpoint, whole (a sharded one consolidated), to
     `out`, a file `torch.load(out, weights_only=True)` reads and `model.load_state_dict` takes; returns the
     number of tensors."""
-    from gradwise.io import write_with
-    from gradwise.checkpoint.format import load_checkpoint
-
     for _ in range(3):  # a run training meanwhile may replace last.pt and remove the folder it named
         payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         if "shards" not in payload or Path(payload["shards"]["path"]).is_dir():

@@ -16,7 +16,8 @@ class DataConfig(Section):
     path: Optional[str] = Field(
         None, description="npz/csv file, or a text file or folder (text; default: the Python stdlib sources)"
     )
-    num_samples: int = Field(5000, ge=10, description="mnist1d: samples generated (train+test; at least 10, one per class)")
+    num_samples: int = Field(5000, ge=10,
+                             description="mnist1d: samples generated (train+test; at least 10, one per class)")
     train_split: float = Field(0.8, gt=0, lt=1, description="mnist1d: fraction used for training")
     generator_seed: int = Field(42, description="mnist1d: generator seed (42 is the standard split)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="digits/text/npz/csv: held-out fraction")

@@ -114,7 +114,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 child = node[part] = {}
             if not isinstance(child, dict):
                 prefix = ".".join(path[: i + 1])
-                raise ConfigError(f"config error: '{prefix}' is a value, not a section, so '{text}' cannot set under it")
+                raise ConfigError(f"config error: '{prefix}' is a value, not a section, so '{text}' cannot set "
+                                  "under it")
             node = child
         node[path[-1]] = value
     return raw

@@ -85,7 +85,8 @@ class TrainConfig(Section):
     accumulate: int = Field(1, gt=0, description="micro-batches per update (micro-batch = batch_size / accumulate)")
     micro_batch_size: Optional[int] = Field(None, gt=0, description="or: samples per micro-batch")
     clip_norm: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this, once per update")
-    clip_value: Optional[float] = Field(None, gt=0, description="clip each gradient element to [-v, v], once per update")
+    clip_value: Optional[float] = Field(None, gt=0,
+                                        description="clip each gradient element to [-v, v], once per update")
     sync_batchnorm: bool = Field(False, description="multi-process: BatchNorm statistics over the global batch (CUDA)")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="the sync strategy (--strategy ddp|fsdp): one process, or under --nproc / torchrun ddp "

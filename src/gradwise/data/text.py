@@ -7,6 +7,7 @@ non-overlapping windows: input = chars[i:i+T], target = chars[i+1:i+T+1].
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from pathlib import Path
 
@@ -30,10 +31,11 @@ def corpus_files(path: Path) -> list[Path]:
     if not path.is_dir():
         raise DataError(f"data error: data.path='{path}' does not exist (need a text file or a folder of text files)")
     suffixes = {".py"} if path == default_corpus_dir() else TEXT_SUFFIXES
-    files = sorted(
-        p for p in path.rglob("*")
-        if p.suffix in suffixes and p.is_file() and "site-packages" not in p.parts
-    )
+    found = []
+    for folder, subfolders, names in os.walk(path):  # installed packages are not the corpus: not even walked
+        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "__pycache__")]
+        found += [Path(folder) / n for n in names if Path(n).suffix in suffixes]
+    files = sorted(p for p in found if p.is_file())
     if not files:
         raise DataError(f"data error: data.path='{path}' holds no text files ({', '.join(sorted(suffixes))})")
     return files

@@ -7,9 +7,10 @@ method's lr is chosen per number of workers M on the validation split (seed 0) f
 seeds are trained at the chosen lr and tested. Sequential SGD and SSGD use momentum 0.9; the asynchronous
 rules use none (asynchrony adds an implicit momentum of about 1 - 1/M, and 0.9 on top diverged in the
 pilot). SSGD (M synchronous gradients averaged per update) is trained as one process on batch 128 M for
-1/M of the updates, the same arithmetic (for M up to 16: a larger M reads more than the training set per update). ASGD and DC-ASGD run on the delay simulator
-(gradwise.asynchronous.delay: staleness M - 1) for M up to 64, and on real Ray workers at M = 4 and 8 to
-validate the simulator. `ps.lr_scale=none` throughout: the grid is the lr policy here.
+1/M of the updates, the same arithmetic (for M up to 16: a larger M reads more than the training set per
+update). ASGD and DC-ASGD run on the delay simulator (gradwise.asynchronous.delay: staleness M - 1) for M
+up to 64, and on real Ray workers at M = 4 and 8 to validate the simulator. `ps.lr_scale=none` throughout:
+the grid is the lr policy here.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradwise.bench import describe_machine
 from gradwise.config import load_config
+from gradwise.errors import NonFiniteError
 from gradwise.experiments.stats import mean_ci
 from gradwise.io import write_json, write_text, write_with
+from gradwise.train import Trainer
 
 BASE = ["data.name=mnist1d", "data.val_fraction=0.1", "model.name=cnn", "optim.name=sgd", "schedule.name=cosine",
         "train.batch_size=128", "ps.lr_scale=none", "diagnostics.every=0", "log.progress=off", "log.plots=false",
@@ -80,8 +84,6 @@ def _train(cfg, method: str, workers: int, run_dir: Path, ray: bool) -> dict[str
     non-finite is kept as diverged (accuracy 0), so a grid point too large does not end the experiment."""
     from gradwise.asynchronous.delay import DelayedGradients
     from gradwise.asynchronous.ps import train_async
-    from gradwise.errors import NonFiniteError
-    from gradwise.train import Trainer
 
     for name in ("summary.json", "diverged.json"):
         if (run_dir / name).exists():
@@ -183,7 +185,6 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     wall = time.perf_counter() - t_start
     run_seconds = sum(r["seconds"] for r in selection + lambda_sweep + runs + ray_runs)
 
-    from gradwise.bench import describe_machine
 
     grids = {}
     for r in selection:

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
+from gradwise.bench import describe_machine
 from gradwise.config import load_config
 from gradwise.diagnostics.spectra import block_input, jacobian_mean_sq_singular_value
 from gradwise.errors import NonFiniteError
 from gradwise.experiments.reuse import previous_results
 from gradwise.experiments.stats import mean_ci
-from gradwise.io import write_json, write_text
+from gradwise.io import write_json, write_text, write_with
 from gradwise.memory.measure import ActivationMeter, format_bytes
 from gradwise.train import Callback, Trainer
 
@@ -121,7 +122,8 @@ def very_deep(blocks: int, steps: int) -> dict[str, Any]:
     r.update({"blocks": blocks, "activation_bytes_kept_per_step": meter.bytes,
               "params": sum(p.numel() for p in trainer.model.parameters()),
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "alpha_abs_mean_after": float(torch.stack([b.alpha.detach().abs() for b in trainer.model.blocks]).mean())})
+              "alpha_abs_mean_after": float(torch.stack([b.alpha.detach().abs()
+                                                         for b in trainer.model.blocks]).mean())})
     print(f"depth: {blocks} ReZero blocks: loss {r['first_loss']:.3f} -> {r['final_loss']:.3f} in {r['seconds']}s, "
           f"{format_bytes(meter.bytes)} activations kept, peak RSS {format_bytes(r['peak_rss_bytes'])}", flush=True)
     return r
@@ -190,9 +192,11 @@ def _speed_verdict(chosen: list[dict], n_layer: int, warmup: int) -> str:
               for v in ("rezero", "post-LN"))
     n = len(rz["steps_to_target"])
     if rz["mean"] is None and pl["mean"] is None:
-        return f"not shown: neither reached the target in every seed (ReZero {rz['reached']}, post-LN {pl['reached']} of {n})"
+        return (f"not shown: neither reached the target in every seed (ReZero {rz['reached']}, post-LN "
+                f"{pl['reached']} of {n})")
     if rz["mean"] is None:
-        return f"not held: ReZero reached the target in {rz['reached']} of {n} seeds, post-LN in all ({pl['mean']:.0f} steps)"
+        return (f"not held: ReZero reached the target in {rz['reached']} of {n} seeds, post-LN in all "
+                f"({pl['mean']:.0f} steps)")
     if pl["mean"] is None:
         reached = ", ".join(str(x) for x in pl["steps_to_target"] if x is not None) or "none"
         return (f"held partly: ReZero reached it in every seed ({rz['mean']:.0f} ± {rz['ci95']:.0f} steps), post-LN "
@@ -229,7 +233,6 @@ def _plot(results: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradwise.io import write_with
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     rows = results["fc"]
@@ -258,7 +261,6 @@ def _plot_convergence(results: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradwise.io import write_with
 
     s, chosen, runs = results["settings"], results["convergence"]["chosen"], results["convergence"]["runs"]
     fig, axes = plt.subplots(len(s["conv_layers"]), 2, figsize=(10, 3.5 * len(s["conv_layers"])), dpi=100,
@@ -305,12 +307,12 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     results["very_deep"] = cache.get("very_deep") or very_deep(s["deep_blocks"], s["deep_steps"])
     runs, chosen = convergence(s, cache)
     results["convergence"] = {"runs": runs, "chosen": chosen, "verdicts": {
-        f"{n} layers, warmup {w}": _speed_verdict(chosen, n, w) for n in s["conv_layers"] for w in (0, s["warmups"][str(n)])}}
+        f"{n} layers, warmup {w}": _speed_verdict(chosen, n, w)
+        for n in s["conv_layers"] for w in (0, s["warmups"][str(n)])}}
     minutes = {"fully_connected": sum(r["seconds"] for r in results["fc"]) / 60,
                "very_deep": results["very_deep"]["seconds"] / 60, "convergence": sum(r["seconds"] for r in runs) / 60,
                "this_invocation": (time.perf_counter() - t0) / 60}
     results["training_minutes"] = minutes
-    from gradwise.bench import describe_machine
 
     results["machine"] = describe_machine()
     fc_lines = ["| blocks | variant | Jacobian at init | loss first -> last | outcome |", "|---|---|---|---|---|"]
@@ -320,7 +322,8 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     c_lines = ["| layers | variant | warmup | lr | steps to target (seeds) | mean ± 95% |", "|---|---|---|---|---|---|"]
     for c in chosen:
         steps = ", ".join(str(x) if x is not None else f">{s['caps'][str(c['layers'])]}" for x in c["steps_to_target"])
-        summary = f"{c['mean']:.0f} ± {c['ci95']:.0f}" if c["mean"] is not None else f"{c['reached']} of {len(c['steps_to_target'])} reached"
+        summary = f"{c['mean']:.0f} ± {c['ci95']:.0f}" if c["mean"] is not None else \
+            f"{c['reached']} of {len(c['steps_to_target'])} reached"
         c_lines.append(f"| {c['layers']} | {c['variant']} | {c['warmup_steps']} | {c['lr']:g}"
                        f"{' (grid edge)' if c['grid_edge'] else ''} | {steps} | {summary} |")
     verdicts = [f"- {k}: **{v}**" for k, v in results["convergence"]["verdicts"].items()]
@@ -331,7 +334,8 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
         (f"Training time: {minutes['fully_connected'] + minutes['very_deep'] + minutes['convergence']:.1f} min "
          f"(fully-connected {minutes['fully_connected']:.1f}, 10,000 blocks {minutes['very_deep']:.1f}, transformers "
          f"{minutes['convergence']:.1f} over {len(runs)} runs); this invocation's wall time "
-         f"{minutes['this_invocation']:.1f} min{' (runs an earlier invocation into this folder finished were reused)' if cache else ''}."), "",
+         f"{minutes['this_invocation']:.1f} min"
+         f"{' (runs an earlier invocation into this folder finished were reused)' if cache else ''}."), "",
         f"## Fully-connected nets (MNIST-1D, width 64, tanh, Adam lr 1e-3, {s['fc_steps']} steps)", "",
         "Jacobian at init: mean squared singular value of the block stack's input-output Jacobian "
         "(1 = signals neither vanish nor explode). Loss: mean of the first 5 and last 10 steps. "
@@ -347,7 +351,8 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
         "Claim (seed 000; Bachlechner et al. 2020, Table 3): a 12-layer ReZero transformer reaches a target "
         "loss 56% sooner than the post-LN transformer (enwik8, iterations to 1.2 BPB), and ReZero trains "
         "transformers past 100 layers.", "",
-        f"Char-level LM on the Python stdlib sources ({s['chars']:,} chars), d_model 64, 4 heads, context 32, batch 16, "
+        f"Char-level LM on the Python stdlib sources ({s['chars']:,} chars), d_model 64, 4 heads, context 32, "
+        "batch 16, "
         f"Adam, constant lr after an optional linear warmup. Steps to target: the first step at which the mean "
         f"training loss of the last {s['window']} steps is at or below the target "
         f"({', '.join(f'{v} nats at {k} layers' for k, v in s['targets'].items())}); the run stops there or "
@@ -355,9 +360,10 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
         f"(layers, variant, warmup) is the one with the fewest steps on seed 0 from {{{grid}}} (at 12 layers "
         f"extended once by 3x past an edge); fresh seeds {s['seeds']} then train at it and are what the "
         "table reports (a missed target shows as >cap).", "",
-        *c_lines, "", "Verdict (ReZero against post-LN at the same depth and warmup, each at its chosen lr): **held** when "
-        "ReZero's interval lies wholly below post-LN's and post-LN needs at least 1.3x ReZero's steps; **held partly** when faster by less; "
-        "**not shown** when the intervals overlap; a variant that misses the target in some seed has no mean.", "", *verdicts, "",
+        *c_lines, "", "Verdict (ReZero against post-LN at the same depth and warmup, each at its chosen lr): "
+        "**held** when ReZero's interval lies wholly below post-LN's and post-LN needs at least 1.3x ReZero's "
+        "steps; **held partly** when faster by less; **not shown** when the intervals overlap; a variant that "
+        "misses the target in some seed has no mean.", "", *verdicts, "",
         "What differs from the paper: a 200k-character corpus and a 64-wide model instead of enwik8 with "
         "512-wide layers; a training-loss target reached in hundreds of steps instead of a validation target "
         "reached in thousands; Adam with a constant lr; 64 layers, not the paper's 100+ (the 128-block and "

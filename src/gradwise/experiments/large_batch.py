@@ -24,12 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradwise.bench import describe_machine
 from gradwise.config import load_config
+from gradwise.data import build_data
 from gradwise.errors import NonFiniteError
 from gradwise.experiments.reuse import previous_results
 from gradwise.experiments.stats import mean_ci
-from gradwise.io import write_json, write_text
+from gradwise.io import write_json, write_text, write_with
+from gradwise.nn import build_model
+from gradwise.optim.groups import param_groups
 from gradwise.train import Trainer
+from gradwise.train.randomness import seed_everything
 
 # name -> (config overrides, base lr at batch 32, scale rule). Base rates were centred by a 5-epoch
 # calibration at batch 512 (the sweep below then spans x1/3 .. x3 around them).
@@ -101,7 +106,6 @@ def _pytorch_optimizer_lars(model, cfg):
         raise ConfigError("config error: repro large-batch runs pytorch-optimizer's LARS alongside gradwise's; "
                           "install it with: pip install -e '.[bench]'") from None
 
-    from gradwise.optim.groups import param_groups
 
     return LARS(param_groups(model, cfg.optim.weight_decay, cfg.optim.exclude), lr=cfg.optim.lr,
                 momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
@@ -110,9 +114,6 @@ def _pytorch_optimizer_lars(model, cfg):
 def _trainer(cfg, implementation: str) -> Trainer:
     if implementation == "gradwise":
         return Trainer.from_config(cfg)
-    from gradwise.data import build_data
-    from gradwise.nn import build_model
-    from gradwise.train.randomness import seed_everything
 
     seed_everything(cfg.seed)  # the same order as from_config, so a seed gives the same data and init
     data = build_data(cfg.data, context=cfg.model.context)
@@ -131,8 +132,9 @@ def train_one(overrides: list[str], implementation: str = "gradwise") -> dict[st
     except NonFiniteError:
         summary = {"steps": trainer.state.step, "test_loss": math.nan, "val_loss": math.nan,
                    "final_train_loss": math.nan}
-    ratios = {name: float(trainer.engine.optimizer.state[p]["trust_ratio"])
-              for name, p in trainer.model.named_parameters() if "trust_ratio" in trainer.engine.optimizer.state.get(p, {})}
+    state = trainer.engine.optimizer.state
+    ratios = {name: float(state[p]["trust_ratio"])
+              for name, p in trainer.model.named_parameters() if "trust_ratio" in state.get(p, {})}
     finite = math.isfinite(summary["test_loss"]) and math.isfinite(summary["val_loss"])
     return {"lr": trainer.engine.lr, "steps": summary["steps"], "seed": cfg.seed, "diverged": not finite,
             "val_accuracy": summary["val_accuracy"] if finite else 0.0,
@@ -231,7 +233,6 @@ def _plot(best: dict, batches: list[int], chosen: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradwise.io import write_with
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for optimizer in OPTIMIZERS:
@@ -279,7 +280,8 @@ def _verdicts(best: dict, chosen: dict, s: dict[str, Any]) -> tuple[list[str], d
             diff, bound = ours["mean"] - peer["mean"], math.hypot(ours["ci95"], peer["ci95"])
             verdicts[f"implementations agree eta={eta}@{batch}"] = abs(diff) <= bound
             lines.append(f"- batch {batch}, LARS eta={eta}: gradwise − pytorch-optimizer = {diff:+.3f} at lr "
-                         f"{ours['lr']:.3g} / {peer['lr']:.3g} (bound {bound:.3f}, {len(s['recipe_seeds'])} seeds: a weak test): "
+                         f"{ours['lr']:.3g} / {peer['lr']:.3g} (bound {bound:.3f}, {len(s['recipe_seeds'])} "
+                         "seeds: a weak test): "
                          f"{'no difference detected' if abs(diff) <= bound else 'they differ'}")
     return lines, verdicts
 
@@ -292,9 +294,9 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     runs, best = part_one(s, cache)
     recipe_runs, chosen = part_two(s, cache)
     minutes = (time.perf_counter() - t0) / 60
-    trained = {"part_one": sum(r["seconds"] for r in runs) / 60, "part_two": sum(r["seconds"] for r in recipe_runs) / 60}
+    trained = {"part_one": sum(r["seconds"] for r in runs) / 60,
+               "part_two": sum(r["seconds"] for r in recipe_runs) / 60}
     reused = sum(bool(r.get("reused")) for r in [*runs, *recipe_runs])
-    from gradwise.bench import describe_machine
 
     results = {"settings": settings_record(s), "machine": describe_machine(), "runs": runs, "recipe_runs": recipe_runs,
                "best": [best[(o, b)] for b in s["batches"] for o in OPTIMIZERS],
@@ -309,7 +311,8 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
         cells = []
         for b in s["recipe_batches"]:
             c = chosen[(name, b)]
-            cells.append(f"{c['mean']:.3f} ± {c['ci95']:.3f} (lr {c['lr']:.3g}{', grid edge' if c['grid_edge'] else ''})")
+            edge = ", grid edge" if c["grid_edge"] else ""
+            cells.append(f"{c['mean']:.3f} ± {c['ci95']:.3f} (lr {c['lr']:.3g}{edge})")
         recipe_lines.append(f"| {name} | " + " | ".join(cells) + " |")
     drops = {o: best[(o, s["batches"][0])]["test_accuracy"] - best[(o, s["batches"][-1])]["test_accuracy"]
              for o in OPTIMIZERS}

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from gradwise.bench import describe_machine
 from gradwise.bench.rounds import compare_policies, kept_bytes
 from gradwise.config import load_config
-from gradwise.io import write_json, write_text
+from gradwise.io import write_json, write_text, write_with
 from gradwise.memory.checkpointing import apply_checkpointing
 from gradwise.memory.measure import format_bytes
 from gradwise.nn import build_model
@@ -78,7 +79,6 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradwise.io import write_with
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, key, title in ((axes[0], "mlp_policies", "64-block MLP"), (axes[1], "transformer_policies", "transformer")):
@@ -132,7 +132,6 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     results["settings"] = {"mlp": mlp, "transformer": transformer, "precision": precision,
                            "rounds": rounds, "steps_per_round": steps, "quick": quick}
 
-    from gradwise.bench import describe_machine
 
     results["machine"] = describe_machine()
     sqrt = next(r for r in results["mlp_policies"] if r["policy"] == "sqrt")

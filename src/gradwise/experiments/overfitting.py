@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradwise.bench import describe_machine
 from gradwise.config import load_config
-from gradwise.io import write_json, write_text, write_with
 from gradwise.data import build_data
-from gradwise.train import Trainer
 from gradwise.data.sampler import batches_per_epoch
+from gradwise.io import write_json, write_text, write_with
+from gradwise.train import Trainer
 
 BASE = ["model.name=mlp", "model.depth=2", "model.width=128", "optim.name=adam", "optim.lr=0.001",
         "schedule.name=constant", "train.batch_size=32"]
@@ -173,10 +174,9 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
                   f"({r['seconds']:.0f}s)", flush=True)
     rows = aggregate(runs, s["variants"])
     by_name = {r["variant"]: r for r in rows}
-    from gradwise.bench import describe_machine
 
-    table = ["| variant | parameters | best val loss | best epoch | final val loss | final train loss | gap (val - train) "
-             "| test accuracy |", "|---|---|---|---|---|---|---|---|"]
+    table = ["| variant | parameters | best val loss | best epoch | final val loss | final train loss "
+             "| gap (val - train) | test accuracy |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['variant']} | {r['parameters']:,} | {r['best_val_loss']:.3f} | {r['best_epoch']:.1f} | "
                      f"{r['final_val_loss']:.3f} | {r['final_train_loss']:.3f} | {r['gap']:.3f} ± {r['gap_sd']:.3f} "

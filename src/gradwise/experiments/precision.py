@@ -27,9 +27,13 @@ from typing import Any
 
 import torch
 
+from gradwise.bench import describe_machine
 from gradwise.config import load_config
 from gradwise.errors import NonFiniteError
 from gradwise.io import write_json, write_text, write_with
+from gradwise.tools.precision import inspect_precision
+from gradwise.train import Trainer
+from gradwise.train.batch import fetch_batch
 
 MODELS = {
     "cnn": ["data.name=mnist1d", "data.num_samples=5000", "model.name=cnn", "model.channels=[32,32,32]",
@@ -56,8 +60,6 @@ def settings(quick: bool) -> dict[str, Any]:
 
 def zero_gradient_fraction(trainer) -> float:
     """Share of gradient elements exactly zero after one backward on the first training batch."""
-    from gradwise.train.batch import fetch_batch
-
     batch = torch.arange(min(len(trainer.train_data), trainer.cfg.train.batch_size))
     inputs, targets = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, batch))
     trainer.engine.optimizer.zero_grad(set_to_none=True)
@@ -69,8 +71,6 @@ def zero_gradient_fraction(trainer) -> float:
 
 
 def one_run(model: str, variant: str, steps: int, seed: int = 0) -> dict[str, Any]:
-    from gradwise.train import Trainer
-
     cfg = load_config(None, [*MODELS[model], *VARIANTS[variant], f"train.steps={steps}", "log.progress=off",
                              f"seed={seed}",
                              "log.plots=false", f"train.eval_every={steps}", "train.eval_batch_size=500",
@@ -122,9 +122,6 @@ def _plot(runs: list[dict[str, Any]], out: Path) -> None:
 
 
 def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
-    from gradwise.bench import describe_machine
-    from gradwise.tools.precision import inspect_precision
-
     out = Path(out_dir)
     s = settings(quick)
     runs, advice, references = [], {}, []

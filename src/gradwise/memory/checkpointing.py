@@ -95,7 +95,8 @@ def apply_checkpointing(model: nn.Module, policy: str, module_names: list[str] |
         missing = [n for n in module_names if n not in found]
         if missing:
             names = sorted({type(m).__name__ for m in model.modules()})
-            raise ConfigError(f"config error: memory.modules={missing} match no module (classes here: {', '.join(names)})")
+            raise ConfigError(f"config error: memory.modules={missing} match no module (classes here: "
+                              f"{', '.join(names)})")
         for m in chosen:
             m.__class__ = checkpointed_class(type(m))
         return len(chosen)

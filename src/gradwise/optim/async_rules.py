@@ -68,7 +68,7 @@ def delay_compensated(grads: list[torch.Tensor], weights: list[torch.Tensor], ba
                       lam: float | list[torch.Tensor]) -> list[torch.Tensor]:
     """g + lam * g * g * (w - w_bak); `lam` a number or one tensor per parameter (elementwise)."""
     lams = lam if isinstance(lam, list) else [lam] * len(grads)
-    return [g + l * g * g * (w - b) for g, w, b, l in zip(grads, weights, backup, lams)]
+    return [g + lam_i * g * g * (w - b) for g, w, b, lam_i in zip(grads, weights, backup, lams)]
 
 
 def adaptive_lambda(grads: list[torch.Tensor], mean_square: list[torch.Tensor] | None, lambda0: float,

@@ -12,8 +12,8 @@ Computed as u = c * (m / (sqrt(v) + eps sqrt(bc2)) + (wd / c) w) with
 c = sqrt(bc2) / bc1, which is the same quantity with one division instead of
 three. Groups with adapt=False (biases, norm weights: many tiny tensors) keep
 their moments as views into one flat buffer and update it with a handful of
-whole-buffer ops, instead of paying a kernel dispatch per tensor per op. State (m, v) is fp32 whatever the parameter dtype; `p.grad` is never
-modified and nothing is read back to the host. The last trust ratio of each
+whole-buffer ops, instead of paying a kernel dispatch per tensor per op. State (m, v) is fp32 whatever the
+parameter dtype; `p.grad` is never modified and nothing is read back to the host. The last trust ratio of each
 tensor is kept in `state["trust_ratio"]` (a 0-dim tensor) for diagnostics.
 """
 
@@ -35,7 +35,8 @@ class LAMB(LayerwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, trust_clip: float | None = None, adapt: bool = True):
         if lr <= 0 or eps <= 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"invalid LAMB hyperparameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
+            raise ValueError(f"invalid LAMB hyperparameters lr={lr} betas={betas} eps={eps} "
+                             f"weight_decay={weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, trust_clip=trust_clip,
                         adapt=adapt)
         super().__init__(params, defaults)

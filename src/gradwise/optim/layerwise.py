@@ -118,7 +118,8 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None  # (owning pid, pool): a for
 def _chunk_pool() -> ThreadPoolExecutor:
     global _pool
     if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="gradwise-optim"))
+        pool = ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="gradwise-optim")
+        _pool = (os.getpid(), pool)
     return _pool[1]
 
 

@@ -60,7 +60,8 @@ class LRMultiplier:
                              self.power, self.step_every, self.gamma)
 
 
-def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A scheduler over `total_steps` updates (cfg.total_steps overrides the run length).
 
     `cfg.warmup_epochs` must already be resolved into `cfg.warmup_steps` (gradwise.resolve does this).

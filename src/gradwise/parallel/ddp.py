@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from gradwise.errors import ConfigError
 from gradwise.parallel.strategy import GradientSync
@@ -114,8 +115,6 @@ class DDPSync(GradientSync):
 
     def prepare(self, model: torch.nn.Module, cfg, precision) -> torch.nn.Module:
         """DistributedDataParallel around `model` (BatchNorm made SyncBatchNorm with train.sync_batchnorm)."""
-        from torch.nn.parallel import DistributedDataParallel  # its import pulls in much of torch.distributed
-
         check_batch_fits(cfg.train.batch_size, self.world_size)
         if cfg.train.sync_batchnorm:
             if self.ctx.backend != "nccl":

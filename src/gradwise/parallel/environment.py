@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 
 import torch.distributed as dist
@@ -30,8 +31,6 @@ def leave_group(timeout_s: float = 60.0) -> None:
     """Wait for every rank (at most `timeout_s`: a rank that failed never comes), then destroy the group. A
     rank that exits while a peer's gloo threads still wait on it aborts that peer ("terminate called without
     an active exception")."""
-    import datetime
-
     if not dist.is_initialized():  # the script left the group itself
         return
     if dist.get_backend() == "gloo":  # (NCCL has no barrier with a timeout; it is left as before)

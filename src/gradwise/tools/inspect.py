@@ -9,19 +9,18 @@ from typing import Any
 import torch
 
 from gradwise.config import Config
+from gradwise.data.sampler import EpochBatches
 from gradwise.diagnostics.health import judge, layer_stats, weight_layers
 from gradwise.diagnostics.spectra import (
     block_input,
     jacobian_mean_sq_singular_value,
     spectral_norms,
 )
+from gradwise.train import Trainer
+from gradwise.train.batch import fetch_batch
 
 
 def inspect_run(cfg: Config, steps: int = 5, probes: int = 8) -> dict[str, Any]:
-    from gradwise.train import Trainer
-    from gradwise.train.batch import fetch_batch
-    from gradwise.data.sampler import EpochBatches
-
     trainer = Trainer.from_config(cfg)
     model = trainer.model
     n = min(cfg.train.batch_size, len(trainer.train_data))

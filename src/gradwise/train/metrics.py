@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from gradwise.errors import ConfigError
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -29,8 +30,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def tensorboard_writer(folder: str | Path):
     """A SummaryWriter (the `tensorboard` extra), or a one-line config error naming the fix."""
-    from gradwise.errors import ConfigError
-
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

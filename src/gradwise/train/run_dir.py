@@ -170,7 +170,8 @@ def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool, about: tuple[str, d
     if fresh:
         refuse_existing_run(out_dir)
     foreign = [name for name in ("config.yaml", "metrics.jsonl") if (out_dir / name).is_file()]
-    if fresh and foreign and not ((out_dir / "config.yaml").is_file() and _written_by_gradwise(out_dir / "config.yaml")):
+    ours = (out_dir / "config.yaml").is_file() and _written_by_gradwise(out_dir / "config.yaml")
+    if fresh and foreign and not ours:
         raise CheckpointError(f"checkpoint error: '{out_dir}' has a {foreign[0]} that no gradwise run wrote; "
                               "choose another --out (gradwise never replaces files it did not write)")
     remove_stale_temp_files(out_dir)

@@ -88,6 +88,8 @@ class StepEngine:
     server applies gradients its workers already unscaled). `lr_factor` multiplies
     the scaled optim.lr, or a given optimizer's rates (an asynchronous run's `ps.lr_scale`).
     `forward_context` wraps each forward (e.g. an ActivationMeter's `track`: the planner's measurement).
+    `updates=False` builds a gradients-only engine (no optimizer, no schedule: a parameter-server worker's,
+    whose updates are the server's).
     """
 
     def __init__(self, model: nn.Module, cfg: Config, *, sync: GradientSync | None = None,
@@ -95,7 +97,8 @@ class StepEngine:
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, loss_scaling: bool = True,
-                 lr_factor: float = 1.0, forward_context: Callable[[], Any] = contextlib.nullcontext):
+                 lr_factor: float = 1.0, forward_context: Callable[[], Any] = contextlib.nullcontext,
+                 updates: bool = True):
         if cfg.schedule.total_steps is None:
             raise ConfigError("config error: schedule.total_steps is unset; resolve the config first "
                               "(gradwise.resolve.resolve_config)")
@@ -115,8 +118,9 @@ class StepEngine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr = lr_factor * scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.schedule.base_batch,
                                         cfg.schedule.scale_rule)
-        self.optimizer = optimizer or build_optimizer(cfg.optim, self.model, self.lr)
-        self.scheduler = scheduler or build_scheduler(cfg.schedule, self.optimizer, cfg.schedule.total_steps)
+        self.optimizer = optimizer or (build_optimizer(cfg.optim, self.model, self.lr) if updates else None)
+        self.scheduler = scheduler or (build_scheduler(cfg.schedule, self.optimizer, cfg.schedule.total_steps)
+                                       if updates else None)
         if optimizer is not None and lr_factor != 1.0:  # a user's optimizer gets the source's factor too (async: 1/M)
             self.scale_lr(lr_factor)
         reg = cfg.regularize
@@ -141,7 +145,11 @@ class StepEngine:
         """This batch's gradients in the parameters' `.grad` (reduced over the strategy's processes), unscaled;
         returns (the batch's mean loss, detached; whether the gradients are finite: False only for an fp16
         overflow, which the scaler skips; any other non-finite value raises NonFiniteStep naming the layer)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:  # a gradients-only engine
+            for p in self.params:
+                p.grad = None
         loss = self.compute_gradients(batch, global_count)
         finite = self.precision.unscale_and_check(self.sync.local_gradients(self.params), self.sync.shard_sum)
         if finite is None:  # nothing to unscale: the finiteness check

@@ -144,8 +144,7 @@ class Trainer:
             "step": s.step, "position": {"epoch": s.position.epoch, "batch": s.position.batch},
             "rng": self.sync.rank_states(capture_rng()),  # every process's, in rank order
             "scaler": self.engine.precision.state_dict(), "config": self.cfg.to_dict(),
-            "progress": {"elapsed_seconds": self.wall_seconds(), "samples_seen": s.samples_seen,
-                         "last_train_loss": s.last_train_loss},
+            "progress": s.progress(self.wall_seconds()),
             "launch": dict(self.source.launch), "callbacks": self.callbacks.state_dicts(self),
         }
         self.callbacks.fire("on_checkpoint_save", self, payload)
@@ -160,14 +159,12 @@ class Trainer:
             self.sync.load_state_dicts(self.model, engine.optimizer, payload)
             engine.scheduler.load_state_dict(payload["scheduler"])
         except (ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint error: '{where}' optimizer/scheduler state does not fit: {err}") from None
+            raise CheckpointError(f"checkpoint error: '{where}' optimizer/scheduler state does not fit: {err}") \
+                from None
         engine.precision.load_state_dict(payload.get("scaler"))
         s.step = int(payload["step"])
         s.position = Position(int(payload["position"]["epoch"]), int(payload["position"]["batch"]))
-        progress = payload.get("progress", {})
-        s.elapsed_seconds = float(progress.get("elapsed_seconds", 0.0))
-        s.samples_seen = int(progress.get("samples_seen", 0))
-        s.last_train_loss = float(progress.get("last_train_loss", float("nan")))
+        s.load_progress(payload.get("progress", {}))
         self._session_start = time.perf_counter()
         ranks = payload["rng"]  # another number of processes: every one starts from rank 0's
         self.training_rng = ranks[self.sync.rank] if len(ranks) == self.sync.world_size else ranks[0]
@@ -202,7 +199,7 @@ class Trainer:
 
     def evaluate_all(self) -> dict[str, float]:
         """`val_*` figures (when there is a validation set) and `test_*` figures."""
-        result = self.evaluate(self.data["val"], prefix="val") if self.val_data is not None else {}
+        result = self.evaluate(self.data["val"], prefix="val") if self.data["val"] is not None else {}
         return {**result, **self.evaluate()}
 
     def evaluate(self, data: Dataset | DataLoader | None = None, prefix: str = "test") -> dict[str, float]:

@@ -51,5 +51,5 @@ def builtin_callbacks(cfg: Config, task: str, val_data, metrics: dict | None = N
 
 
 __all__ = ["EVENTS", "Callback", "CallbackList", "RunState", "StepOutput", "builtin_callbacks", "Checkpointer",
-           "CompileWarmup", "EarlyStop", "Evaluator", "GradientHealth", "MetricsFile", "ProgressBar", "ScalerLog", "TensorBoard",
-           "TrainMetrics"]
+           "CompileWarmup", "EarlyStop", "Evaluator", "GradientHealth", "MetricsFile", "ProgressBar", "ScalerLog",
+           "TensorBoard", "TrainMetrics"]

@@ -69,6 +69,16 @@ class RunState:
     should_stop: bool = False  # set by a callback (early stopping) to end the run after this step
     finished: bool = False  # resumed at its end (last step or stopped early): the fit only completes the outputs
 
+    def progress(self, elapsed_seconds: float) -> dict[str, Any]:
+        """The checkpoint's record of how far the run got (`elapsed_seconds`: its wall time so far)."""
+        return {"elapsed_seconds": elapsed_seconds, "samples_seen": self.samples_seen,
+                "last_train_loss": self.last_train_loss}
+
+    def load_progress(self, progress: dict[str, Any]) -> None:
+        self.elapsed_seconds = float(progress.get("elapsed_seconds", 0.0))
+        self.samples_seen = int(progress.get("samples_seen", 0))
+        self.last_train_loss = float(progress.get("last_train_loss", math.nan))
+
 
 class Callback:
     """Override any of the events listed in this module's docstring; the default does nothing. Override

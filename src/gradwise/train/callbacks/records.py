@@ -20,7 +20,8 @@ from gradwise.train.metrics import Progress, read_metrics, tensorboard_writer
 
 
 class _HeldForOneFit(Callback):
-    """A callback holding a file, writer or display (`held`) for one `fit` call, closed at its end or on an exception."""
+    """A callback holding a file, writer or display (`held`) for one `fit` call, closed at its end or on an
+    exception."""
 
     held: Any = None
 
