@@ -1,5 +1,5 @@
 """Trains the same small runs with `train.strategy=fsdp` (under torchrun) or in one process, and writes the final
-parameters: tests/test_distributed.py compares them.
+parameters: tests/test_fsdp.py compares them.
 
     python tests/fsdp_worker.py OUT                                   one process
     torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT [LOCAL_OUT]  FSDP over 2 processes (and again

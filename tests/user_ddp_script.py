@@ -1,5 +1,5 @@
-"""A user's own training script, with nothing distributed in it: tests/test_distributed.py runs it with plain
-python and under `torchrun --nproc-per-node 2` and compares the weights and the dataset-level metrics (each
+"""A user's own training script, with nothing distributed in it: tests/test_distributed.py and test_fsdp.py run
+it with plain python and under `torchrun --nproc-per-node 2` and compare the weights and the dataset-level metrics (each
 evaluation row counted once); batches go through a collate function of its own. Options after the run folder:
 
     die-after-final   rank 1 of the first attempt is killed after the final checkpoint (torchrun restarts the group)
