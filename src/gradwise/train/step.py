@@ -151,10 +151,11 @@ class StepEngine:
             for p in self.params:
                 p.grad = None
         loss = self.compute_gradients(batch, global_count)
-        finite = self.precision.unscale_and_check(self.sync.local_gradients(self.params), self.sync.shard_sum)
+        grads = self.sync.local_gradients(self.params)
+        finite = self.precision.unscale_and_check(grads, self.sync.shard_sum)
         if finite is None:  # nothing to unscale: the finiteness check
             if self.cfg.diagnostics.check_finite:
-                self.check_finite(loss, batch)
+                self.check_finite(loss, grads, batch)
             finite = True
         return loss, finite
 
@@ -223,9 +224,10 @@ class StepEngine:
 
     # -- checks and adjustments --------------------------------------------------------------------------------
 
-    def check_finite(self, loss: torch.Tensor, batch: Any) -> None:
-        # one fused kernel flags any non-finite gradient or loss (it multiplies them by exactly 1.0), one host sync
-        checked = [*self.sync.local_gradients(self.params), loss.detach().float().reshape(1)]
+    def check_finite(self, loss: torch.Tensor, grads: list[torch.Tensor], batch: Any) -> None:
+        # one fused kernel flags any non-finite gradient (this process's `grads`: its shards) or loss (it
+        # multiplies them by exactly 1.0), one host sync
+        checked = [*grads, loss.detach().float().reshape(1)]
         found = self._nonfinite_flag.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._unit_scale)
         if not bool(self.sync.shard_sum(found).item()):  # any process's shard
