@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from gradwise.errors import UserInputError
-from gradwise.io import write_json
+from gradwise.io import write_json, write_text
 
 
 def _benchmarks() -> dict[str, Callable[..., dict[str, Any]]]:
@@ -95,8 +95,6 @@ def run_benchmarks(names: list[str], json_out: str | None = "bench-results.json"
     if json_out:
         print(f"\nwrote {json_out}", file=sys.stderr)
     if markdown_out:
-        from gradwise.io import write_text
-
         write_text(markdown_out, markdown_report(results))
         print(f"wrote {markdown_out}", file=sys.stderr)
     return 0

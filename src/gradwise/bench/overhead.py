@@ -16,6 +16,7 @@ no logger, checkpointing, progress bar or model summary.
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import time
 import warnings
@@ -127,8 +128,6 @@ def measure(overrides: list[str], steps: int, repeats: int) -> dict[str, Any]:
 
     timers = {"plain": time_plain, "trainer": time_trainer}
     if lightning_available():
-        import logging
-
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
         timers["lightning"] = time_lightning
     for timer in timers.values():

@@ -27,7 +27,7 @@ from typing import Any
 from gradwise.bench import describe_machine
 from gradwise.config import load_config
 from gradwise.data import build_data
-from gradwise.errors import NonFiniteError
+from gradwise.errors import ConfigError, NonFiniteError
 from gradwise.experiments.reuse import previous_results
 from gradwise.experiments.stats import mean_ci
 from gradwise.io import write_json, write_text, write_with
@@ -101,8 +101,6 @@ def _pytorch_optimizer_lars(model, cfg):
     try:
         from pytorch_optimizer import LARS
     except ImportError:
-        from gradwise.errors import ConfigError
-
         raise ConfigError("config error: repro large-batch runs pytorch-optimizer's LARS alongside gradwise's; "
                           "install it with: pip install -e '.[bench]'") from None
 

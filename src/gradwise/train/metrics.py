@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from gradwise.errors import ConfigError
 
 
@@ -58,8 +60,6 @@ class Progress:
         self._bar = None
         self._postfix: dict[str, str] = {}
         if mode == "bar":
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True)
 
     def advance(self, steps: int = 1) -> None:

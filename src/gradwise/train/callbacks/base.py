@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradwise.data.sampler import Position
+from gradwise.errors import ConfigError
 
 EVENTS = ("on_fit_start", "on_step_start", "on_step_end", "on_train_end", "on_evaluate", "on_log", "on_message",
           "on_checkpoint_save", "on_checkpoint_load", "on_exception", "on_fit_end")
@@ -112,8 +113,6 @@ class CallbackList:
     def __init__(self, callbacks: list[Callback]):
         for cb in callbacks:
             if not isinstance(cb, Callback):
-                from gradwise.errors import ConfigError
-
                 raise ConfigError(f"config error: callbacks must subclass gradwise.Callback; got {type(cb).__name__}")
         self.callbacks = list(callbacks)
         self._by_event = {event: [getattr(cb, event) for cb in self.callbacks
