@@ -4,6 +4,7 @@ process, a user's script run here, and what a run folder holds."""
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from conftest import SMALL
 from gradwise.checkpoint.format import load_checkpoint
 from gradwise.checkpoint.sharded import full_states
 from gradwise.cli import main
+from gradwise.launch import free_port
 
 BASE = [*SMALL, "optim.name=sgd", "optim.lr=0.05", "diagnostics.every=0"]
 
@@ -29,14 +31,36 @@ def in_process(*args: str) -> int:
     return main(list(args))
 
 
+def torchrun(*argv: str, nproc: int = 2, max_restarts: int = 0, env: dict[str, str] | None = None) -> int:
+    """`torchrun --nproc-per-node NPROC --max-restarts N ARGV` with its elastic agent in this process (the
+    workers are processes of their own); 0, or 1 when the group failed. The environment is put back after it
+    (torchrun sets OMP_NUM_THREADS)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        run(get_args_parser().parse_args([f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+                                          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+                                          *argv]))
+        return 0
+    except ChildFailedError:
+        return 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def run_script(path: Path, *args: str) -> None:
-    """`python path args`, here (a script's one-process run)."""
-    saved = sys.argv
+    """`python path args`, here (a script's one-process run): its argv, and its folder first on the path."""
+    saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(path), *args]
+    sys.path.insert(0, str(Path(path).parent))
     try:
         runpy.run_path(str(path), run_name="__main__")
     finally:
-        sys.argv = saved
+        sys.argv, sys.path[:] = saved_argv, saved_path
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -16,9 +16,8 @@ import torch
 from conftest import SMALL
 from gradwise.cli import main
 from gradwise.config import load_config
-from gradwise.launch import free_port
 from gradwise.nn import build_model
-from launching import assert_same_weights, gradwise, in_process, run_script, shards_folder, summary, weights
+from launching import assert_same_weights, in_process, run_script, shards_folder, summary, torchrun, weights
 
 
 # -- FSDP -----------------------------------------------------------------------------------------------------
@@ -32,17 +31,14 @@ def test_a_users_model_under_fsdp_matches_one_process_and_a_nan_on_one_rank_roll
     optimizer state: it must get none from the load either."""
     script = str(Path(__file__).with_name("user_ddp_script.py"))
 
-    def torchrun(out: str, *options: str):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", script,
-                              str(tmp_path / out), "fsdp", *options], capture_output=True, text=True, timeout=180)
-        assert run.returncode == 0, run.stderr[-2000:]
+    def group(out: str, *options: str):
+        assert torchrun(script, str(tmp_path / out), "fsdp", *options) == 0
 
-    torchrun("two")
+    group("two")
     run_script(Path(script), str(tmp_path / "one-two"), "fsdp", "stop-at-10")
-    torchrun("one-two")  # resumed at step 10 on 2 processes
-    torchrun("nan", "nan-on-rank-1", "stop-at-10")
-    torchrun("nan", "nan-on-rank-1")  # resumed at step 10
+    group("one-two")  # resumed at step 10 on 2 processes
+    group("nan", "nan-on-rank-1", "stop-at-10")
+    group("nan", "nan-on-rank-1")  # resumed at step 10
     assert summary(tmp_path / "two")["world_size"] == 2 and summary(tmp_path / "one-two")["resumed_from"] == 10
     assert_same_weights(tmp_path / "two", tmp_path / "one-two")
     records = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -71,16 +67,10 @@ def test_fsdp_over_2_processes_matches_one_and_lamb_lars_need_whole_tensor_norms
     every skipped step (the overflow flag is summed over the shards)."""
     worker = str(Path(__file__).with_name("fsdp_worker.py"))
 
-    def torchrun(*args):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", worker, *args],
-                              capture_output=True, text=True, timeout=300)
-
     one = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt")], capture_output=True, text=True,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    run = torchrun(str(tmp_path / "two.pt"), str(tmp_path / "local.pt"))
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert torchrun(worker, str(tmp_path / "two.pt"), str(tmp_path / "local.pt")) == 0
     single, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     ranks = two.pop("fp16-ranks")  # fp16 with overflows: every rank skipped the same steps
     assert ranks[0] == ranks[1] and ranks[0][0] >= 3, ranks
@@ -99,11 +89,11 @@ def test_an_fsdp_run_resumes_on_another_number_of_processes_and_survives_a_crash
     args = [*SMALL, "model.name=mlp", "optim.name=adamw", "schedule.name=constant", "diagnostics.every=0",
             "data.val_fraction=0.1", "train.eval_every=5", "early_stopping.patience=100",
             "early_stopping.min_delta=1e9", "train.checkpoint_every=5", "train.strategy=fsdp"]
-    straight = gradwise("train", "--nproc", "2", "--strategy", "fsdp", "--out", str(tmp_path / "straight"),
-                        *args[:-1], "train.steps=20")  # --strategy fsdp is train.strategy=fsdp
-    assert straight.returncode == 0 and "strategy: fsdp" in (tmp_path / "straight" / "config.yaml").read_text()
+    straight = in_process("train", "--nproc", "2", "--strategy", "fsdp", "--out", str(tmp_path / "straight"),
+                          *args[:-1], "train.steps=20")  # --strategy fsdp is train.strategy=fsdp
+    assert straight == 0 and "strategy: fsdp" in (tmp_path / "straight" / "config.yaml").read_text()
     first = tmp_path / "two-one"
-    assert gradwise("train", "--nproc", "2", "--out", str(first), *args, "train.steps=10").returncode == 0
+    assert in_process("train", "--nproc", "2", "--out", str(first), *args, "train.steps=10") == 0
     assert [p.name for p in (first / "checkpoints").iterdir() if p.is_dir()] == [
         shards_folder(first).name], "one shard folder: the older checkpoint's is removed"
     assert sorted(p.name for p in shards_folder(first).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -118,17 +108,15 @@ def test_an_fsdp_run_resumes_on_another_number_of_processes_and_survives_a_crash
     refused = capsys.readouterr().err
     assert len(refused.strip().splitlines()) == 1 and f"'{shard}' is corrupt" in refused, refused
     assert in_process("train", "--resume", str(first), "train.steps=20") == 0
-    assert gradwise("train", "--nproc", "4", "--resume", str(tmp_path / "two-four"), "train.steps=20").returncode == 0
+    assert in_process("train", "--nproc", "4", "--resume", str(tmp_path / "two-four"), "train.steps=20") == 0
     assert in_process("train", "--out", str(tmp_path / "one-two"), *args, "train.steps=10") == 0
-    assert gradwise("train", "--nproc", "2", "--resume", str(tmp_path / "one-two"), "train.steps=20").returncode == 0
+    assert in_process("train", "--nproc", "2", "--resume", str(tmp_path / "one-two"), "train.steps=20") == 0
     crashed = tmp_path / "crashed"
-    died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                           f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(Path(__file__).with_name("fault_run.py")),
-                           "mid-shard-save", "train", "--out", str(crashed), *args, "train.steps=20"],
-                          capture_output=True, text=True, timeout=180)
-    assert died.returncode != 0 and len([p for p in (crashed / "checkpoints").iterdir() if p.is_dir()]) == 2
+    died = torchrun(str(Path(__file__).with_name("fault_run.py")), "mid-shard-save", "train", "--out", str(crashed),
+                    *args, "train.steps=20")
+    assert died != 0 and len([p for p in (crashed / "checkpoints").iterdir() if p.is_dir()]) == 2
     assert torch.load(crashed / "checkpoints" / "last.pt", weights_only=True)["step"] == 5  # the previous one
-    assert gradwise("train", "--nproc", "2", "--resume", str(crashed), "train.steps=20").returncode == 0
+    assert in_process("train", "--nproc", "2", "--resume", str(crashed), "train.steps=20") == 0
     assert summary(crashed)["params_sha256"] == summary(tmp_path / "straight")["params_sha256"]
     after, before = weights(crashed), weights(tmp_path / "straight")  # the step-20 weights, not early stopping's
     assert all(torch.equal(after[k], before[k]) for k in before)

@@ -138,7 +138,7 @@ def _launch(args: argparse.Namespace) -> int:
         worker_args = ["train", *(["--config", args.config] if args.config else []), "--out", str(out),
                        *args.overrides]
     data = build_data(cfg.data, context=cfg.model.context)
-    check_group_fits(args.nproc * args.nnodes, cfg.train.batch_size, len(data.train))
+    check_group_fits(args.nproc * args.nnodes, cfg.train, len(data.train))
     opts = LaunchOptions(nproc=args.nproc, nnodes=args.nnodes, max_restarts=args.max_restarts,
                          rdzv_endpoint=args.rdzv_endpoint, port=args.port, rdzv_timeout=args.rdzv_timeout,
                          rdzv_id=args.rdzv_id)

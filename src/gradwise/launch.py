@@ -24,7 +24,8 @@ import uuid
 from dataclasses import dataclass
 
 from gradwise.errors import UserInputError
-from gradwise.parallel.ddp import check_batch_fits
+from gradwise.config import TrainConfig
+from gradwise.parallel.ddp import check_batch_fits, check_sync_batchnorm, default_backend
 
 
 @dataclass
@@ -58,9 +59,11 @@ def check_port(port: int) -> None:
             ) from None
 
 
-def check_group_fits(world_size: int, batch_size: int, train_samples: int) -> None:
-    """Before any process starts: every process needs a row of each batch and of the training set."""
-    check_batch_fits(batch_size, world_size)
+def check_group_fits(world_size: int, train: TrainConfig, train_samples: int) -> None:
+    """Before any process starts: every process needs a row of each batch and of the training set; what this
+    machine cannot run (SyncBatchNorm without CUDA) is refused here rather than by every worker."""
+    check_sync_batchnorm(train.sync_batchnorm, default_backend())
+    check_batch_fits(train.batch_size, world_size)
     if train_samples < world_size:
         raise UserInputError(
             f"config error: {world_size} processes but only {train_samples} training samples; "

@@ -75,13 +75,25 @@ class DistContext:
 
 def init_process_group(timeout_s: float = 300.0) -> DistContext:
     """Join the group torchrun described in the environment: NCCL with CUDA, else gloo."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = default_backend()
     ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), backend)
     if backend == "nccl":
         torch.cuda.set_device(ctx.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return ctx
+
+
+def default_backend() -> str:
+    """NCCL where CUDA is, else gloo."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def check_sync_batchnorm(enabled: bool, backend: str) -> None:
+    """train.sync_batchnorm needs CUDA: torch's SyncBatchNorm has no CPU kernel."""
+    if enabled and backend != "nccl":
+        raise ConfigError("config error: train.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no "
+                          "CPU kernel); on CPU each process normalises over its own shard")
 
 
 def check_batch_fits(batch_size: int, world_size: int) -> None:
@@ -116,10 +128,8 @@ class DDPSync(GradientSync):
     def prepare(self, model: torch.nn.Module, cfg, precision) -> torch.nn.Module:
         """DistributedDataParallel around `model` (BatchNorm made SyncBatchNorm with train.sync_batchnorm)."""
         check_batch_fits(cfg.train.batch_size, self.world_size)
+        check_sync_batchnorm(cfg.train.sync_batchnorm, self.ctx.backend)
         if cfg.train.sync_batchnorm:
-            if self.ctx.backend != "nccl":
-                raise ConfigError("config error: train.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no "
-                                  "CPU kernel); on CPU each process normalises over its own shard")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [self.ctx.local_rank] if self.ctx.backend == "nccl" else None
         return DistributedDataParallel(model, device_ids=device_ids)
