@@ -7,6 +7,9 @@ import torch
 from torch import nn
 
 from gradwise.cli import main
+from gradwise.config import load_config
+from gradwise.tools.inspect import format_report
+from gradwise.train.checks import BatchError
 from gradwise.diagnostics.spectra import jacobian_mean_sq_singular_value, spectral_norm
 
 from conftest import SMALL
@@ -53,3 +56,66 @@ def test_inspect_cli_table_and_json(capsys):
     assert 0 < report["jacobian_mean_sq_singular_value_at_init"] < 1  # a plain tanh stack contracts
     assert set(report["spectral_norms_at_init"]) >= {"stem.1", "head"}
     assert main(["inspect", "--steps", "0", *base]) == 2
+
+
+# -- a model of your own ---------------------------------------------------------------------------------------
+
+
+class Scaled(nn.Module):
+    """A block of the user's own: h -> c * h, so the chain of `depth` blocks has Jacobian c^depth * I."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.linear = nn.Linear(6, 6, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(c * torch.eye(6))
+
+    def forward(self, h):
+        return self.linear(h)
+
+
+class Chain(nn.Module):
+    def __init__(self, c: float, depth: int):
+        super().__init__()
+        self.stem, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.blocks = nn.ModuleList(Scaled(c) for _ in range(depth))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def rows(n: int = 64):
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def test_gradwise_inspect_on_a_users_model_measures_its_own_blocks():
+    """The Jacobian over the user's repeated blocks against its closed form c^(2 depth); the table covers every
+    weight; the report names the model's class and its block class."""
+    import gradwise
+
+    report = gradwise.inspect(Chain(0.5, 3), rows(), config=load_config(None, [*SMALL, "train.batch_size=16"]),
+                              steps=2, probes=400)
+    assert report["model"] == "Chain" and report["blocks"] == 3 and report["block_class"] == "Scaled"
+    assert report["jacobian_mean_sq_singular_value_at_init"] == pytest.approx(0.5 ** 6, rel=0.15)
+    assert len(report["layers"]) == 5 and report["verdict"]["verdict"] in ("healthy", "vanishing", "dead")
+    assert "Chain with 3 blocks" in format_report(report)
+
+
+def test_gradwise_inspect_on_a_hugging_face_model_and_a_mismatched_loss():
+    import gradwise
+    import transformers
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=32,
+                                                                n_positions=16))
+    tokens = torch.randint(0, 32, (32, 8))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    report = gradwise.inspect(gpt2, data, config=load_config(None, [*SMALL, "train.batch_size=8"]), steps=2)
+    assert report["block_class"] == "GPT2Block" and report["blocks"] == 3
+    assert report["jacobian_mean_sq_singular_value_at_init"] > 0
+    with pytest.raises(BatchError, match="the loss failed on the first batch"):
+        gradwise.inspect(Chain(1.0, 2), rows(), loss_fn=lambda out, y: out.sum(dim=5))

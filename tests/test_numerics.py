@@ -250,3 +250,24 @@ def test_micro_batched_inspection_sees_the_whole_batchs_gradient_of_a_batch_shar
     assert a.total == b.total == 2 * 16  # one (16,) gradient per step, not one per micro-batch
     assert a.counts == b.counts  # the summed micro-batch shares: the same magnitudes
     assert whole["body"].output_gradients.total == micro["body"].output_gradients.total == 2 * 64 * 16
+
+
+def test_gradwise_inspect_precision_on_a_hugging_face_model_with_a_collate_function():
+    """Dict batches built by a collate function of the user's, a GPT-2 of random weights: every Linear and
+    embedding gets a row and a loss-scale recommendation comes back."""
+    import gradwise
+    import transformers
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32,
+                                                                n_positions=16))
+    tokens = torch.randint(0, 32, (32, 8))
+
+    def collate(items):
+        ids = torch.stack(items)
+        return {"input_ids": ids, "labels": ids}
+
+    report = gradwise.inspect_precision(gpt2, list(tokens), collate_fn=collate, steps=2,
+                                        config=load_config(None, ["train.batch_size=8"]))
+    assert report["steps"] == 2 and "transformer.wte" in {row["layer"] for row in report["layers"]}
+    assert report["loss_scale"] > 0 and report["recommendation"]["setting"] in ("precision=bf16", "precision=fp16")

@@ -3,11 +3,18 @@
 import json
 
 import pytest
+import torch
+import transformers
 import yaml
+from torch.utils.data import TensorDataset
 
+import gradwise
 from gradwise.cli import main
 from gradwise.config import parse_bytes
-from gradwise.tools.planner import apply_choice, candidate_micro_batches, plan
+from gradwise.train.checks import BatchError
+from gradwise.memory.checkpointing import repeated_blocks
+from gradwise.tools.planner import apply_choice, candidate_micro_batches, measure, plan
+from gradwise.train import Trainer
 
 from conftest import SMALL, small_config
 
@@ -66,3 +73,138 @@ def test_memory_auto_trains_with_the_chosen_setting(tmp_path, capsys):
     assert "planning: chose" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "r2"), "memory.auto=true", "memory.budget=1KiB", *TINY]) == 2
     assert not (tmp_path / "r2").exists()
+
+
+# -- a model of your own ---------------------------------------------------------------------------------------
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.inner = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, width))
+
+    def forward(self, h):
+        return h + self.inner(h)
+
+
+class Net(torch.nn.Module):
+    """A user's model: a stem, four repeated Blocks in a ModuleList, a head."""
+
+    def __init__(self, width: int = 32, depth: int = 4):
+        super().__init__()
+        self.stem, self.head = torch.nn.Linear(8, width), torch.nn.Linear(width, 3)
+        self.blocks = torch.nn.ModuleList(Block(width) for _ in range(depth))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def net(**kwargs) -> Net:
+    """The same initial weights every call (the model's initialisation is the script's)."""
+    torch.manual_seed(0)
+    return Net(**kwargs)
+
+
+def rows(n: int = 128) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def test_the_repeated_blocks_of_any_model_are_found():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32,
+                                                                n_positions=16))
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(num_hidden_layers=2, hidden_size=16,
+                                                                num_attention_heads=2, intermediate_size=32,
+                                                                vocab_size=32, max_position_embeddings=16))
+    assert repeated_blocks(gpt2) == ["GPT2Block"] and repeated_blocks(bert) == ["BertLayer"]
+    assert repeated_blocks(Net()) == ["Block"]  # the outermost repeat, not the Linears inside each Block
+    assert repeated_blocks(torch.nn.Linear(2, 2)) == []
+
+
+def test_memory_auto_plans_on_a_users_model_records_the_choice_and_a_resume_never_plans_again(tmp_path, capsys):
+    """The planner measures the user's Net with its Blocks checkpointed or not; the choice is written into the
+    run's config and a Python resume of the same script takes it from there (no second plan: the trajectory
+    would otherwise be refused as changed)."""
+    cfg = small_config("memory.auto=true", "memory.budget=1GiB", "train.steps=6", "train.batch_size=16",
+                       "train.checkpoint_every=3")
+    straight = Trainer(net(), rows(), config=cfg, out_dir=tmp_path / "straight")
+    assert straight.cfg.memory.auto is False and "planning: chose" in capsys.readouterr().err
+    chosen = straight.cfg
+    assert chosen.memory.modules in ([], ["Block"]) and chosen.precision in ("fp32", "bf16", "fp16")
+    end = straight.fit()
+    first = Trainer(net(), rows(), config=cfg, out_dir=tmp_path / "run")
+    first.fit(max_steps=3)
+    capsys.readouterr()
+    again = Trainer(net(), rows(), config=cfg, out_dir=tmp_path / "run")  # the script run again: no planning
+    assert "planning" not in capsys.readouterr().err
+    assert again.cfg.to_dict() == first.cfg.to_dict()
+    resumed = again.fit(resume=True)
+    assert resumed["resumed_from"] == 3 and resumed["steps"] == 6
+    if first.cfg == chosen:  # the same plan (trial timings may pick another among near-equal settings)
+        assert resumed["params_sha256"] == end["params_sha256"]
+    else:  # then the resumed run matches its own straight run
+        assert resumed["params_sha256"] == Trainer(net(), rows(), config=first.cfg).fit()["params_sha256"]
+
+
+def test_the_planner_checkpoints_a_users_blocks_under_a_tight_budget():
+    """A budget below the unchekpointed footprint of every precision: the chosen row names the Block class and
+    its measured footprint fits."""
+    cfg = small_config("train.batch_size=64")
+    model = Net(width=256, depth=6)
+    batch = next(iter(torch.utils.data.DataLoader(rows(64), batch_size=64)))
+    rows_all, _ = measure(model, batch, cfg, 64, budget=10**12, trial_steps=1, precisions=("fp32",))
+    plain = min(r["memory_bytes"] for r in rows_all if r["checkpoint"] == "none")
+    checkpointed = min(r["memory_bytes"] for r in rows_all if r["checkpoint"] == "Block")
+    assert checkpointed < plain
+    table, best = measure(model, batch, cfg, 64, budget=(plain + checkpointed) // 2, trial_steps=1,
+                          precisions=("fp32",))
+    assert best is not None and best["fits"] and best["memory_bytes"] <= (plain + checkpointed) // 2
+    assert best["checkpoint"] == "Block" or best["accumulate"] > 1
+    assert apply_choice(cfg, {**best, "checkpoint": "Block"}).memory.modules == ["Block"]
+
+
+def test_a_model_and_loss_that_do_not_fit_fail_in_one_line_before_any_trial(tmp_path):
+    cfg = small_config("memory.auto=true", "memory.budget=1GiB", "train.steps=2")
+    with pytest.raises(BatchError, match="the model's forward failed on the first batch"):
+        Trainer(torch.nn.Linear(5, 3), rows(), config=cfg, out_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_optimizer_and_scheduler_factories(tmp_path):
+    """Trainer and Trainer.from_config take `optimizer(model)` and `scheduler(optimizer)`: the same run as the
+    instances built by hand."""
+    cfg = small_config("train.steps=5")
+
+    def optimizer(model):
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    by_factory = Trainer(net(), rows(), config=cfg, optimizer=optimizer, scheduler=scheduler).fit()
+    model = net()
+    opt = optimizer(model)
+    by_hand = Trainer(model, rows(), config=cfg, optimizer=opt, scheduler=scheduler(opt)).fit()
+    assert by_factory["params_sha256"] == by_hand["params_sha256"]
+    built = Trainer.from_config(small_config("train.steps=3"), optimizer=optimizer, scheduler=scheduler)
+    assert isinstance(built.engine.optimizer, torch.optim.SGD)
+    assert isinstance(built.engine.scheduler, torch.optim.lr_scheduler.StepLR)
+    built.fit()
+
+
+def test_gradwise_plan_on_a_users_model_and_data():
+    """`gradwise.plan(model, data, budget=...)`: the table over the model's own Blocks, the choice, the config
+    to train with; a mismatched loss is the first-batch check's one line."""
+    model = net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = gradwise.plan(model, rows(), budget="1GiB", config=small_config("train.batch_size=16"),
+                           trial_steps=1, precisions=("fp32", "bf16"))
+    assert {r["checkpoint"] for r in result.rows} == {"none", "Block"} and result.best in result.rows
+    assert result.config.memory.auto is False and result.config.precision == result.best["precision"]
+    assert "**best**" in result.table()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # trials trained copies
+    with pytest.raises(BatchError, match="the loss failed on the first batch"):
+        gradwise.plan(model, rows(), budget="1GiB", loss_fn=lambda out, y: out.sum(dim=5), trial_steps=1)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from torch.utils.data import TensorDataset
 
 from conftest import small_config
 from gradwise import Trainer
-from gradwise.errors import ConfigError
 from gradwise.resolve import resolve_config
 
 
@@ -31,13 +28,6 @@ def test_a_resolved_config_is_frozen():
     edited = trainer.cfg.thawed()
     edited.train.eval_every = 1
     assert edited.train.eval_every == 1 and trainer.cfg.train.eval_every != 1
-
-
-def test_memory_auto_with_a_users_model_is_refused_not_ignored():
-    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
-    cfg = small_config("memory.auto=true", "memory.budget=1GiB")
-    with pytest.raises(ConfigError, match="memory.auto=true plans on the built-in model"):
-        Trainer(torch.nn.Linear(4, 2), data, config=cfg)
 
 
 def test_from_config_plans_once_and_records_the_choice(tmp_path):

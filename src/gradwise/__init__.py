@@ -1,13 +1,15 @@
 """gradwise: a PyTorch training system whose speed, memory, stability and scale claims are measured.
 
-    from gradwise import Trainer, Callback, Config, load_config
+    from gradwise import Trainer, Callback, Config, load_config, inspect, inspect_precision, plan
 """
 
 from gradwise.config import Config, load_config
-from gradwise.tools.planner import plan_config
+from gradwise.tools.inspect import inspect_model as inspect
+from gradwise.tools.precision import inspect_precision_model as inspect_precision
+from gradwise.tools.planner import Plan, plan_config, plan_model as plan
 from gradwise.train import Callback, Trainer
 
 Trainer.planner = staticmethod(plan_config)  # the trainer is handed the planner (a layer above it), not importing it
 
-__all__ = ["Trainer", "Callback", "Config", "load_config"]
+__all__ = ["Trainer", "Callback", "Config", "Plan", "inspect", "inspect_precision", "load_config", "plan"]
 __version__ = "0.1.0"

@@ -21,6 +21,11 @@ from gradwise.errors import ConfigError
 from gradwise.data.sampler import batches_per_epoch
 
 
+# What the planner sets for memory.auto=true (gradwise.tools.planner.apply_choice), memory.auto itself included
+PLANNED_KEYS = ("train.accumulate", "train.micro_batch_size", "memory.checkpoint", "memory.modules", "precision",
+                "memory.auto")
+
+
 def run_length(cfg: Config, train_size: int | None) -> tuple[int | None, int]:
     """(batches per epoch, steps the run takes): `train.steps`, or `train.epochs` passes.
 
@@ -44,16 +49,17 @@ def resolve_config(cfg: Config, train_size: int | None, *, gradients_per_update:
     """A resolved, frozen copy of `cfg` for a training set of `train_size` samples.
 
     `planner(cfg) -> cfg` settles `memory.auto=true` (gradwise.tools.planner.plan_config plans on the
-    built-in model and data). `gradients_per_update` > 1 (synchronous parameter server: M gradients per
-    update) shortens the schedule's horizon to the number of updates.
+    built-in model and data; a Trainer of your own model plans on it first: gradwise.train.planning).
+    `gradients_per_update` > 1 (synchronous parameter server: M gradients per update) shortens the schedule's
+    horizon to the number of updates.
     """
     cfg = cfg.thawed()
     if cfg.memory.auto:
         if planner is None:
             raise ConfigError(
-                "config error: memory.auto=true plans on the built-in model and data (gradwise train, "
-                "Trainer.from_config); for your own model run `gradwise plan` on a built-in stand-in or set "
-                "train.accumulate, memory.checkpoint and precision yourself"
+                "config error: memory.auto=true needs a planner (gradwise.tools.planner.plan_config: `import "
+                "gradwise` hands it to the Trainer), or set train.accumulate, memory.checkpoint and precision "
+                "yourself"
             )
         cfg = planner(cfg)
     per_epoch, total = run_length(cfg, train_size)

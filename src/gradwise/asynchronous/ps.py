@@ -156,8 +156,11 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     if cfg.ps.worker_threads is None:  # the threads this process computes with, shared among the workers
         threads = max(1, torch.get_num_threads() // workers)
         cfg = validate(apply_overrides(cfg.to_dict(), [f"ps.worker_threads={threads}"]))
+    if user is not None and cfg.memory.auto:
+        raise ConfigError("config error: memory.auto=true is not planned for a model of yours under the parameter "
+                          "server; plan it first (gradwise.plan(model, data, budget=...).config) and pass that config")
     cfg = resolve_config(cfg, train_size, gradients_per_update=workers if cfg.ps.rule == "ssgd" else 1,
-                         planner=plan_config if user is None else None)  # the planner measures built-ins
+                         planner=plan_config)
     cfg_dict = cfg.to_dict()
     if not ray.is_initialized():
         if ray_address:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
@@ -41,6 +43,57 @@ def jacobian_mean_sq_singular_value(blocks: nn.Module, h: torch.Tensor, probes: 
 
 
 @torch.no_grad()
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return next((v for v in getattr(value, "values", lambda: [])() if isinstance(v, torch.Tensor)), None)
+
+
+def chain_jacobian(first: nn.Module, last: nn.Module, forward: Callable[[], Any], probes: int = 8,
+                   seed: int = 0) -> float:
+    """`jacobian_mean_sq_singular_value` of the blocks from `first` to `last` of any model, inside its own forward
+    (`forward()` runs the model on a batch): the hidden state entering `first` (its first positional argument, or
+    `hidden_states=`) becomes the variable, the first tensor leaving `last` the output."""
+    entered: list[torch.Tensor] = []
+    left: list[torch.Tensor] = []
+
+    def swap_in(_module, args, kwargs):
+        if entered:
+            return None
+        if args and isinstance(args[0], torch.Tensor):
+            entered.append(args[0].detach().requires_grad_(True))
+            return (entered[0], *args[1:]), kwargs
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            entered.append(kwargs["hidden_states"].detach().requires_grad_(True))
+            return args, {**kwargs, "hidden_states": entered[0]}
+        raise TypeError(f"{type(first).__name__} takes no hidden-state tensor to measure the Jacobian from")
+
+    def capture(_module, _args, output):
+        found = _first_tensor(output)
+        if found is not None:
+            left[:] = [found]
+
+    handles = [first.register_forward_pre_hook(swap_in, with_kwargs=True), last.register_forward_hook(capture)]
+    try:
+        with torch.enable_grad():
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not entered or not left:
+        raise TypeError(f"the forward never passed through {type(first).__name__} and {type(last).__name__}")
+    h, out = entered[0], left[0]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    values = []
+    for i in range(probes):
+        v = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+        (vjp,) = torch.autograd.grad(out, h, v, retain_graph=i < probes - 1)
+        values.append((vjp.flatten(1).pow(2).sum(1) / v.flatten(1).pow(2).sum(1)).mean())
+    return float(torch.stack(values).mean())
+
+
 def spectral_norm(weight: torch.Tensor, iterations: int = 50, seed: int = 0) -> float:
     """Largest singular value of a 2-D weight by power iteration."""
     w = weight.detach().float().flatten(1)

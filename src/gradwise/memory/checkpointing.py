@@ -87,6 +87,33 @@ def checkpointed_class(cls: type) -> type:
     return _CHECKPOINTED[cls]
 
 
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """The class names of `model`'s repeated blocks, the outermost ones: a ModuleList or Sequential holding two
+    or more modules of one class that have parameters (GPT2Block in `transformer.h`, BertLayer in
+    `encoder.layer`, a user's Block). Searched top-down; a repeated block's insides are not searched."""
+    found: list[str] = []
+
+    def search(module: nn.Module) -> None:
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            counts: dict[type, int] = {}
+            for child in module.children():
+                if any(True for _ in child.parameters()):
+                    counts[type(child)] = counts.get(type(child), 0) + 1
+            repeated = {cls for cls, n in counts.items() if n >= 2}
+            for cls in repeated:
+                if cls.__name__ not in found:
+                    found.append(cls.__name__)
+            for child in module.children():
+                if type(child) not in repeated:
+                    search(child)
+            return
+        for child in module.children():
+            search(child)
+
+    search(model)
+    return found
+
+
 def apply_checkpointing(model: nn.Module, policy: str, module_names: list[str] | None = None) -> int:
     """Configure checkpointing on `model`; returns how many regions are checkpointed."""
     if module_names:

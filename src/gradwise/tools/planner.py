@@ -27,8 +27,11 @@ from gradwise.memory.measure import (
     format_bytes,
     state_bytes,
 )
+from gradwise.memory.checkpointing import CheckpointedSegments, repeated_blocks
 from gradwise.nn import build_model
 from gradwise.resolve import resolve_config
+from gradwise.train import Trainer
+from gradwise.train.batch import fetch_batch, rows as batch_rows, to_device
 from gradwise.train.randomness import capture_rng, restore_rng, seed_everything
 from gradwise.train.step import StepEngine
 
@@ -67,28 +70,28 @@ class Metering:
         return self.meters[-1].track()
 
 
-def profile_step(engine: StepEngine, metering: Metering, inputs, targets, steps: int = 3,
+def profile_step(engine: StepEngine, metering: Metering, batch: Any, steps: int = 3,
                  warmup: int = 1) -> StepProfile:
     """Run `warmup + steps` real training steps of `engine` (built with `metering` as its forward context) on
-    one batch; measure memory and time.
+    one batch (any structure: gradwise.train.batch); measure memory and time.
 
     The engine's parameters change (these are real updates): profile a copy you can discard.
     """
     device = engine.device
-    inputs, targets = inputs.to(device), targets.to(device)
+    batch = to_device(batch, device)
     for _ in range(warmup):
-        engine.train_step((inputs, targets))  # allocates optimizer state
+        engine.train_step(batch)  # allocates optimizer state
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     metering.on = True
-    engine.train_step((inputs, targets))
+    engine.train_step(batch)
     metering.on = False
     peak = cuda_peak(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        engine.train_step((inputs, targets))
+        engine.train_step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -101,7 +104,7 @@ def profile_step(engine: StepEngine, metering: Metering, inputs, targets, steps:
         optimizer_bytes=sizes["optimizer_state"],
         cuda_peak_bytes=peak,
         seconds_per_step=seconds,
-        samples_per_second=len(targets) / seconds,
+        samples_per_second=batch_rows(batch) / seconds,
     )
 
 
@@ -114,29 +117,34 @@ def candidate_micro_batches(batch_size: int, limit: int = 5) -> list[int]:
     return counts
 
 
-def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, policies=POLICIES,
-         progress=None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Measure every candidate; return (table rows, the fastest row that fits or None)."""
+def checkpoint_choices(model: torch.nn.Module, policies=POLICIES) -> list[str]:
+    """What the planner may checkpoint in `model`: gradwise's block stacks by policy (`none`, `sqrt`, `all`), or
+    for any other model `none` and its repeated blocks (gradwise.memory.checkpointing.repeated_blocks: one
+    choice naming their classes, e.g. `GPT2Block`)."""
+    if any(isinstance(m, CheckpointedSegments) for m in model.modules()):
+        return list(policies)
+    blocks = repeated_blocks(model)
+    return ["none", ",".join(blocks)] if blocks else ["none"]
+
+
+def measure(initial: torch.nn.Module, batch: Any, cfg: Config, train_size: int | None, budget: int,
+            trial_steps: int = 3, precisions=PRECISIONS, policies=POLICIES, progress=None,
+            loss_fn: Any = None, count_fn: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Train a copy of `initial` on `batch` (one global batch) under every candidate setting; return (table
+    rows, the fastest row that fits `budget` bytes, or None). The RNG is left as it was."""
     rng = capture_rng()
+    rows = []
     try:
-        seed_everything(cfg.seed)
-        data = build_data(cfg.data, context=cfg.model.context)
-        initial = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
-        idx = torch.arange(min(cfg.train.batch_size, len(data.train)))
-        inputs, targets = (t[idx] for t in data.train.tensors)
-        rows = []
         for micro in candidate_micro_batches(cfg.train.batch_size):
-            for policy in policies:
+            for policy in checkpoint_choices(initial, policies):
                 for precision in precisions:
-                    trial = cfg.model_copy(deep=True)
-                    trial.train.accumulate, trial.train.micro_batch_size = micro, None
-                    trial.memory.checkpoint, trial.memory.auto = policy, False
+                    trial = apply_choice(cfg, {"accumulate": micro, "checkpoint": policy, "precision": precision})
                     trial.train.compile = False  # a trial of a few steps would time the compilation
-                    trial.precision = precision
                     model = copy.deepcopy(initial)
                     metering = Metering(model)
-                    engine = StepEngine(model, resolve_config(trial, len(data.train)), forward_context=metering)
-                    prof = profile_step(engine, metering, inputs, targets, steps=trial_steps)
+                    engine = StepEngine(model, resolve_config(trial, train_size), forward_context=metering,
+                                        loss_fn=loss_fn, count_fn=count_fn)
+                    prof = profile_step(engine, metering, batch, steps=trial_steps)
                     row = {"accumulate": micro, "micro_batch": -(-cfg.train.batch_size // micro),
                            "checkpoint": policy, "precision": precision, "memory_bytes": prof.total_bytes,
                            "samples_per_s": prof.samples_per_second, "fits": prof.total_bytes <= budget,
@@ -149,6 +157,51 @@ def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, 
     fitting = [r for r in rows if r["fits"]]
     best = max(fitting, key=lambda r: r["samples_per_s"]) if fitting else None
     return rows, best
+
+
+def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, policies=POLICIES,
+         progress=None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The built-in model and data of `cfg`: measure every candidate; return (table rows, the fastest row that
+    fits or None)."""
+    rng = capture_rng()
+    try:
+        seed_everything(cfg.seed)
+        data = build_data(cfg.data, context=cfg.model.context)
+        initial = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
+    finally:
+        restore_rng(rng)
+    batch = fetch_batch(data.train, torch.arange(min(cfg.train.batch_size, len(data.train))))
+    return measure(initial, batch, cfg, len(data.train), budget, trial_steps, precisions, policies, progress)
+
+
+@dataclass
+class Plan:
+    """`gradwise.plan`'s answer: every measured row, the fastest that fits (None: nothing does) and the config to
+    train with (the choice written in; None when nothing fits)."""
+
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    config: Config | None
+
+    def table(self) -> str:
+        return format_table(self.rows, self.best)
+
+
+def plan_model(model: torch.nn.Module, train_data: Any, *, budget: int | str, config: Config | None = None,
+               trial_steps: int = 3, precisions=PRECISIONS, progress=None, **trainer_args: Any) -> Plan:
+    """Plan micro-batch, activation checkpointing (gradwise's block stacks, or your model's repeated blocks) and
+    precision for your model and data under `budget` (bytes, or text such as "2GiB"). `trainer_args` are
+    Trainer's (loss_fn, collate_fn, count_fn, task, val_data, test_data, metrics): the same first-batch check
+    and one-line errors. The model is left as it was (trials train copies)."""
+    cfg = (config or Config()).thawed()
+    cfg.memory.auto = False
+    limit = parse_bytes(budget, "budget") if isinstance(budget, str) else int(budget)
+    trainer = Trainer(copy.deepcopy(model), train_data, config=cfg, **trainer_args)
+    batch = trainer.data["train"].first_batch(trainer.cfg.train.batch_size)
+    rows, best = measure(model, batch, trainer.cfg, trainer.train_size, limit, trial_steps, precisions,
+                         progress=progress, loss_fn=trainer_args.get("loss_fn"),
+                         count_fn=trainer_args.get("count_fn"))
+    return Plan(rows, best, apply_choice(config or Config(), best) if best else None)
 
 
 def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
@@ -166,29 +219,45 @@ def no_fit_error(rows: list[dict[str, Any]], budget_text: str) -> UserInputError
     smallest = min(rows, key=lambda r: r["memory_bytes"])
     return UserInputError(
         f"plan error: nothing fits memory.budget={budget_text}; the smallest footprint found is "
-        f"{format_bytes(smallest['memory_bytes'])} (train.accumulate={smallest['accumulate']}, "
-        f"memory.checkpoint={smallest['checkpoint']}, precision={smallest['precision']})"
+        f"{format_bytes(smallest['memory_bytes'])} ({chosen_setting(smallest).split(' (')[0]})"
     )
 
 
 def apply_choice(cfg: Config, best: dict[str, Any]) -> Config:
     """A copy of `cfg` with the chosen setting written in and memory.auto switched off
-    (so a resumed run keeps the same trajectory instead of planning again)."""
-    chosen = cfg.model_copy(deep=True)
+    (so a resumed run keeps the same trajectory instead of planning again). A checkpoint choice that is not a
+    policy names block classes: memory.modules."""
+    chosen = cfg.thawed()
     chosen.train.accumulate, chosen.train.micro_batch_size = best["accumulate"], None
-    chosen.memory.checkpoint, chosen.memory.auto = best["checkpoint"], False
+    if best["checkpoint"] in POLICIES:
+        chosen.memory.checkpoint, chosen.memory.modules = best["checkpoint"], []
+    else:
+        chosen.memory.checkpoint, chosen.memory.modules = "none", best["checkpoint"].split(",")
+    chosen.memory.auto = False
     chosen.precision = best["precision"]
     return chosen
 
 
-def plan_config(cfg: Config, trial_steps: int = 3) -> Config:
-    """For `memory.auto=true`: plan against `memory.budget` and return the config to train with."""
+def chosen_setting(best: dict[str, Any]) -> str:
+    """The chosen row as the keys it sets."""
+    checkpoint = (f"memory.checkpoint={best['checkpoint']}" if best["checkpoint"] in POLICIES
+                  else f"memory.modules=[{best['checkpoint']}]")
+    return (f"train.accumulate={best['accumulate']} {checkpoint} precision={best['precision']} "
+            f"({format_bytes(best['memory_bytes'])}, {best['samples_per_s']:.0f} samples/s)")
+
+
+def plan_config(cfg: Config, trial_steps: int = 3, run: Any = None) -> Config:
+    """For `memory.auto=true`: plan against `memory.budget` and return the config to train with. `run` (a
+    TrainerRun: the trainer's model, first global batch, loss and counting functions) plans on a model of
+    yours; without it, on the config's built-in model and data."""
     budget = parse_bytes(cfg.memory.budget, "memory.budget")
     print(f"planning: measuring settings against memory.budget={cfg.memory.budget} ...", file=sys.stderr, flush=True)
-    rows, best = plan(cfg, budget, trial_steps)
+    if run is None:
+        rows, best = plan(cfg, budget, trial_steps)
+    else:
+        rows, best = measure(run.model, run.batch, cfg, run.train_size, budget, trial_steps, loss_fn=run.loss_fn,
+                             count_fn=run.count_fn)
     if best is None:
         raise no_fit_error(rows, cfg.memory.budget)
-    print(f"planning: chose train.accumulate={best['accumulate']} memory.checkpoint={best['checkpoint']} "
-          f"precision={best['precision']} ({format_bytes(best['memory_bytes'])}, "
-          f"{best['samples_per_s']:.0f} samples/s)", file=sys.stderr, flush=True)
+    print(f"planning: chose {chosen_setting(best)}", file=sys.stderr, flush=True)
     return apply_choice(cfg, best)

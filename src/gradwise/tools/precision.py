@@ -6,18 +6,35 @@ gradwise.diagnostics.numerics'.
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from gradwise.config import Config
 from gradwise.data.sampler import EpochBatches
 from gradwise.diagnostics.numerics import LayerRecord, analyse
 from gradwise.train import Trainer
-from gradwise.train.batch import fetch_batch, rows
+from gradwise.train.batch import rows, to_device
+from gradwise.train.pipeline import BatchReader
 
 INSPECT_MICRO_BATCH = 8  # rows per forward while inspecting (activations kept for backward scale with it)
+
+
+def training_batches(trainer: Any, steps: int) -> Iterator[Any]:
+    """The run's first `steps` training batches, read as the run reads them (its order, collate function)."""
+    pipe, tc = trainer.data["train"], trainer.cfg.train
+    if pipe.streaming:
+        stream = iter(DataLoader(pipe.dataset, batch_size=tc.batch_size, collate_fn=pipe.collate_fn))
+        yield from itertools.islice(stream, steps)
+        return
+    order = EpochBatches(len(pipe.dataset), tc.batch_size, trainer.cfg.seed, tc.drop_last)
+    reader = BatchReader(pipe.dataset, pipe.collate_fn, trainer.cfg.seed)
+    for i in range(steps):
+        yield reader.read((0, i), order.next())
 
 
 def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
@@ -58,15 +75,12 @@ def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
     handles += [m.register_forward_hook(forward_hook(name)) for name, m in leaves.items()]
     handles += [m.register_full_backward_hook(backward_hook(name)) for name, m in leaves.items()]
     owner = {id(p): name.rsplit(".", 1)[0] for name, p in model.named_parameters()}
-    batches = EpochBatches(len(trainer.train_data), trainer.cfg.train.batch_size, trainer.cfg.seed)
     try:
-        for _ in range(steps):
-            idx = batches.next()
-            inputs, targets = (t.to(trainer.engine.device) for t in fetch_batch(trainer.train_data, idx))
+        for batch in training_batches(trainer, steps):
             before = {id(p): p.detach().clone() for p in trainer.engine.params}
             with warnings.catch_warnings():  # the first layer's hook fires on outputs only: expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                trainer.engine.train_step((inputs, targets))
+                trainer.engine.train_step(to_device(batch, trainer.engine.device))
             for name, g in shared.items():
                 records.setdefault(name, LayerRecord()).output_gradients.add(g)
             shared.clear()
@@ -84,16 +98,29 @@ def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
     return records
 
 
-def inspect_precision(cfg: Any, steps: int = 5) -> dict[str, Any]:
-    """Build the configured run in fp32, take `steps` steps with hooks, and analyse the ranges."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.precision = "fp32"
-    cfg.log.progress = "off"
-    cfg.diagnostics.every = 0
-    cfg.train.compile = False  # hooks on every layer, a few steps: eager
-    if cfg.train.micro_batch_size is None and cfg.train.accumulate == 1:  # the same gradients, from micro-batches
-        cfg.train.micro_batch_size = min(cfg.train.batch_size, INSPECT_MICRO_BATCH)  # a 16th of the activations
-    trainer = Trainer.from_config(cfg)
+def precision_config(cfg: Config | None) -> Config:
+    """The run as inspected: fp32, no progress bar or health records, eager, and micro-batches of at most
+    INSPECT_MICRO_BATCH rows (the same gradients, a fraction of the activations)."""
+    cfg = (cfg or Config()).thawed()
+    cfg.precision, cfg.log.progress, cfg.diagnostics.every, cfg.train.compile = "fp32", "off", 0, False
+    if cfg.train.micro_batch_size is None and cfg.train.accumulate == 1:
+        cfg.train.micro_batch_size = min(cfg.train.batch_size, INSPECT_MICRO_BATCH)
+    return cfg
+
+
+def inspect_precision(cfg: Config, steps: int = 5) -> dict[str, Any]:
+    """Build the configured built-in run in fp32, take `steps` steps with hooks, and analyse the ranges."""
+    return report_of(Trainer.from_config(precision_config(cfg)), steps)
+
+
+def inspect_precision_model(model: nn.Module, train_data: Any, *, config: Config | None = None, steps: int = 5,
+                            **trainer_args: Any) -> dict[str, Any]:
+    """`gradwise.inspect_precision`: the range analysis for your model and data (`trainer_args` are Trainer's:
+    loss_fn, collate_fn, count_fn, task, ...; the same first-batch check). The model trains `steps` steps."""
+    return report_of(Trainer(model, train_data, config=precision_config(config), **trainer_args), steps)
+
+
+def report_of(trainer: Trainer, steps: int) -> dict[str, Any]:
     report = analyse(collect(trainer, steps))
     report["steps"] = steps
     return report

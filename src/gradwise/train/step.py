@@ -82,7 +82,8 @@ class StepEngine:
     """Computes gradients and applies updates for `model` as the (resolved) config says.
 
     `optimizer`/`scheduler` default to the ones `cfg.optim`/`cfg.schedule` describe
-    (the schedule's horizon, `cfg.schedule.total_steps`, is set by `gradwise.resolve`).
+    (the schedule's horizon, `cfg.schedule.total_steps`, is set by `gradwise.resolve`); either may be a factory:
+    `optimizer(model)`, `scheduler(optimizer)`.
     `count_fn(targets)` counts a batch's loss-bearing items, which weight its
     micro-batches. `loss_scaling=False` builds no fp16 loss scaler (a parameter
     server applies gradients its workers already unscaled). `lr_factor` multiplies
@@ -95,8 +96,8 @@ class StepEngine:
     def __init__(self, model: nn.Module, cfg: Config, *, sync: GradientSync | None = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 optimizer: torch.optim.Optimizer | None = None,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, loss_scaling: bool = True,
+                 optimizer: torch.optim.Optimizer | Callable | None = None,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | Callable | None = None, loss_scaling: bool = True,
                  lr_factor: float = 1.0, forward_context: Callable[[], Any] = contextlib.nullcontext,
                  updates: bool = True):
         if cfg.schedule.total_steps is None:
@@ -118,7 +119,11 @@ class StepEngine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr = lr_factor * scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.schedule.base_batch,
                                         cfg.schedule.scale_rule)
+        if callable(optimizer):  # a factory: called on the model as the strategy prepared it (FSDP: sharded)
+            optimizer = optimizer(self.model)
         self.optimizer = optimizer or (build_optimizer(cfg.optim, self.model, self.lr) if updates else None)
+        if callable(scheduler):  # a factory: called on the optimizer
+            scheduler = scheduler(self.optimizer)
         self.scheduler = scheduler or (build_scheduler(cfg.schedule, self.optimizer, cfg.schedule.total_steps)
                                        if updates else None)
         if optimizer is not None and lr_factor != 1.0:  # a user's optimizer gets the source's factor too (async: 1/M)

@@ -35,6 +35,7 @@ from gradwise.train.checks import check_first_batch
 from gradwise.train.batch import dataset_size
 from gradwise.train.evaluation import evaluate, prepare_metrics, shares_evaluation
 from gradwise.train.pipeline import adopt_settings, as_pipeline, pipelines, report_adoption
+from gradwise.train.planning import settle_plan
 from gradwise.train.recovery import recover, reload_after_failure, resume_from
 from gradwise.train.run_dir import RunLock, describe_run, prepare_run_dir, resume_config
 from gradwise.data.sampler import Position
@@ -49,19 +50,19 @@ class Trainer:
     """Trains `model` on `train_data` as the config says (docs/your_model.md shows every argument at work).
 
     Data are Datasets (map-style or streaming) or your DataLoaders (adopted: gradwise.train.pipeline), batched
-    by `collate_fn`; early stopping watches `val_data`, never the test set. `optimizer`, `scheduler`, `loss_fn`,
-    `count_fn` (loss-bearing items) and `task` default to the config's and gradwise.train.batch's; `metrics=
-    {"name": fn or metric object}` adds `val_name`/`test_name`; `callbacks` run after the built-in ones; `sync`
-    is the strategy (one process, DDP under torchrun); `source` where steps come from; `out_dir=None` writes
-    nothing. `config.seed` governs every random draw (gradwise.train.randomness); the model's initialisation is
-    yours. Every set's first batch is checked before anything runs (gradwise.train.checks).
+    by `collate_fn`; early stopping watches `val_data`, never the test set. `optimizer` (or `optimizer(model)`),
+    `scheduler` (or `scheduler(optimizer)`), `loss_fn`, `count_fn` (loss-bearing items) and `task` default to the
+    config's and gradwise.train.batch's; `metrics={"name": fn or metric object}` adds `val_name`/`test_name`;
+    `callbacks` run after the built-ins; `sync` is the strategy (one process, DDP under torchrun); `source` where
+    steps come from; `out_dir=None` writes nothing. `config.seed` governs every random draw; memory.auto=true
+    plans on your model (gradwise.train.planning). Every set's first batch is checked before anything runs.
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset | DataLoader, *,
                  test_data: Dataset | DataLoader | None = None, val_data: Dataset | DataLoader | None = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 optimizer: torch.optim.Optimizer | None = None,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, config: Config | None = None,
+                 optimizer: torch.optim.Optimizer | Callable | None = None,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | Callable | None = None, config: Config | None = None,
                  out_dir: str | Path | None = None, task: str | None = None,
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, callbacks: list[Callback] = (),
                  sync: GradientSync | None = None, source: Any = None, builtin: bool = False,
@@ -74,9 +75,11 @@ class Trainer:
             raise ConfigError("config error: the training set is empty")
         self.sync = sync or environment_sync((config or Config()).train.strategy)
         config = adopt_settings(config or Config(), self.data["train"], self.sync.world_size)  # a DataLoader's
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        config = settle_plan(config, model, self.data, self.sync, type(self).planner, self.out_dir, self.train_size,
+                             task, loss_fn, count_fn)  # memory.auto=true: the recorded plan, or plan this model
         self.cfg = resolve_config(config, self.train_size)  # a no-op for an already resolved config
         self.is_main = self.sync.is_main
-        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.total_steps = run_length(self.cfg, self.train_size)[1]
         self.source = source or (BatchSteps() if self.train_size is not None else StreamSteps())
         self.engine = StepEngine(model, self.cfg, sync=self.sync, loss_fn=loss_fn, count_fn=count_fn,
@@ -99,7 +102,7 @@ class Trainer:
 
     # -- construction from config / run directory ---------------------------------------------------------
 
-    planner: Callable[[Config], Config] | None = None  # memory.auto's; gradwise's own is set by the package
+    planner: Callable[..., Config] | None = None  # memory.auto's (cfg, run=None); gradwise's own: set by the package
 
     @classmethod
     def from_config(cls, cfg: Config, out_dir: str | Path | None = None, sync: GradientSync | None = None,
