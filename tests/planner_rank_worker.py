@@ -1,7 +1,9 @@
 """Run under torchrun by tests/test_distributed.py: `gradwise train` on each rank with memory.auto=true, where
 each rank's planner trial timings are rigged to favour a different precision (rank 0: bf16, others: fp32).
+`user OUT`: the same for a Trainer of a model of the script's own (its repeated blocks among the candidates).
 
-Each rank writes the config it is about to train with to OUT/rank{R}.json; the run itself is the CLI's.
+Each rank writes the config it is about to train with to OUT/rank{R}.json; the run itself is the CLI's (or the
+Trainer's).
 """
 
 from __future__ import annotations
@@ -38,6 +40,26 @@ def recording_fit(self, *args, **kwargs):
     return real_fit(self, *args, **kwargs)
 
 
+def users_run(out: str) -> int:
+    import torch
+
+    from gradwise.config import load_config
+
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(3)))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), blocks, torch.nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+    cfg = load_config(None, ["train.steps=4", "train.batch_size=16", "memory.auto=true", "memory.budget=4GiB",
+                             "log.progress=off", "diagnostics.every=0"])
+    Trainer(model, data, config=cfg, out_dir=out).fit()
+    return 0
+
+
 planner.profile_step = rigged_profile
 Trainer.fit = recording_fit
+if sys.argv[1] == "user":
+    out_dir = sys.argv[2]
+    sys.argv[1:] = ["train", "--out", out_dir]  # where recording_fit writes
+    sys.exit(users_run(out_dir))
 sys.exit(main(sys.argv[1:]))

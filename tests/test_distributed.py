@@ -229,6 +229,12 @@ def test_every_rank_trains_with_rank_0s_plan_when_their_timings_differ(tmp_path)
     assert ranks[0] == ranks[1]
     assert ranks[0]["precision"] == "bf16" and ranks[0]["memory"]["auto"] is False
     assert "precision: bf16" in (out / "config.yaml").read_text()
+    # a Trainer of the script's own model plans on it, and every rank trains with rank 0's plan too
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert torchrun(str(worker), "user", str(mine)) == 0
+    ranks = [json.loads((mine / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["precision"] == "bf16" and ranks[0]["memory"]["auto"] is False
 
 
 def test_a_users_script_under_torchrun_trains_data_parallel_with_no_extra_code(tmp_path):
