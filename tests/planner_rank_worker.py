@@ -1,6 +1,6 @@
 """Run under torchrun by tests/test_distributed.py: `gradwise train` on each rank with memory.auto=true, where
 each rank's planner trial timings are rigged to favour a different precision (rank 0: bf16, others: fp32).
-`user OUT`: the same for a Trainer of a model of the script's own (its repeated blocks among the candidates).
+`user OUT`: the same for a Trainer of a model of the script's own (three repeated blocks).
 
 Each rank writes the config it is about to train with to OUT/rank{R}.json; the run itself is the CLI's (or the
 Trainer's).
@@ -46,7 +46,7 @@ def users_run(out: str) -> int:
     from gradwise.config import load_config
 
     torch.manual_seed(0)
-    blocks = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(3)))
+    blocks = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(3)))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), blocks, torch.nn.Linear(16, 3))
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g))

@@ -97,8 +97,8 @@ def test_gradwise_inspect_on_a_users_model_measures_its_own_blocks():
     weight; the report names the model's class and its block class."""
     import gradwise
 
-    report = gradwise.inspect(Chain(0.5, 3), rows(), config=load_config(None, [*SMALL, "train.batch_size=16"]),
-                              steps=2, probes=400)
+    config = load_config(None, [*SMALL, "train.batch_size=16", "early_stopping.patience=2"])  # never evaluates
+    report = gradwise.inspect(Chain(0.5, 3), rows(), val_data=rows(16), config=config, steps=2, probes=400)
     assert report["model"] == "Chain" and report["blocks"] == 3 and report["block_class"] == "Scaled"
     assert report["jacobian_mean_sq_singular_value_at_init"] == pytest.approx(0.5 ** 6, rel=0.15)
     assert len(report["layers"]) == 5 and report["verdict"]["verdict"] in ("healthy", "vanishing", "dead")

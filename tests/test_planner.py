@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 import gradwise
 from gradwise.cli import main
 from gradwise.config import parse_bytes
+from gradwise.errors import ConfigError
 from gradwise.train.checks import BatchError
 from gradwise.memory.checkpointing import repeated_blocks
 from gradwise.tools.planner import apply_choice, candidate_micro_batches, measure, plan
@@ -122,6 +123,9 @@ def test_the_repeated_blocks_of_any_model_are_found():
     assert repeated_blocks(gpt2) == ["GPT2Block"] and repeated_blocks(bert) == ["BertLayer"]
     assert repeated_blocks(Net()) == ["Block"]  # the outermost repeat, not the Linears inside each Block
     assert repeated_blocks(torch.nn.Linear(2, 2)) == []
+    with_head = Net()
+    with_head.head = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    assert repeated_blocks(with_head) == ["Block"]  # bare layers repeated in a Sequential are not blocks
 
 
 def test_memory_auto_plans_on_a_users_model_records_the_choice_and_a_resume_never_plans_again(tmp_path, capsys):
@@ -161,8 +165,10 @@ def test_the_planner_checkpoints_a_users_blocks_under_a_tight_budget():
     assert checkpointed < plain
     table, best = measure(model, batch, cfg, 64, budget=(plain + checkpointed) // 2, trial_steps=1,
                           precisions=("fp32",))
-    assert best is not None and best["fits"] and best["memory_bytes"] <= (plain + checkpointed) // 2
-    assert best["checkpoint"] == "Block" or best["accumulate"] > 1
+    limit = (plain + checkpointed) // 2
+    assert all(r["fits"] == (r["memory_bytes"] <= limit) for r in table)
+    assert best == max((r for r in table if r["fits"]), key=lambda r: r["samples_per_s"])
+    assert not any(r["fits"] for r in table if r["checkpoint"] == "none" and r["accumulate"] == 1)
     assert apply_choice(cfg, {**best, "checkpoint": "Block"}).memory.modules == ["Block"]
 
 
@@ -202,9 +208,37 @@ def test_gradwise_plan_on_a_users_model_and_data():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = gradwise.plan(model, rows(), budget="1GiB", config=small_config("train.batch_size=16"),
                            trial_steps=1, precisions=("fp32", "bf16"))
-    assert {r["checkpoint"] for r in result.rows} == {"none", "Block"} and result.best in result.rows
+    assert {r["checkpoint"] for r in result.rows} == {"none", "Block"}
+    assert result.best == max((r for r in result.rows if r["fits"]), key=lambda r: r["samples_per_s"])
     assert result.config.memory.auto is False and result.config.precision == result.best["precision"]
     assert "**best**" in result.table()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # trials trained copies
     with pytest.raises(BatchError, match="the loss failed on the first batch"):
         gradwise.plan(model, rows(), budget="1GiB", loss_fn=lambda out, y: out.sum(dim=5), trial_steps=1)
+
+
+def test_a_recorded_plan_is_taken_only_from_gradwise_s_own_run_of_this_model(tmp_path):
+    """A config.yaml someone else wrote, or a run of another model or batch size, is not this run's plan."""
+    from gradwise.config import flatten
+    from gradwise.resolve import PLANNED_KEYS
+    from gradwise.train.planning import recorded_plan
+
+    cfg = small_config("memory.auto=true", "memory.budget=1GiB", "train.steps=2", "train.batch_size=16")
+    run = Trainer(net(), rows(), config=cfg, out_dir=tmp_path / "run")
+    run.fit()
+    mine, chosen = flatten(recorded_plan(cfg, tmp_path / "run", net()).to_dict()), flatten(run.cfg.to_dict())
+    assert all(mine[key] == chosen[key] for key in PLANNED_KEYS) and mine["memory.auto"] is False
+    assert recorded_plan(cfg, tmp_path / "run", torch.nn.Linear(8, 3)) is None  # another model class
+    assert recorded_plan(small_config("memory.auto=true", "memory.budget=1GiB", "train.batch_size=32"),
+                         tmp_path / "run", net()) is None  # another batch size
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_bytes(b"memory: {auto: false, budget: 1GiB}\n\xff\xfe")
+    assert recorded_plan(cfg, foreign, net()) is None
+
+
+def test_a_class_or_a_bad_factory_for_the_optimizer_is_one_line():
+    with pytest.raises(ConfigError, match="optimizer=SGD is a class"):
+        Trainer(net(), rows(), config=small_config(), optimizer=torch.optim.SGD)
+    with pytest.raises(ConfigError, match="the optimizer factory <lambda> returned NoneType"):
+        Trainer(net(), rows(), config=small_config(), optimizer=lambda model: None)

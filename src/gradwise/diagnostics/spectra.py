@@ -42,7 +42,6 @@ def jacobian_mean_sq_singular_value(blocks: nn.Module, h: torch.Tensor, probes: 
     return float(torch.stack(values).mean())
 
 
-@torch.no_grad()
 def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
@@ -94,6 +93,7 @@ def chain_jacobian(first: nn.Module, last: nn.Module, forward: Callable[[], Any]
     return float(torch.stack(values).mean())
 
 
+@torch.no_grad()
 def spectral_norm(weight: torch.Tensor, iterations: int = 50, seed: int = 0) -> float:
     """Largest singular value of a 2-D weight by power iteration."""
     w = weight.detach().float().flatten(1)

@@ -89,20 +89,22 @@ def checkpointed_class(cls: type) -> type:
 
 def repeated_blocks(model: nn.Module) -> list[str]:
     """The class names of `model`'s repeated blocks, the outermost ones: a ModuleList or Sequential holding two
-    or more modules of one class that have parameters (GPT2Block in `transformer.h`, BertLayer in
-    `encoder.layer`, a user's Block). Searched top-down; a repeated block's insides are not searched."""
+    or more modules of one class that have parameters and submodules of their own (GPT2Block in
+    `transformer.h`, BertLayer in `encoder.layer`, a user's Block; never a bare Linear). Searched top-down, in
+    module order; a repeated block's insides are not searched."""
     found: list[str] = []
+
+    def is_block(module: nn.Module) -> bool:
+        return any(True for _ in module.children()) and any(True for _ in module.parameters())
 
     def search(module: nn.Module) -> None:
         if isinstance(module, (nn.ModuleList, nn.Sequential)):
             counts: dict[type, int] = {}
             for child in module.children():
-                if any(True for _ in child.parameters()):
+                if is_block(child):
                     counts[type(child)] = counts.get(type(child), 0) + 1
-            repeated = {cls for cls, n in counts.items() if n >= 2}
-            for cls in repeated:
-                if cls.__name__ not in found:
-                    found.append(cls.__name__)
+            repeated = [cls for cls, n in counts.items() if n >= 2]
+            found.extend(cls.__name__ for cls in repeated if cls.__name__ not in found)
             for child in module.children():
                 if type(child) not in repeated:
                     search(child)

@@ -18,12 +18,15 @@ from gradwise.diagnostics.spectra import chain_jacobian, spectral_norms
 from gradwise.memory.checkpointing import CheckpointedSegments, repeated_blocks
 from gradwise.train import Callback, Trainer
 from gradwise.train.batch import call_model, to_device
+from gradwise.train.randomness import isolated_rng
 
 
 def inspection_config(cfg: Config | None) -> Config:
     """The run as inspected: no progress bar, no health records, no compilation (a few steps, hooks)."""
     cfg = (cfg or Config()).thawed()
     cfg.log.progress, cfg.diagnostics.every, cfg.train.compile = "off", 0, False
+    cfg.train.eval_every = cfg.train.checkpoint_every = cfg.early_stopping.patience = None  # it never evaluates
+    cfg.memory.auto = False  # the run as configured, not as a plan would change it
     return cfg
 
 
@@ -63,8 +66,12 @@ def inspect_trainer(trainer: Trainer, recorder: LayerRecorder, steps: int = 5, p
     if chain is not None:
         batch = to_device(trainer.data["train"].first_batch(min(cfg.train.batch_size, 16)), trainer.engine.device)
         model.eval()  # the Jacobian per sample, without batch-norm coupling or dropout
-        chi = chain_jacobian(chain[0], chain[1], lambda: call_model(model, batch), probes)
-        model.train()
+        try:
+            chi = chain_jacobian(chain[0], chain[1], lambda: call_model(model, batch), probes)
+        except (TypeError, RuntimeError) as err:  # blocks that are not a chain of hidden states: no figure
+            chain, chi = (*chain[:3], f"{chain[3]} ({err})"), None
+        finally:
+            model.train()
     init_norms = spectral_norms(model)
     trainer.data["val"] = trainer.data["test"] = None  # inspection trains; it never evaluates
     trainer.fit(max_steps=steps)
@@ -87,7 +94,9 @@ def inspect_trainer(trainer: Trainer, recorder: LayerRecorder, steps: int = 5, p
 def inspect_run(cfg: Config, steps: int = 5, probes: int = 8) -> dict[str, Any]:
     """Inspect the configured built-in model and data."""
     recorder = LayerRecorder()
-    return inspect_trainer(Trainer.from_config(inspection_config(cfg), callbacks=[recorder]), recorder, steps, probes)
+    with isolated_rng(cfg.seed):
+        trainer = Trainer.from_config(inspection_config(cfg), callbacks=[recorder])
+        return inspect_trainer(trainer, recorder, steps, probes)
 
 
 def inspect_model(model: nn.Module, train_data: Any, *, config: Config | None = None, steps: int = 5,
@@ -95,9 +104,11 @@ def inspect_model(model: nn.Module, train_data: Any, *, config: Config | None = 
     """Inspect your model on your data: `trainer_args` are Trainer's (loss_fn, collate_fn, count_fn, task, ...);
     the same first-batch check and one-line errors. The model trains for `steps` steps (pass a copy to keep it)."""
     recorder = LayerRecorder()
-    trainer = Trainer(model, train_data, config=inspection_config(config),
-                      callbacks=[*trainer_args.pop("callbacks", []), recorder], **trainer_args)
-    return inspect_trainer(trainer, recorder, steps, probes)
+    cfg = inspection_config(config)
+    with isolated_rng(cfg.seed):  # seeded by the config; the caller's generators are left as they were
+        trainer = Trainer(model, train_data, config=cfg, callbacks=[*trainer_args.pop("callbacks", []), recorder],
+                          **trainer_args)
+        return inspect_trainer(trainer, recorder, steps, probes)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -196,11 +196,12 @@ def plan_model(model: torch.nn.Module, train_data: Any, *, budget: int | str, co
     cfg = (config or Config()).thawed()
     cfg.memory.auto = False
     limit = parse_bytes(budget, "budget") if isinstance(budget, str) else int(budget)
-    trainer = Trainer(copy.deepcopy(model), train_data, config=cfg, **trainer_args)
+    trainer = Trainer(copy.deepcopy(model), train_data, config=cfg, **trainer_args)  # the checks, the pipeline
     batch = trainer.data["train"].first_batch(trainer.cfg.train.batch_size)
-    rows, best = measure(model, batch, trainer.cfg, trainer.train_size, limit, trial_steps, precisions,
-                         progress=progress, loss_fn=trainer_args.get("loss_fn"),
-                         count_fn=trainer_args.get("count_fn"))
+    resolved, train_size = trainer.cfg, trainer.train_size
+    del trainer  # not counted in the trials' memory
+    rows, best = measure(model, batch, resolved, train_size, limit, trial_steps, precisions, progress=progress,
+                         loss_fn=trainer_args.get("loss_fn"), count_fn=trainer_args.get("count_fn"))
     return Plan(rows, best, apply_choice(config or Config(), best) if best else None)
 
 
@@ -228,7 +229,8 @@ def apply_choice(cfg: Config, best: dict[str, Any]) -> Config:
     (so a resumed run keeps the same trajectory instead of planning again). A checkpoint choice that is not a
     policy names block classes: memory.modules."""
     chosen = cfg.thawed()
-    chosen.train.accumulate, chosen.train.micro_batch_size = best["accumulate"], None
+    chosen.train.micro_batch_size = None  # first: a micro-batch size and accumulation > 1 are exclusive
+    chosen.train.accumulate = best["accumulate"]
     if best["checkpoint"] in POLICIES:
         chosen.memory.checkpoint, chosen.memory.modules = best["checkpoint"], []
     else:

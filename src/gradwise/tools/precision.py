@@ -20,6 +20,7 @@ from gradwise.diagnostics.numerics import LayerRecord, analyse
 from gradwise.train import Trainer
 from gradwise.train.batch import rows, to_device
 from gradwise.train.pipeline import BatchReader
+from gradwise.train.randomness import TRAIN_DATA, derived_seed, isolated_rng
 
 INSPECT_MICRO_BATCH = 8  # rows per forward while inspecting (activations kept for backward scale with it)
 
@@ -32,7 +33,7 @@ def training_batches(trainer: Any, steps: int) -> Iterator[Any]:
         yield from itertools.islice(stream, steps)
         return
     order = EpochBatches(len(pipe.dataset), tc.batch_size, trainer.cfg.seed, tc.drop_last)
-    reader = BatchReader(pipe.dataset, pipe.collate_fn, trainer.cfg.seed)
+    reader = BatchReader(pipe.dataset, pipe.collate_fn, derived_seed(trainer.cfg.seed, TRAIN_DATA, 0))
     for i in range(steps):
         yield reader.read((0, i), order.next())
 
@@ -103,6 +104,7 @@ def precision_config(cfg: Config | None) -> Config:
     INSPECT_MICRO_BATCH rows (the same gradients, a fraction of the activations)."""
     cfg = (cfg or Config()).thawed()
     cfg.precision, cfg.log.progress, cfg.diagnostics.every, cfg.train.compile = "fp32", "off", 0, False
+    cfg.memory.auto = False  # fp32 as configured, not as a plan would change it
     if cfg.train.micro_batch_size is None and cfg.train.accumulate == 1:
         cfg.train.micro_batch_size = min(cfg.train.batch_size, INSPECT_MICRO_BATCH)
     return cfg
@@ -110,14 +112,17 @@ def precision_config(cfg: Config | None) -> Config:
 
 def inspect_precision(cfg: Config, steps: int = 5) -> dict[str, Any]:
     """Build the configured built-in run in fp32, take `steps` steps with hooks, and analyse the ranges."""
-    return report_of(Trainer.from_config(precision_config(cfg)), steps)
+    with isolated_rng(cfg.seed):
+        return report_of(Trainer.from_config(precision_config(cfg)), steps)
 
 
 def inspect_precision_model(model: nn.Module, train_data: Any, *, config: Config | None = None, steps: int = 5,
                             **trainer_args: Any) -> dict[str, Any]:
     """`gradwise.inspect_precision`: the range analysis for your model and data (`trainer_args` are Trainer's:
     loss_fn, collate_fn, count_fn, task, ...; the same first-batch check). The model trains `steps` steps."""
-    return report_of(Trainer(model, train_data, config=precision_config(config), **trainer_args), steps)
+    cfg = precision_config(config)
+    with isolated_rng(cfg.seed):  # seeded by the config; the caller's generators are left as they were
+        return report_of(Trainer(model, train_data, config=cfg, **trainer_args), steps)
 
 
 def report_of(trainer: Trainer, steps: int) -> dict[str, Any]:

@@ -12,11 +12,12 @@ from typing import Any, Callable
 from torch import nn
 
 from gradwise.config import Config, flatten, read_yaml, validate
-from gradwise.errors import ConfigError
+from gradwise.errors import ConfigError, UserInputError
 from gradwise.parallel.strategy import GradientSync
 from gradwise.resolve import PLANNED_KEYS, resolve_config
 from gradwise.train.checks import check_first_batch
 from gradwise.train.pipeline import Pipeline
+from gradwise.train.run_dir import written_by_gradwise
 from gradwise.train.step import StepEngine
 
 
@@ -31,44 +32,60 @@ class TrainerRun:
     count_fn: Callable | None = None
 
 
-def recorded_plan(cfg: Config, out_dir: Path | None) -> Config | None:
-    """`cfg` with the plan that `out_dir`'s config.yaml recorded for the same memory.budget, or None."""
+def recorded_plan(cfg: Config, out_dir: Path | None, model: nn.Module) -> Config | None:
+    """`cfg` with the plan `out_dir`'s config.yaml recorded, when gradwise wrote it for this model class, batch
+    size and memory.budget; else None (plan afresh)."""
     path = out_dir / "config.yaml" if out_dir is not None else None
-    if path is None or not path.is_file():
+    if path is None or not path.is_file() or not written_by_gradwise(path):
         return None
-    recorded = flatten(read_yaml(path))
-    if recorded.get("memory.auto") is not False or recorded.get("memory.budget") != cfg.memory.budget:
+    try:
+        recorded = flatten(read_yaml(path))
+    except (UserInputError, UnicodeDecodeError, ValueError):
         return None
-    planned = cfg.thawed()
+    same_run = (recorded.get("memory.auto") is False and recorded.get("memory.budget") == cfg.memory.budget
+                and recorded.get("model.class") == type(model).__name__
+                and recorded.get("train.batch_size") == cfg.train.batch_size)
+    if not same_run:
+        return None
+    tree = cfg.to_dict()
     for key in PLANNED_KEYS:
-        section, name = key.split(".", 1) if "." in key else (None, key)
-        value = recorded.get(key)
-        if section is None:
-            setattr(planned, name, value)
-        else:
-            setattr(getattr(planned, section), name, value)
-    return planned
+        section, _, name = key.rpartition(".")
+        (tree[section] if section else tree)[name] = recorded.get(key)
+    try:
+        return validate(tree)
+    except UserInputError:
+        return None
 
 
 def settle_plan(cfg: Config, model: nn.Module, data: dict[str, Pipeline | None], sync: GradientSync,
                 planner: Callable[..., Config] | None, out_dir: Path | None, train_size: int | None,
                 task: str | None, loss_fn: Callable | None, count_fn: Callable | None) -> Config:
-    """The config to train with: memory.auto settled (every rank trains with rank 0's plan)."""
+    """The config to train with: memory.auto settled. Rank 0 decides (the recorded plan, or a fresh one) and
+    every rank trains with its choice."""
     if not cfg.memory.auto:
         return cfg
-    chosen = recorded_plan(cfg, out_dir)
-    if chosen is None:
-        if planner is None:
-            raise ConfigError("config error: memory.auto=true needs a planner (import gradwise, which hands the "
-                              "Trainer gradwise.tools.planner.plan_config), or set train.accumulate, "
-                              "memory.checkpoint and precision yourself")
-        unplanned = cfg.thawed()
-        unplanned.memory.auto = False
-        trial = StepEngine(copy.deepcopy(model), resolve_config(unplanned, train_size), loss_fn=loss_fn,
-                           count_fn=count_fn)
-        check_first_batch(trial, data, task)  # a model and batch that do not fit: one line, before any trial
-        batch = data["train"].first_batch(cfg.train.batch_size)
-        chosen = planner(cfg, run=TrainerRun(model, batch, train_size, loss_fn, count_fn))
+    chosen = None
+    if sync.is_main:
+        chosen = recorded_plan(cfg, out_dir, model) or fresh_plan(cfg, model, data, planner, train_size, task,
+                                                                  loss_fn, count_fn)
     if sync.world_size > 1:
-        chosen = validate(sync.broadcast(chosen.to_dict()))
+        chosen = validate(sync.broadcast(chosen.to_dict() if chosen is not None else None))
     return chosen
+
+
+def fresh_plan(cfg: Config, model: nn.Module, data: dict[str, Pipeline | None],
+               planner: Callable[..., Config] | None, train_size: int | None, task: str | None,
+               loss_fn: Callable | None, count_fn: Callable | None) -> Config:
+    """The first-batch check (one line, before any trial), then the planner on this model and one global batch."""
+    if planner is None:
+        raise ConfigError("config error: memory.auto=true needs a planner (import gradwise, which hands the "
+                          "Trainer gradwise.tools.planner.plan_config), or set train.accumulate, "
+                          "memory.checkpoint and precision yourself")
+    unplanned = cfg.thawed()
+    unplanned.memory.auto = False
+    trial = StepEngine(copy.deepcopy(model), resolve_config(unplanned, train_size), loss_fn=loss_fn,
+                       count_fn=count_fn)
+    check_first_batch(trial, data, task)
+    del trial  # not counted in the trials' memory
+    batch = data["train"].first_batch(cfg.train.batch_size)
+    return planner(cfg, run=TrainerRun(model, batch, train_size, loss_fn, count_fn))

@@ -53,7 +53,7 @@ def check_same_trajectory(saved: dict, current: dict, where: str) -> None:
 MARK = "# gradwise run: "  # config.yaml's first line: what tells gradwise's own attempt from a user's file
 
 
-def _written_by_gradwise(config: Path) -> bool:
+def written_by_gradwise(config: Path) -> bool:
     with open(config, errors="replace") as f:
         return f.readline().startswith(MARK)
 
@@ -170,7 +170,7 @@ def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool, about: tuple[str, d
     if fresh:
         refuse_existing_run(out_dir)
     foreign = [name for name in ("config.yaml", "metrics.jsonl") if (out_dir / name).is_file()]
-    ours = (out_dir / "config.yaml").is_file() and _written_by_gradwise(out_dir / "config.yaml")
+    ours = (out_dir / "config.yaml").is_file() and written_by_gradwise(out_dir / "config.yaml")
     if fresh and foreign and not ours:
         raise CheckpointError(f"checkpoint error: '{out_dir}' has a {foreign[0]} that no gradwise run wrote; "
                               "choose another --out (gradwise never replaces files it did not write)")

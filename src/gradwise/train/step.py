@@ -78,6 +78,19 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float] | None:
     return {str(g.get("name", i)): g["lr"] for i, g in enumerate(groups)}
 
 
+def made_by(factory: Callable, name: str, argument: Any, kind: type | tuple[type, ...]) -> Any:
+    """What `factory(argument)` returns, checked to be a `kind` (one line naming the argument otherwise)."""
+    what = getattr(factory, "__name__", type(factory).__name__)
+    if isinstance(factory, type):
+        raise ConfigError(f"config error: {name}={what} is a class; pass an instance, or a factory such as "
+                          f"`lambda {'model' if name == 'optimizer' else 'optimizer'}: {what}(...)`")
+    made = factory(argument)
+    if not isinstance(made, kind):
+        raise ConfigError(f"config error: the {name} factory {what} returned {type(made).__name__}; it must "
+                          f"return a torch {name}")
+    return made
+
+
 class StepEngine:
     """Computes gradients and applies updates for `model` as the (resolved) config says.
 
@@ -120,10 +133,11 @@ class StepEngine:
         self.lr = lr_factor * scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.schedule.base_batch,
                                         cfg.schedule.scale_rule)
         if callable(optimizer):  # a factory: called on the model as the strategy prepared it (FSDP: sharded)
-            optimizer = optimizer(self.model)
+            optimizer = made_by(optimizer, "optimizer", self.model, torch.optim.Optimizer)
         self.optimizer = optimizer or (build_optimizer(cfg.optim, self.model, self.lr) if updates else None)
         if callable(scheduler):  # a factory: called on the optimizer
-            scheduler = scheduler(self.optimizer)
+            scheduler = made_by(scheduler, "scheduler", self.optimizer, (torch.optim.lr_scheduler.LRScheduler,
+                                                                        torch.optim.lr_scheduler.ReduceLROnPlateau))
         self.scheduler = scheduler or (build_scheduler(cfg.schedule, self.optimizer, cfg.schedule.total_steps)
                                        if updates else None)
         if optimizer is not None and lr_factor != 1.0:  # a user's optimizer gets the source's factor too (async: 1/M)
