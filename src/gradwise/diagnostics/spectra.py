@@ -31,7 +31,12 @@ def block_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def jacobian_mean_sq_singular_value(blocks: nn.Module, h: torch.Tensor, probes: int = 8, seed: int = 0) -> float:
     """Mean squared singular value of d blocks(h) / d h, per sample, from `probes` random VJPs."""
     h = h.detach().requires_grad_(True)
-    out = blocks(h)
+    return probed_mean_sq_singular_value(blocks(h), h, probes, seed)
+
+
+def probed_mean_sq_singular_value(out: torch.Tensor, h: torch.Tensor, probes: int = 8, seed: int = 0) -> float:
+    """Mean squared singular value of d out / d h (h a leaf `out` was computed from), per sample, from `probes`
+    random VJPs."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     values = []
     for i in range(probes):
@@ -83,14 +88,7 @@ def chain_jacobian(first: nn.Module, last: nn.Module, forward: Callable[[], Any]
             handle.remove()
     if not entered or not left:
         raise TypeError(f"the forward never passed through {type(first).__name__} and {type(last).__name__}")
-    h, out = entered[0], left[0]
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    values = []
-    for i in range(probes):
-        v = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-        (vjp,) = torch.autograd.grad(out, h, v, retain_graph=i < probes - 1)
-        values.append((vjp.flatten(1).pow(2).sum(1) / v.flatten(1).pow(2).sum(1)).mean())
-    return float(torch.stack(values).mean())
+    return probed_mean_sq_singular_value(left[0], entered[0], probes, seed)
 
 
 @torch.no_grad()

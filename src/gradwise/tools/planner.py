@@ -220,7 +220,7 @@ def no_fit_error(rows: list[dict[str, Any]], budget_text: str) -> UserInputError
     smallest = min(rows, key=lambda r: r["memory_bytes"])
     return UserInputError(
         f"plan error: nothing fits memory.budget={budget_text}; the smallest footprint found is "
-        f"{format_bytes(smallest['memory_bytes'])} ({chosen_setting(smallest).split(' (')[0]})"
+        f"{format_bytes(smallest['memory_bytes'])} ({setting_keys(smallest)})"
     )
 
 
@@ -240,12 +240,11 @@ def apply_choice(cfg: Config, best: dict[str, Any]) -> Config:
     return chosen
 
 
-def chosen_setting(best: dict[str, Any]) -> str:
-    """The chosen row as the keys it sets."""
-    checkpoint = (f"memory.checkpoint={best['checkpoint']}" if best["checkpoint"] in POLICIES
-                  else f"memory.modules=[{best['checkpoint']}]")
-    return (f"train.accumulate={best['accumulate']} {checkpoint} precision={best['precision']} "
-            f"({format_bytes(best['memory_bytes'])}, {best['samples_per_s']:.0f} samples/s)")
+def setting_keys(row: dict[str, Any]) -> str:
+    """A row's setting as the keys it sets."""
+    checkpoint = (f"memory.checkpoint={row['checkpoint']}" if row["checkpoint"] in POLICIES
+                  else f"memory.modules=[{row['checkpoint']}]")
+    return f"train.accumulate={row['accumulate']} {checkpoint} precision={row['precision']}"
 
 
 def plan_config(cfg: Config, trial_steps: int = 3, run: Any = None) -> Config:
@@ -261,5 +260,6 @@ def plan_config(cfg: Config, trial_steps: int = 3, run: Any = None) -> Config:
                              count_fn=run.count_fn)
     if best is None:
         raise no_fit_error(rows, cfg.memory.budget)
-    print(f"planning: chose {chosen_setting(best)}", file=sys.stderr, flush=True)
+    print(f"planning: chose {setting_keys(best)} ({format_bytes(best['memory_bytes'])}, "
+          f"{best['samples_per_s']:.0f} samples/s)", file=sys.stderr, flush=True)
     return apply_choice(cfg, best)
