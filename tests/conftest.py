@@ -5,9 +5,20 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from torch import nn
 
 from gradwise import load_config
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _share_the_cores():
+    """Under pytest-xdist each worker computes with its share of the cores: OpenMP threads that outnumber the
+    cores spin against each other and slow both workers several times over."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    yield
 
 
 @pytest.fixture(autouse=True, scope="session")
