@@ -15,7 +15,6 @@ from pathlib import Path
 
 from gradwise.checkpoint.sharded import export_model
 from gradwise.config import load_config, parse_bytes
-from gradwise.data import build_data
 from gradwise.diagnostics.numerics import format_report as format_ranges
 from gradwise.errors import NonFiniteError, UserInputError, describe_os_error, os_error_status
 from gradwise.io import read_json, write_json, write_text
@@ -24,9 +23,12 @@ from gradwise.parallel.ddp import init_process_group, launched_by_torchrun
 from gradwise.parallel.environment import group_sync
 from gradwise.report import render_compare, render_report
 from gradwise.tools.inspect import format_report, inspect_run, to_json
-from gradwise.tools.planner import format_table, no_fit_error, plan
+from gradwise.tools.planner import format_table, no_fit_error, plan, setting_keys
 from gradwise.tools.precision import inspect_precision
 from gradwise.train import Trainer
+from gradwise.train.batch import dataset_size
+from gradwise.train.factories import config_data, config_model, describe_source
+from gradwise.train.pipeline import as_pipeline
 from gradwise.train.run_dir import RunLock, refuse_existing_run, resume_config
 
 
@@ -137,8 +139,10 @@ def _launch(args: argparse.Namespace) -> int:
     else:
         worker_args = ["train", *(["--config", args.config] if args.config else []), "--out", str(out),
                        *args.overrides]
-    data = build_data(cfg.data, context=cfg.model.context)
-    check_group_fits(args.nproc * args.nnodes, cfg.train, len(data.train))
+    data = config_data(cfg)  # a data or model factory that fails, fails here once, not in every process
+    if cfg.model.factory is not None:
+        config_model(cfg, data)
+    check_group_fits(args.nproc * args.nnodes, cfg.train, dataset_size(as_pipeline(data.train, "train").dataset))
     opts = LaunchOptions(nproc=args.nproc, nnodes=args.nnodes, max_restarts=args.max_restarts,
                          rdzv_endpoint=args.rdzv_endpoint, port=args.port, rdzv_timeout=args.rdzv_timeout,
                          rdzv_id=args.rdzv_id)
@@ -187,7 +191,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.trial_steps < 1:
         raise UserInputError(f"usage error: --trial-steps={args.trial_steps} must be at least 1")
     cfg = load_config(args.config, args.overrides)
-    print(f"planning global batch {cfg.train.batch_size} for {cfg.model.name} on {cfg.data.name} "
+    print(f"planning global batch {cfg.train.batch_size} for {describe_source(cfg)} "
           f"within {args.budget} ({budget} bytes)", file=sys.stderr, flush=True)
     rows, best = plan(cfg, budget, args.trial_steps,
                       progress=lambda r: print(".", end="", file=sys.stderr, flush=True))
@@ -197,8 +201,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         write_json(args.json, {"budget_bytes": budget, "rows": rows, "best": best})
     if best is None:
         raise no_fit_error(rows, args.budget)
-    print(f"\nfastest that fits: train.accumulate={best['accumulate']} memory.checkpoint={best['checkpoint']} "
-          f"precision={best['precision']}  (or train with memory.auto=true memory.budget={args.budget})")
+    print(f"\nfastest that fits: {setting_keys(best)}  (or train with memory.auto=true memory.budget={args.budget})")
     return 0
 
 

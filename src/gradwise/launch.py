@@ -59,12 +59,13 @@ def check_port(port: int) -> None:
             ) from None
 
 
-def check_group_fits(world_size: int, train: TrainConfig, train_samples: int) -> None:
-    """Before any process starts: every process needs a row of each batch and of the training set; what this
-    machine cannot run (SyncBatchNorm without CUDA) is refused here rather than by every worker."""
+def check_group_fits(world_size: int, train: TrainConfig, train_samples: int | None) -> None:
+    """Before any process starts: every process needs a row of each batch and of the training set (None: a
+    stream, of unknown length); what this machine cannot run (SyncBatchNorm without CUDA) is refused here rather
+    than by every worker."""
     check_sync_batchnorm(train.sync_batchnorm, default_backend())
     check_batch_fits(train.batch_size, world_size)
-    if train_samples < world_size:
+    if train_samples is not None and train_samples < world_size:
         raise UserInputError(
             f"config error: {world_size} processes but only {train_samples} training samples; "
             f"use at most {train_samples} processes"

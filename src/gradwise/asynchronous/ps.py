@@ -23,14 +23,15 @@ import torch
 from torch.utils.data import IterableDataset
 
 from gradwise.asynchronous.server import PushedGradients
-from gradwise.asynchronous.worker import UserRun, Worker
+from gradwise.asynchronous.worker import UserRun, Worker, training_set
 from gradwise.config import Config, apply_overrides, validate
-from gradwise.data import build_data
 from gradwise.errors import ConfigError, DataError, NonFiniteError, UserInputError
 from gradwise.resolve import resolve_config
 from gradwise.tools.planner import plan_config
 from gradwise.train import Trainer
+from gradwise.train.factories import config_model
 from gradwise.train.metrics import Progress
+from gradwise.train.pipeline import adopt_settings, as_pipeline
 from gradwise.train.randomness import seed_everything
 from gradwise.train.run_dir import refuse_existing_run
 
@@ -145,13 +146,15 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     check_async_config(cfg, workers)
     if out_dir is not None and not resume:
         refuse_existing_run(Path(out_dir))
-    if user is not None:
-        seed_everything(cfg.seed)  # as every actor does before calling user.data()
-    train = user.datasets()[0] if user else build_data(cfg.data, context=cfg.model.context).train
+    train, _, data = training_set(cfg, user)  # as every actor builds it
     if isinstance(train, IterableDataset):
         raise DataError(f"data error: the parameter server splits a map-style training set's rows between its "
                         f"workers; got the streaming {type(train).__name__}; train it with the Trainer "
                         "(one process, or torchrun for data parallel)")
+    if data is not None:  # a DataLoader from data.factory: its batch size and loader settings, for every actor
+        cfg = adopt_settings(cfg, as_pipeline(data.train, "train_data", data.collate_fn))
+        if cfg.model.factory is not None:
+            config_model(cfg, data)  # a factory that fails, fails here, before Ray starts
     train_size = len(train)
     if cfg.ps.worker_threads is None:  # the threads this process computes with, shared among the workers
         threads = max(1, torch.get_num_threads() // workers)
@@ -162,7 +165,8 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     cfg = resolve_config(cfg, train_size, gradients_per_update=workers if cfg.ps.rule == "ssgd" else 1,
                          planner=plan_config)
     cfg_dict = cfg.to_dict()
-    if not ray.is_initialized():
+    started = not ray.is_initialized()  # then this call's Ray instance, shut down when it ends
+    if started:
         if ray_address:
             check_reachable(ray_address)
             ray.init(address=ray_address, log_to_driver=True)
@@ -226,5 +230,7 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
         for actor in actors:
             ray.kill(actor, no_restart=True)
         ray.kill(server, no_restart=True)
+        if started:
+            ray.shutdown()
         if previous is not False:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -17,13 +17,12 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from gradwise.config import validate
-from gradwise.data import build_data
+from gradwise.config import Config, validate
 from gradwise.data.sampler import EpochBatches, Position
 from gradwise.errors import DataError
-from gradwise.nn import build_model
 from gradwise.train.batch import to_device
-from gradwise.train.pipeline import BatchReader
+from gradwise.train.factories import RunData, config_data, config_loss, config_model
+from gradwise.train.pipeline import BatchReader, as_pipeline
 from gradwise.train.randomness import TRAIN_DATA, derived_seed, seed_everything
 from gradwise.train.step import NonFiniteStep, StepEngine
 
@@ -56,6 +55,19 @@ class UserRun:
                 raise DataError(f"data error: UserRun.data() returned a DataLoader as the {role} set; return its "
                                 f"dataset and pass UserRun(collate_fn=...) and train.batch_size=N instead")
         return train, test
+
+
+def training_set(cfg: Config, user: UserRun | None) -> tuple[Any, Callable | None, RunData | None]:
+    """(the training set, its collate function, the config's data) as every actor builds them, seeded by
+    `cfg.seed` (the same rows everywhere, even a seeded random split): `user`'s, else the config's (built-in, or
+    `data.factory`'s: a DataLoader stands for its dataset and collate function, its settings adopted by the
+    driver)."""
+    seed_everything(cfg.seed)
+    if user is not None:
+        return user.datasets()[0], user.collate_fn, None
+    data = config_data(cfg)
+    pipeline = as_pipeline(data.train, "train_data", data.collate_fn)
+    return pipeline.dataset, pipeline.collate_fn, data
 
 
 def worker_shard(n: int, worker: int, workers: int) -> torch.Tensor:
@@ -104,23 +116,17 @@ class Worker:
         cfg = validate(cfg_dict)  # the driver's resolved config, the one the server trains with
         self.cfg, self.worker, self.server = cfg, worker, server
         torch.set_num_threads(cfg.ps.worker_threads or max(1, (os.cpu_count() or 1) // workers))
+        train, collate_fn, data = training_set(cfg, user)
+        rows = worker_shard(len(train), worker, workers)
+        self.shard = TensorDataset(*(t[rows] for t in train.tensors)) if isinstance(train, TensorDataset) \
+            else Subset(train, rows.tolist())
         seed_everything(cfg.seed + worker)
-        if user is None:
-            data = build_data(cfg.data, context=cfg.model.context)
-            rows = worker_shard(len(data.train), worker, workers)
-            self.shard = TensorDataset(*(t[rows] for t in data.train.tensors))
-            model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
-        else:
-            seed_everything(cfg.seed)  # every actor builds the same data, even a seeded random split
-            train = user.datasets()[0]
-            self.shard = Subset(train, worker_shard(len(train), worker, workers).tolist())
-            seed_everything(cfg.seed + worker)
-            model = user.model()
+        model = user.model() if user else config_model(cfg, data)
         self.link = ServerLink(server, worker, cfg.ps.slowdowns().get(worker, 1.0))
         # gradients only, in one process: the updates are the server's
-        self.engine = StepEngine(model, cfg, loss_fn=user.loss_fn if user else None, updates=False)
-        self.reader = BatchReader(self.shard, user.collate_fn if user else None,
-                                  derived_seed(cfg.seed, TRAIN_DATA, worker))
+        loss_fn = user.loss_fn if user else config_loss(cfg)
+        self.engine = StepEngine(model, cfg, loss_fn=loss_fn, updates=False)
+        self.reader = BatchReader(self.shard, collate_fn, derived_seed(cfg.seed, TRAIN_DATA, worker))
 
     def pid(self) -> int:
         """This incarnation's process id (a restarted actor has a new one)."""

@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import re
+from typing import Any, ClassVar, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gradwise.config.section import Section
+
+# `package.module:callable` or `path/to/file.py:callable` (the callable may be an attribute path: `mod:Class.build`)
+IMPORT_PATH = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
+
+
+def check_import_path(key: str, value: Optional[str]) -> Optional[str]:
+    if value is not None and not IMPORT_PATH.match(value):
+        raise ValueError(f"{key}={value!r} is not an import path (allowed: package.module:callable or "
+                         "path/to/file.py:callable)")
+    return value
+
+
+def refuse_builtin_keys(section: Section, key: str) -> None:
+    """With `{key}.factory` set, a built-in key given away from its default would be silently ignored: refuse it."""
+    ignored = [name for name in sorted(section.model_fields_set) if name not in section.FACTORY_KEYS
+               and getattr(section, name) != type(section).model_fields[name].get_default(call_default_factory=True)]
+    if ignored:
+        name = ignored[0]
+        raise ValueError(f"{key}.{name}={getattr(section, name)!r} is a key of the built-in {key}s, which "
+                         f"{key}.factory={section.factory!r} replaces; pass what your factory takes as "
+                         f"{key}.args.NAME=VALUE")
 
 
 class DataConfig(Section):
     """Which data set to train on; see docs/data.md."""
 
+    FACTORY_KEYS: ClassVar[tuple[str, ...]] = ("factory", "args")  # the keys that apply with data.factory
+
     name: Literal["mnist1d", "digits", "text", "npz", "csv"] = "mnist1d"
+    factory: Optional[str] = Field(
+        None, description="your data by import path (package.module:callable or file.py:callable), called with "
+                          "data.args; returns a Dataset, a DataLoader, or a dict of train, val (or validation), "
+                          "test and collate_fn (docs/your_model.md); replaces data.name")
+    args: dict[str, Any] = Field(default_factory=dict, description="data.factory's keyword arguments")
     path: Optional[str] = Field(
         None, description="npz/csv file, or a text file or folder (text; default: the Python stdlib sources)"
     )
@@ -28,11 +57,35 @@ class DataConfig(Section):
     max_chars: int = Field(2_000_000, gt=0, description="text: characters read from the corpus")
     cache_dir: Optional[str] = Field(None, description="where generated data is cached (default ~/.cache/gradwise)")
 
+    @field_validator("factory")
+    @classmethod
+    def _factory_path(cls, value: Optional[str]) -> Optional[str]:
+        return check_import_path("data.factory", value)
+
+    @model_validator(mode="after")
+    def _check_factory(self) -> "DataConfig":
+        if self.factory is not None:
+            refuse_builtin_keys(self, "data")
+        elif self.args:
+            raise ValueError(f"data.args={self.args!r} needs data.factory=package.module:callable (the built-in "
+                             "data sets take data.NAME keys)")
+        return self
+
 
 class ModelConfig(Section):
-    """Built-in model and its shape; see docs/models.md."""
+    """Built-in model and its shape (docs/models.md), or yours by import path (docs/your_model.md)."""
+
+    # the keys that apply with model.factory (context: the built-in text data's window, which yours may read)
+    FACTORY_KEYS: ClassVar[tuple[str, ...]] = ("factory", "args", "loss", "context")
 
     name: Literal["cnn", "mlp", "transformer"] = "cnn"
+    factory: Optional[str] = Field(
+        None, description="your model by import path (package.module:callable or file.py:callable), called with "
+                          "model.args, returning a torch.nn.Module (docs/your_model.md); replaces model.name")
+    args: dict[str, Any] = Field(default_factory=dict, description="model.factory's keyword arguments")
+    loss: Optional[str] = Field(
+        None, description="model.factory: a loss function by import path, loss(output, target); default: the "
+                          "model's own output.loss, else cross-entropy (gradwise.train.batch)")
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
     residual: Optional[Literal["none", "residual", "rezero", "highway"]] = Field(
         None, description="block type; null: the model's default (mlp/cnn none, transformer residual)"
@@ -63,6 +116,11 @@ class ModelConfig(Section):
     n_head: int = Field(4, ge=1)
     context: int = Field(128, ge=2, description="transformer: tokens per window")
 
+    @field_validator("factory", "loss")
+    @classmethod
+    def _import_paths(cls, value: Optional[str], info) -> Optional[str]:
+        return check_import_path(f"model.{info.field_name}", value)
+
     @property
     def block_residual(self) -> str:
         if self.residual is not None:
@@ -79,6 +137,12 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
+        if self.factory is not None:
+            refuse_builtin_keys(self, "model")
+            return self
+        if self.args or self.loss:
+            raise ValueError(f"model.{'args' if self.args else 'loss'} needs model.factory=package.module:callable "
+                             "(the built-in models take model.NAME keys)")
         if len(self.channels) != len(self.kernel_sizes):
             raise ValueError(
                 f"model.channels has {len(self.channels)} entries but model.kernel_sizes has "

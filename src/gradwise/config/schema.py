@@ -100,7 +100,8 @@ class TrainConfig(Section):
                                                          "aot_eager, eager)")
     shard_modules: list[str] = Field(
         default_factory=list, description="fsdp: module classes sharded as units (default: each block of a "
-                                          "built-in model; your model: e.g. [GPT2Block]); the root always is")
+                                          "built-in model, or your model's repeated blocks, e.g. GPT2Block); the "
+                                          "root always is")
 
     @model_validator(mode="before")
     @classmethod
@@ -297,6 +298,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_master_weights(self) -> "Config":
+        if self.data.factory is not None and self.model.factory is None:
+            raise ValueError(f"data.factory={self.data.factory!r} needs model.factory=package.module:callable too "
+                             "(the built-in models are built for the built-in data sets)")
         if self.master_weights == "fp16" and self.precision != "fp16":
             raise ValueError(f"master_weights=fp16 needs precision=fp16 (got precision={self.precision})")
         return self
@@ -317,4 +321,11 @@ class Config(Section):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML; a section whose factory names your model or data leaves out the built-in keys it
+        replaces (their defaults come back when the file is read)."""
+        tree = self.to_dict()
+        for name in ("data", "model"):
+            section = getattr(self, name)
+            if section.factory is not None:
+                tree[name] = {k: v for k, v in tree[name].items() if k in section.FACTORY_KEYS}
+        return yaml.safe_dump(tree, sort_keys=False)

@@ -10,7 +10,9 @@ a policy sets how many consecutive blocks form one checkpointed segment:
               extra forward (Chen et al. 2016)
 
 For a user's own model, `memory.modules=[ClassName, ...]` checkpoints every
-module of those classes individually, without changing its state_dict keys.
+module of those classes individually, without changing its state_dict keys (a
+Hugging Face model's `config.use_cache` is switched off, as transformers' own
+gradient checkpointing does: a recomputed block would write its KV cache twice).
 """
 
 from __future__ import annotations
@@ -128,6 +130,9 @@ def apply_checkpointing(model: nn.Module, policy: str, module_names: list[str] |
                               f"{', '.join(names)})")
         for m in chosen:
             m.__class__ = checkpointed_class(type(m))
+        hf_config = getattr(model, "config", None)
+        if getattr(hf_config, "use_cache", False):  # a Hugging Face model's KV cache would be written again when
+            hf_config.use_cache = False  # a block is recomputed (as transformers' own checkpointing, it goes off)
         return len(chosen)
     stacks = [m for m in model.modules() if isinstance(m, CheckpointedSegments)]
     if policy == "none":

@@ -28,13 +28,15 @@ from torch import nn
 from gradwise.checkpoint.sharded import by_name, load_sharded
 from gradwise.checkpoint.writer import Shards
 from gradwise.errors import ConfigError
+from gradwise.memory.checkpointing import repeated_blocks
 from gradwise.nn.blocks import BlockStack
 from gradwise.optim.layerwise import local
 from gradwise.parallel.ddp import DDPSync, check_batch_fits
 
 
 def shard_units(model: nn.Module, class_names: list[str]) -> list[nn.Module]:
-    """The modules sharded as units, innermost first: the named classes, else every built-in block."""
+    """The modules sharded as units, innermost first: the named classes, else every built-in block, else a model
+    of yours' repeated blocks (GPT2Block, BertLayer, a Block of yours: gradwise.memory.checkpointing)."""
     if class_names:
         chosen = [m for m in model.modules() if type(m).__name__ in set(class_names)]
         missing = sorted(set(class_names) - {type(m).__name__ for m in chosen})
@@ -43,7 +45,11 @@ def shard_units(model: nn.Module, class_names: list[str]) -> list[nn.Module]:
             raise ConfigError(f"config error: train.shard_modules={missing} match no module "
                               f"(classes here: {', '.join(names)})")
         return chosen
-    return [block for stack in model.modules() if isinstance(stack, BlockStack) for block in stack]
+    blocks = [block for stack in model.modules() if isinstance(stack, BlockStack) for block in stack]
+    if blocks:
+        return blocks
+    repeated = set(repeated_blocks(model))
+    return [m for m in model.modules() if type(m).__name__ in repeated]
 
 
 class FSDPSync(DDPSync):

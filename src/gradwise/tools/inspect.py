@@ -77,7 +77,7 @@ def inspect_trainer(trainer: Trainer, recorder: LayerRecorder, steps: int = 5, p
     trainer.fit(max_steps=steps)
     d = cfg.diagnostics
     verdict = judge(recorder.stats, d.vanishing_ratio, d.vanishing_norm, d.exploding_norm, d.exploding_update)
-    builtin = trainer.builtin
+    builtin = trainer.configured and cfg.model.factory is None
     return {
         "model": cfg.model.name if builtin else type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from gradwise.config import Config, parse_bytes
-from gradwise.data import build_data
 from gradwise.errors import UserInputError
 from gradwise.memory.measure import (
     ActivationMeter,
@@ -28,9 +27,9 @@ from gradwise.memory.measure import (
     state_bytes,
 )
 from gradwise.memory.checkpointing import CheckpointedSegments, repeated_blocks
-from gradwise.nn import build_model
 from gradwise.resolve import resolve_config
 from gradwise.train import Trainer
+from gradwise.train.factories import config_data, config_loss, config_model
 from gradwise.train.batch import fetch_batch, rows as batch_rows, to_device
 from gradwise.train.randomness import capture_rng, restore_rng, seed_everything
 from gradwise.train.step import StepEngine
@@ -161,15 +160,20 @@ def measure(initial: torch.nn.Module, batch: Any, cfg: Config, train_size: int |
 
 def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, policies=POLICIES,
          progress=None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """The built-in model and data of `cfg`: measure every candidate; return (table rows, the fastest row that
-    fits or None)."""
+    """The model and data `cfg` names (built-in, or yours by import path: gradwise.train.factories): measure every
+    candidate; return (table rows, the fastest row that fits or None)."""
     rng = capture_rng()
     try:
         seed_everything(cfg.seed)
-        data = build_data(cfg.data, context=cfg.model.context)
-        initial = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
+        data = config_data(cfg)
+        initial = config_model(cfg, data)
     finally:
         restore_rng(rng)
+    if cfg.model.factory is not None:  # a model of yours: the Trainer's first-batch check and pipeline
+        result = plan_model(initial, data.train, budget=budget, config=cfg, trial_steps=trial_steps,
+                            precisions=precisions, progress=progress, val_data=data.val, test_data=data.test,
+                            collate_fn=data.collate_fn, loss_fn=config_loss(cfg))
+        return result.rows, result.best
     batch = fetch_batch(data.train, torch.arange(min(cfg.train.batch_size, len(data.train))))
     return measure(initial, batch, cfg, len(data.train), budget, trial_steps, precisions, policies, progress)
 

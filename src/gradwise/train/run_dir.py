@@ -151,13 +151,14 @@ class RunLock:
         self.acquire(mark=False).release()
 
 
-def describe_run(model, data, size: int | None, builtin: bool) -> tuple[str, dict[str, dict] | None]:
+def describe_run(model, data, size: int | None, configured: bool) -> tuple[str, dict[str, dict] | None]:
     """What is trained: one line (the model's class and size, the data's class and length) and, for a model
-    and data of the user's own, the `data` and `model` sections config.yaml records instead of the built-ins'."""
+    and data handed to a Trainer (not named by the config: `configured` False), the `data` and `model` sections
+    config.yaml records instead of the built-ins'."""
     params = sum(p.numel() for p in model.parameters())
     line = f"model: {type(model).__name__} ({params} parameters); data: {type(data).__name__} " \
            f"({size or 'streaming'} samples)"
-    sections = None if builtin else {
+    sections = None if configured else {
         "data": {"name": "user", "class": type(data).__name__, "samples": size if size else "streaming"},
         "model": {"name": "user", "class": type(model).__name__, "parameters": params}}
     return line, sections

@@ -22,8 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from gradwise.config import Config, validate
-from gradwise.data import build_data
-from gradwise.nn import build_model
 from gradwise.checkpoint.sharded import model_shapes
 from gradwise.parallel.environment import environment_sync
 from gradwise.parallel.strategy import GradientSync
@@ -33,6 +31,7 @@ from gradwise.resolve import resolve_config, run_length
 from gradwise.train.callbacks import Callback, CallbackList, RunState, builtin_callbacks
 from gradwise.train.checks import check_first_batch
 from gradwise.train.batch import dataset_size
+from gradwise.train.factories import config_data, config_loss, config_model
 from gradwise.train.evaluation import evaluate, prepare_metrics, shares_evaluation
 from gradwise.train.pipeline import adopt_settings, as_pipeline, pipelines, report_adoption
 from gradwise.train.planning import settle_plan
@@ -65,7 +64,7 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler | Callable | None = None, config: Config | None = None,
                  out_dir: str | Path | None = None, task: str | None = None,
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, callbacks: list[Callback] = (),
-                 sync: GradientSync | None = None, source: Any = None, builtin: bool = False,
+                 sync: GradientSync | None = None, source: Any = None, configured: bool = False,
                  metrics: dict[str, Any] | None = None, collate_fn: Callable[[list], Any] | None = None):
         self.collate_fn = collate_fn
         self.data = pipelines(collate_fn, train=train_data, val=val_data, test=test_data)
@@ -92,7 +91,7 @@ class Trainer:
         report_adoption(self.data, self.cfg, self.is_main)
         self.state = RunState()
         self.records: list[dict[str, Any]] = []  # this run's metrics records, as written to metrics.jsonl
-        self.builtin = builtin  # data and model from the config (from_config)
+        self.configured = configured  # data and model named by the config (from_config): config.yaml records them
         self.training_rng: dict[str, Any] | None = None  # where the training stream goes on (None: from the seed)
         self.interrupted = False  # a fit raised: its state is mid-step; fit(resume=True) reloads the checkpoint
         own = [self.source] if isinstance(self.source, Callback) else []
@@ -107,19 +106,20 @@ class Trainer:
     @classmethod
     def from_config(cls, cfg: Config, out_dir: str | Path | None = None, sync: GradientSync | None = None,
                     planner: Callable[[Config], Config] | None = None, **kwargs) -> "Trainer":
-        """Build data and model from the config (seeded by `cfg.seed`) and return a ready Trainer.
-
-        Every rank resolves the config (`planner`, default `Trainer.planner`, for memory.auto=true) and trains
-        with rank 0's resolution, broadcast. Every rank builds the same model (dropout masks differ across
-        ranks: each rank's training stream is its own, gradwise.train.randomness)."""
+        """A ready Trainer of the data and model the config names, built-in or yours by import path
+        (gradwise.train.factories), seeded by `cfg.seed`; `kwargs` are Trainer's. Every rank resolves the config
+        (`planner`, default `Trainer.planner`, plans a built-in model; yours is planned on by the Trainer) and
+        trains with rank 0's resolution; every rank builds the same model."""
         sync = sync or environment_sync(cfg.train.strategy)
         seed_everything(cfg.seed)
-        data = build_data(cfg.data, context=cfg.model.context)
-        resolved = resolve_config(cfg, len(data.train), planner=planner or cls.planner)  # each rank: none waits on a
-        cfg = validate(sync.broadcast(resolved.to_dict()))  # collective while rank 0 plans; rank 0's wins
-        model = build_model(cfg.model, data.input_shape, data.num_classes, data.task)
-        return cls(model, data.train, test_data=data.test, val_data=data.val, config=cfg, out_dir=out_dir,
-                   task=data.task, sync=sync, builtin=True, **kwargs)
+        data = config_data(cfg)
+        if cfg.model.factory is None:  # the built-in model is built as planned; no rank waits on a collective
+            resolved = resolve_config(cfg, len(data.train), planner=planner or cls.planner)  # while rank 0 plans
+            cfg = validate(sync.broadcast(resolved.to_dict()))
+        model = config_model(cfg, data)
+        parts = dict(test_data=data.test, val_data=data.val, task=data.task, collate_fn=data.collate_fn,
+                     loss_fn=config_loss(cfg))
+        return cls(model, data.train, config=cfg, out_dir=out_dir, sync=sync, configured=True, **{**parts, **kwargs})
 
     resume_config = staticmethod(resume_config)
 
@@ -223,7 +223,7 @@ class Trainer:
         """Create the run directory and write config.yaml (rank 0); an existing run there is an error."""
         if self.out_dir is not None and self.is_main:  # fresh: not a resume, nor this trainer's next fit
             prepare_run_dir(self.out_dir, self.cfg, self.state.resumed_from is None and not self.records,
-                            describe_run(self.model, self.train_data, self.train_size, self.builtin))
+                            describe_run(self.model, self.train_data, self.train_size, self.configured))
 
     def fit(self, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:
         """Train until the run's last step (or step `max_steps`); returns the summary (also summary.json).
