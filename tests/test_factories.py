@@ -33,6 +33,7 @@ def a_bad_key(**args): return {"train": [torch.zeros(2)], "eval": []}
 def no_train(**args): return {"test": [torch.zeros(2)]}
 def two_validations(**args): return {"train": [torch.zeros(2)], "val": [], "validation": []}
 def a_string_as_a_set(**args): return {"train": "rows"}
+def a_pair(**args): return [torch.zeros(2)], [torch.zeros(2)]
 '''
 
 
@@ -77,12 +78,13 @@ ERRORS = [
     (["model.factory=my_gpt.models:build", "model.args.n_layr=4"],
      "cannot be called with model.args={'n_layer': 2, 'n_embd': 32, 'n_head': 2, 'context': 32, 'n_layr': 4}: got "
      "an unexpected keyword argument 'n_layr' (it takes: n_layer, n_embd, n_head, context, dropout)"),
-    (["model.factory=missing/file.py:build"], "model.factory='missing/file.py:build': there is no file"),
+    (["model.factory=missing/file.py:build"], "/examples/missing/file.py:build': there is no file "),  # absolute
     (["data.factory=BAD:a_number"], "returned an int; allowed: a Dataset, a DataLoader, or a dict of train"),
     (["data.factory=BAD:a_bad_key"], "returned a dict with the key 'eval'; allowed: train, val (or validation)"),
     (["data.factory=BAD:no_train"], "returned a dict without a 'train' set (keys: test)"),
     (["data.factory=BAD:two_validations"], "returned a dict with both 'val' and 'validation'"),
     (["data.factory=BAD:a_string_as_a_set"], "returned train=a str, which is not a Dataset or a DataLoader"),
+    (["data.factory=BAD:a_pair"], "returned a tuple of 2; return a dict naming the sets"),
     (["model.loss=torch.nn.functional:no_such_loss"], "model.loss='torch.nn.functional:no_such_loss': "
                                                        "torch.nn.functional has no 'no_such_loss'"),
 ]
@@ -198,3 +200,34 @@ def test_the_example_package_data_parallel_sharded_and_on_the_parameter_server_r
     assert in_process("train", *MY_GPT, "train.steps=6", "--strategy", "async", "--workers", "1",
                       "--out", str(served)) == 0
     assert sha(served) == sha(one)
+
+
+def test_plan_over_two_processes_measures_ddp_and_fsdp_per_process(in_examples, tmp_path, capfd):
+    """`gradwise plan --nproc 2`: every trial runs on the group; under FSDP a process holds half the parameters
+    and optimizer state of a DDP replica (shards), the same fp32 activations (in bf16 fewer: FSDP gathers bf16
+    weights and frees them, where autocast keeps its bf16 copies of the weights for backward), and the choice
+    names the strategy."""
+    table = tmp_path / "plan.json"
+    assert in_process("plan", *MY_GPT, "--budget", "1GiB", "--nproc", "2", "--trial-steps", "1",
+                      "--json", str(table)) == 0
+    rows = json.loads(table.read_text())["rows"]
+    setting = {(r["strategy"], r["accumulate"], r["checkpoint"], r["precision"]): r for r in rows}
+    assert {key[0] for key in setting} == {"ddp", "fsdp"} and len(rows) == 2 * 3 * 2 * 3  # micro 1, 2, 4 per rank
+    for (strategy, *choice), fsdp in setting.items():
+        if strategy == "fsdp":
+            ddp = setting[("ddp", *choice)]
+            for part in ("params_bytes", "optimizer_bytes"):
+                assert 0.45 < fsdp[part] / ddp[part] < 0.6, (choice, part)
+            assert fsdp["activation_bytes"] == ddp["activation_bytes"] if choice[2] == "fp32" else \
+                fsdp["activation_bytes"] <= ddp["activation_bytes"]
+    assert "train.strategy=" in capfd.readouterr().out
+
+
+def test_a_file_path_is_recorded_absolute_so_a_resume_from_elsewhere_finds_it(in_examples, tmp_path, monkeypatch):
+    run = tmp_path / "files"
+    files = ["model.factory=my_gpt/models.py:build", "data.factory=my_gpt/data.py:build"]
+    assert in_process("train", *MY_GPT, *files, "train.steps=2", "--out", str(run)) == 0
+    assert f"factory: {EXAMPLES / 'my_gpt' / 'models.py'}:build" in (run / "config.yaml").read_text()
+    monkeypatch.chdir(tmp_path)
+    assert in_process("train", "--resume", str(run), "train.steps=3") == 0
+    assert summary(run)["steps"] == 3

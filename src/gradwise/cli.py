@@ -8,7 +8,6 @@ machine failing a write (a full disk: one line too); 1 any other failure.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,17 +17,15 @@ from gradwise.config import load_config, parse_bytes
 from gradwise.diagnostics.numerics import format_report as format_ranges
 from gradwise.errors import NonFiniteError, UserInputError, describe_os_error, os_error_status
 from gradwise.io import read_json, write_json, write_text
-from gradwise.launch import LaunchOptions, check_group_fits, launch
-from gradwise.parallel.ddp import init_process_group, launched_by_torchrun
+from gradwise.launch import LaunchOptions, check_group_fits, launch, run_rank
+from gradwise.parallel.ddp import launched_by_torchrun
 from gradwise.parallel.environment import group_sync
 from gradwise.report import render_compare, render_report
 from gradwise.tools.inspect import format_report, inspect_run, to_json
 from gradwise.tools.planner import format_table, no_fit_error, plan, setting_keys
 from gradwise.tools.precision import inspect_precision
 from gradwise.train import Trainer
-from gradwise.train.batch import dataset_size
-from gradwise.train.factories import config_data, config_model, describe_source
-from gradwise.train.pipeline import as_pipeline
+from gradwise.train.factories import checked_build, describe_source, train_samples
 from gradwise.train.run_dir import RunLock, refuse_existing_run, resume_config
 
 
@@ -139,10 +136,7 @@ def _launch(args: argparse.Namespace) -> int:
     else:
         worker_args = ["train", *(["--config", args.config] if args.config else []), "--out", str(out),
                        *args.overrides]
-    data = config_data(cfg)  # a data or model factory that fails, fails here once, not in every process
-    if cfg.model.factory is not None:
-        config_model(cfg, data)
-    check_group_fits(args.nproc * args.nnodes, cfg.train, dataset_size(as_pipeline(data.train, "train").dataset))
+    check_group_fits(args.nproc * args.nnodes, cfg.train, train_samples(checked_build(cfg)))
     opts = LaunchOptions(nproc=args.nproc, nnodes=args.nnodes, max_restarts=args.max_restarts,
                          rdzv_endpoint=args.rdzv_endpoint, port=args.port, rdzv_timeout=args.rdzv_timeout,
                          rdzv_id=args.rdzv_id)
@@ -150,13 +144,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _train_worker(args: argparse.Namespace) -> int:
-    """One rank of a torchrun group: join, build or resume the run (after a restart: from its last checkpoint).
-
-    The worker ends through `DistContext.finish` (exit status 0, or 2/1 for input/non-finite errors)
-    rather than by returning, so a finished rank cannot abort in interpreter teardown.
-    """
-    ctx = init_process_group()
-    try:
+    """One rank of a torchrun group: join, build or resume the run (after a restart: from its last checkpoint)."""
+    def work(ctx) -> None:
         cfg = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
         sync = group_sync(ctx, cfg.train.strategy)
         restarts = sync.restarts
@@ -173,14 +162,8 @@ def _train_worker(args: argparse.Namespace) -> int:
         summary = read_json(out / "summary.json") if complete else trainer.fit()
         if ctx.is_main:
             _report(trainer.out_dir, summary)
-    except (UserInputError, NonFiniteError) as err:
-        print(f"gradwise: {err}", file=sys.stderr, flush=True)
-        os._exit(2 if isinstance(err, UserInputError) else 1)
-    except OSError as err:
-        print(f"gradwise: {describe_os_error(err)}", file=sys.stderr, flush=True)
-        os._exit(os_error_status(err))
-    ctx.finish()
-    return 0
+
+    return run_rank(work)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -191,18 +174,44 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.trial_steps < 1:
         raise UserInputError(f"usage error: --trial-steps={args.trial_steps} must be at least 1")
     cfg = load_config(args.config, args.overrides)
+    dots = lambda row: print(".", end="", file=sys.stderr, flush=True)  # noqa: E731  (progress, a dot a trial)
+    if launched_by_torchrun():  # a rank of `plan --nproc N`: every trial runs on the group, DDP and FSDP
+        def work(ctx) -> None:
+            syncs = {"ddp": group_sync(ctx, "ddp"), "fsdp": group_sync(ctx, "fsdp")}
+            rows, best = plan(cfg, budget, args.trial_steps, syncs=syncs, progress=dots)
+            _report_plan(args, budget, rows, best, ctx.world_size, shown=ctx.is_main)
+
+        return run_rank(work)
+    if args.nproc is not None:
+        if args.nproc < 2:
+            raise UserInputError(f"usage error: --nproc={args.nproc} must be at least 2 (without it: one process)")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise UserInputError(f"usage error: --json={args.json}: its folder does not exist")
+        check_group_fits(args.nproc, cfg.train, train_samples(checked_build(cfg)))
+        return launch(LaunchOptions(nproc=args.nproc), ["plan", "--budget", args.budget, "--trial-steps",
+                                                        str(args.trial_steps), *args.overrides,
+                                                        *(["--config", args.config] if args.config else []),
+                                                        *(["--json", args.json] if args.json else [])])
     print(f"planning global batch {cfg.train.batch_size} for {describe_source(cfg)} "
           f"within {args.budget} ({budget} bytes)", file=sys.stderr, flush=True)
-    rows, best = plan(cfg, budget, args.trial_steps,
-                      progress=lambda r: print(".", end="", file=sys.stderr, flush=True))
-    print(file=sys.stderr)
-    print(format_table(rows, best))
-    if args.json:
-        write_json(args.json, {"budget_bytes": budget, "rows": rows, "best": best})
+    _report_plan(args, budget, *plan(cfg, budget, args.trial_steps, progress=dots))
+    return 0
+
+
+def _report_plan(args: argparse.Namespace, budget: int, rows: list, best: dict | None, processes: int = 1,
+                 shown: bool = True) -> None:
+    """The table (and --json) where `shown`; nothing fits: a one-line error (on every rank of a group)."""
+    if shown:
+        print(file=sys.stderr)
+        print(format_table(rows, best))
+        if args.json:
+            write_json(args.json, {"budget_bytes": budget, "processes": processes, "rows": rows, "best": best})
     if best is None:
         raise no_fit_error(rows, args.budget)
-    print(f"\nfastest that fits: {setting_keys(best)}  (or train with memory.auto=true memory.budget={args.budget})")
-    return 0
+    how = f"train with them and --nproc {processes}" if processes > 1 else \
+        f"or train with memory.auto=true memory.budget={args.budget}"
+    if shown:
+        print(f"\nfastest that fits: {setting_keys(best)}  ({how})")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -293,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--config", help="YAML config file")
     planner.add_argument("--trial-steps", type=int, default=3, help="timed steps per candidate (default 3)")
     planner.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    planner.add_argument("--nproc", type=int, help="plan for data parallel over this many processes on this machine: "
+                                                   "every trial runs on the group, under DDP and under FSDP "
+                                                   "(memory: per process)")
     planner.set_defaults(func=cmd_plan)
 
     inspect = sub.add_parser(

@@ -20,12 +20,15 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
-from gradwise.errors import UserInputError
+from gradwise.errors import NonFiniteError, UserInputError, describe_os_error, os_error_status
 from gradwise.config import TrainConfig
-from gradwise.parallel.ddp import check_batch_fits, check_sync_batchnorm, default_backend
+from gradwise.parallel.ddp import (DistContext, check_batch_fits, check_sync_batchnorm, default_backend,
+                                   init_process_group)
 
 
 @dataclass
@@ -136,4 +139,21 @@ def launch(opts: LaunchOptions, worker_args: list[str], module: str = "gradwise"
         ) from None
     except RendezvousError as err:
         raise UserInputError(f"rendezvous error at {args.rdzv_endpoint}: {err}") from None
+    return 0
+
+
+def run_rank(work: Callable[[DistContext], None]) -> int:
+    """One rank of a torchrun group: join it and run `work(ctx)`. The rank ends through `DistContext.finish`
+    (exit status 0) rather than by returning, so a finished rank cannot abort in interpreter teardown; bad input
+    or a non-finite run prints one line and exits 2 or 1, a failing write its own status."""
+    ctx = init_process_group()
+    try:
+        work(ctx)
+    except (UserInputError, NonFiniteError) as err:
+        print(f"gradwise: {err}", file=sys.stderr, flush=True)
+        os._exit(2 if isinstance(err, UserInputError) else 1)
+    except OSError as err:
+        print(f"gradwise: {describe_os_error(err)}", file=sys.stderr, flush=True)
+        os._exit(os_error_status(err))
+    ctx.finish()
     return 0

@@ -12,12 +12,15 @@ which writes the summary (with the restart counts) and returns it.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import signal
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.utils.data import IterableDataset
@@ -136,13 +139,8 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
 
     `user` (a `UserRun` of picklable factories) trains your own model and data instead of the built-in ones.
     """
-    try:
-        import ray
-        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
-    except ImportError:
-        raise ConfigError("config error: --strategy async needs Ray: pip install 'gradwise[async]'") from None
-
-
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("config error: --strategy async needs Ray: pip install 'gradwise[async]'")
     check_async_config(cfg, workers)
     if out_dir is not None and not resume:
         refuse_existing_run(Path(out_dir))
@@ -164,14 +162,37 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
                           "server; plan it first (gradwise.plan(model, data, budget=...).config) and pass that config")
     cfg = resolve_config(cfg, train_size, gradients_per_update=workers if cfg.ps.rule == "ssgd" else 1,
                          planner=plan_config)
+    with ray_instance(ray_address):
+        return _serve(cfg, workers, out_dir, resume, progress, user)
+
+
+@contextlib.contextmanager
+def ray_instance(address: str | None = None) -> Iterator[None]:
+    """Ray for the runs inside: the instance already running in this process, else a fresh local one (never a
+    cluster some earlier `ray start` left, nor RAY_ADDRESS) or the cluster at `address`, shut down on leaving."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        check_reachable(address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _serve(cfg: Config, workers: int, out_dir: str | Path | None, resume: bool, progress: str,
+           user: UserRun | None) -> dict:
+    """Start the server and worker actors on the running Ray, watch them, return the server's summary."""
+    import ray
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
     cfg_dict = cfg.to_dict()
-    started = not ray.is_initialized()  # then this call's Ray instance, shut down when it ends
-    if started:
-        if ray_address:
-            check_reachable(ray_address)
-            ray.init(address=ray_address, log_to_driver=True)
-        else:  # a fresh local instance, never a cluster some earlier `ray start` left (nor RAY_ADDRESS)
-            ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR)
     server_cls = ray.remote(num_cpus=0)(ParameterServer)
     worker_cls = ray.remote(num_cpus=0, max_restarts=cfg.ps.max_worker_restarts)(Worker)
     server = server_cls.options(max_concurrency=max(16, 4 * workers + 4)).remote()
@@ -230,7 +251,5 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
         for actor in actors:
             ray.kill(actor, no_restart=True)
         ray.kill(server, no_restart=True)
-        if started:
-            ray.shutdown()
         if previous is not False:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -106,11 +106,12 @@ def straggler_rows(gradients: int, repeats: int, overrides: list[str] = ()) -> d
         import ray  # noqa: F401
     except ImportError:
         return None
-    from gradwise.asynchronous.ps import train_async
+    from gradwise.asynchronous.ps import ray_instance, train_async
 
     times: dict[str, list[float]] = {"ssgd": [], "asgd": []}
-    for _ in range(repeats):
-        for rule in times:
+    runs = [rule for _ in range(repeats) for rule in times]
+    with ray_instance():  # one Ray instance for every run
+        for rule in runs:
             cfg = load_config(None, [f"ps.rule={rule}", f"ps.slowdown={STRAGGLER['slowdown']}",
                                      f"train.steps={gradients}", "log.progress=off", "log.plots=false",
                                      "diagnostics.every=0", "train.eval_every=null", *overrides])

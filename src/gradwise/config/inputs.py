@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, ClassVar, Literal, Optional
 
@@ -14,10 +15,14 @@ IMPORT_PATH = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-Za-
 
 
 def check_import_path(key: str, value: Optional[str]) -> Optional[str]:
-    if value is not None and not IMPORT_PATH.match(value):
+    """`value` checked; a file's path made absolute, so that a resume from another folder finds the file."""
+    if value is None:
+        return None
+    if not IMPORT_PATH.match(value):
         raise ValueError(f"{key}={value!r} is not an import path (allowed: package.module:callable or "
                          "path/to/file.py:callable)")
-    return value
+    where, _, name = value.rpartition(":")
+    return f"{os.path.abspath(where)}:{name}" if where.endswith(".py") else value
 
 
 def refuse_builtin_keys(section: Section, key: str) -> None:

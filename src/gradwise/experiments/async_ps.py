@@ -174,8 +174,11 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
             lambda_sweep += [one_run(method, s["lambda_workers"], s["select_seed"], lr, s, out, lam=lam)
                              for lam in grid]
     runs = [one_run(method, m, seed, lr, s, out) for (method, m), lr in chosen.items() for seed in s["seeds"]]
-    ray_runs = [one_run(method, m, seed, chosen[(method, m)], s, out, ray=True)
-                for m in s["ray_workers"] for method in s["ray_methods"] for seed in s["seeds"]]
+    from gradwise.asynchronous.ps import ray_instance  # imports Ray: only for these runs
+
+    with ray_instance():  # one Ray instance for every Ray run
+        ray_runs = [one_run(method, m, seed, chosen[(method, m)], s, out, ray=True)
+                    for m in s["ray_workers"] for method in s["ray_methods"] for seed in s["seeds"]]
     rows = [_row(method, m, lr, [r for r in runs if (r["method"], r["workers"]) == (method, m)])
             for (method, m), lr in chosen.items()]
     rows += [_row(method, m, chosen[(method, m)], [r for r in ray_runs if (r["method"], r["workers"]) == (method, m)],

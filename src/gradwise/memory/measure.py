@@ -1,11 +1,13 @@
 """Memory measurement on any device.
 
 - `ActivationMeter`: bytes of activations held for backward during one forward,
-  from saved-tensor hooks (each storage counted once, parameters excluded), plus
+  from saved-tensor hooks (each storage counted once, parameters excluded: under
+  FSDP also the whole weights it gathers for a block and frees after), plus
   the inputs that checkpointed regions keep for their recompute (checkpoint
   installs its own hooks inside a region, so those are reported by
   `note_kept`).
-- `state_bytes`: parameters, gradients and optimizer state.
+- `state_bytes`: parameters, gradients and optimizer state (sharded tensors: this
+  process's shards).
 - On CUDA, `cuda_peak` reads the allocator's peak.
 """
 
@@ -20,24 +22,36 @@ from torch import nn
 _active: list["ActivationMeter"] = []
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's (DTensor's) shard on this process; any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    s = t.untyped_storage()
-    return (str(t.device), s.data_ptr())
+    t = _local(t)
+    return (str(t.device), t.untyped_storage().data_ptr())
 
 
 class ActivationMeter:
-    """Counts unique storages saved for backward while active."""
+    """Counts unique storages saved for backward while active. `model`'s parameters are no activations: those it
+    holds when the meter starts, and under FSDP the whole weights it gathers for a block while the block runs
+    (registered on the module then; freed after)."""
 
     def __init__(self, model: nn.Module | None = None):
+        self._model = model
         self._exclude = {_storage_key(p) for p in model.parameters()} if model is not None else set()
+        self._sharded = model is not None and any(hasattr(p, "to_local") for p in model.parameters())
         self._seen: dict[tuple[str, int], int] = {}
 
     def _record(self, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
         key = _storage_key(t)
-        if key not in self._exclude and key not in self._seen:
-            self._seen[key] = t.untyped_storage().nbytes()
+        if key in self._exclude or key in self._seen:
+            return
+        if self._sharded and key in {_storage_key(p) for p in self._model.parameters()}:  # gathered weights
+            return
+        self._seen[key] = t.untyped_storage().nbytes()
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         self._record(t)
@@ -67,6 +81,7 @@ def tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.numel():
+            t = _local(t)
             key = _storage_key(t)
             if key not in seen:
                 seen.add(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import statistics
 import sys
 import time
@@ -30,7 +31,10 @@ from gradwise.memory.checkpointing import CheckpointedSegments, repeated_blocks
 from gradwise.resolve import resolve_config
 from gradwise.train import Trainer
 from gradwise.train.factories import config_data, config_loss, config_model
-from gradwise.train.batch import fetch_batch, rows as batch_rows, to_device
+from gradwise.parallel.fsdp import shard_units
+from gradwise.parallel.strategy import GradientSync, SingleProcess
+from gradwise.train.batch import fetch_batch, rows as batch_rows, split, to_device
+from gradwise.train.pipeline import adopt_settings, as_pipeline
 from gradwise.train.randomness import capture_rng, restore_rng, seed_everything
 from gradwise.train.step import StepEngine
 
@@ -47,12 +51,24 @@ class StepProfile:
     cuda_peak_bytes: int | None
     seconds_per_step: float
     samples_per_second: float
+    gathered_bytes: int = 0  # FSDP: whole weights a process holds besides its shards (`gathered_bytes`)
 
     @property
     def total_bytes(self) -> int:
         if self.cuda_peak_bytes is not None:
             return self.cuda_peak_bytes
-        return self.activation_bytes + self.params_bytes + self.grads_bytes + self.optimizer_bytes
+        return (self.activation_bytes + self.params_bytes + self.grads_bytes + self.optimizer_bytes
+                + self.gathered_bytes)
+
+
+def gathered_bytes(model: torch.nn.Module, cfg: Config) -> int:
+    """Whole (fp32) weights an FSDP process holds besides its shards: the root's own parameters, which FSDP keeps
+    gathered from forward to backward, and the largest unit's while it computes (gradwise.parallel.fsdp)."""
+    units = shard_units(model, cfg.train.shard_modules)
+    inside = {id(p) for unit in units for p in unit.parameters()}
+    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    largest = max((sum(p.numel() * p.element_size() for p in unit.parameters()) for unit in units), default=0)
+    return root + largest
 
 
 class Metering:
@@ -128,29 +144,46 @@ def checkpoint_choices(model: torch.nn.Module, policies=POLICIES) -> list[str]:
 
 def measure(initial: torch.nn.Module, batch: Any, cfg: Config, train_size: int | None, budget: int,
             trial_steps: int = 3, precisions=PRECISIONS, policies=POLICIES, progress=None,
-            loss_fn: Any = None, count_fn: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+            loss_fn: Any = None, count_fn: Any = None, syncs: dict[str, GradientSync] | None = None
+            ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Train a copy of `initial` on `batch` (one global batch) under every candidate setting; return (table
-    rows, the fastest row that fits `budget` bytes, or None). The RNG is left as it was."""
+    rows, the fastest row that fits `budget` bytes, or None). The RNG is left as it was.
+
+    `syncs` ({"ddp": ..., "fsdp": ...}: a torchrun group's strategies, `gradwise plan --nproc N`) makes the
+    strategy a candidate too: every rank trains each trial on its share of the batch, a row's memory is a
+    rank's (FSDP: its shards of parameters, gradients and optimizer state, plus the whole weights it gathers:
+    `gathered_bytes`) and its throughput the group's; rank 0's figures are every rank's."""
     rng = capture_rng()
     rows = []
+    n = batch_rows(batch)
     try:
-        for micro in candidate_micro_batches(cfg.train.batch_size):
-            for policy in checkpoint_choices(initial, policies):
-                for precision in precisions:
-                    trial = apply_choice(cfg, {"accumulate": micro, "checkpoint": policy, "precision": precision})
-                    trial.train.compile = False  # a trial of a few steps would time the compilation
-                    model = copy.deepcopy(initial)
-                    metering = Metering(model)
-                    engine = StepEngine(model, resolve_config(trial, train_size), forward_context=metering,
-                                        loss_fn=loss_fn, count_fn=count_fn)
-                    prof = profile_step(engine, metering, batch, steps=trial_steps)
-                    row = {"accumulate": micro, "micro_batch": -(-cfg.train.batch_size // micro),
-                           "checkpoint": policy, "precision": precision, "memory_bytes": prof.total_bytes,
-                           "samples_per_s": prof.samples_per_second, "fits": prof.total_bytes <= budget,
-                           **{k: v for k, v in asdict(prof).items() if k.endswith("bytes")}}
-                    rows.append(row)
-                    if progress:
-                        progress(row)
+        for strategy, sync in (syncs or {None: SingleProcess()}).items():
+            local = split(batch, sync.shard(n), n)  # this rank's rows (one process: all of them)
+            gathered = gathered_bytes(initial, cfg) if strategy == "fsdp" else 0
+            for micro in candidate_micro_batches(n // sync.world_size):  # the smallest share: alike on every rank
+                for policy in checkpoint_choices(initial, policies):
+                    for precision in precisions:
+                        choice = {"accumulate": micro, "checkpoint": policy, "precision": precision,
+                                  **({"strategy": strategy} if strategy else {})}
+                        trial = apply_choice(cfg, choice)
+                        trial.train.compile = False  # a trial of a few steps would time the compilation
+                        model = copy.deepcopy(initial)
+                        metering = Metering(model)
+                        engine = StepEngine(model, resolve_config(trial, train_size), sync=sync,
+                                            forward_context=metering, loss_fn=loss_fn, count_fn=count_fn)
+                        prof = profile_step(engine, metering, local, steps=trial_steps)
+                        prof.gathered_bytes = gathered
+                        del engine, model, metering
+                        gc.collect()  # a trial's model, wrappers and their hooks go before the next is measured
+                        row = {**choice, "micro_batch": -(-batch_rows(local) // micro),
+                               "memory_bytes": prof.total_bytes,
+                               "samples_per_s": prof.samples_per_second * sync.world_size,
+                               "fits": prof.total_bytes <= budget,
+                               **{k: v for k, v in asdict(prof).items() if k.endswith("bytes")}}
+                        rows.append(row)
+                        if progress and sync.is_main:
+                            progress(row)
+            rows = sync.broadcast(rows)  # rank 0's figures: every rank decides alike
     finally:
         restore_rng(rng)
     fitting = [r for r in rows if r["fits"]]
@@ -159,9 +192,10 @@ def measure(initial: torch.nn.Module, batch: Any, cfg: Config, train_size: int |
 
 
 def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, policies=POLICIES,
-         progress=None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+         progress=None, syncs: dict[str, GradientSync] | None = None
+         ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The model and data `cfg` names (built-in, or yours by import path: gradwise.train.factories): measure every
-    candidate; return (table rows, the fastest row that fits or None)."""
+    candidate (and strategy: `syncs`, see `measure`); return (table rows, the fastest row that fits or None)."""
     rng = capture_rng()
     try:
         seed_everything(cfg.seed)
@@ -172,10 +206,11 @@ def plan(cfg: Config, budget: int, trial_steps: int = 3, precisions=PRECISIONS, 
     if cfg.model.factory is not None:  # a model of yours: the Trainer's first-batch check and pipeline
         result = plan_model(initial, data.train, budget=budget, config=cfg, trial_steps=trial_steps,
                             precisions=precisions, progress=progress, val_data=data.val, test_data=data.test,
-                            collate_fn=data.collate_fn, loss_fn=config_loss(cfg))
+                            collate_fn=data.collate_fn, loss_fn=config_loss(cfg), syncs=syncs)
         return result.rows, result.best
     batch = fetch_batch(data.train, torch.arange(min(cfg.train.batch_size, len(data.train))))
-    return measure(initial, batch, cfg, len(data.train), budget, trial_steps, precisions, policies, progress)
+    return measure(initial, batch, cfg, len(data.train), budget, trial_steps, precisions, policies, progress,
+                   syncs=syncs)
 
 
 @dataclass
@@ -192,7 +227,8 @@ class Plan:
 
 
 def plan_model(model: torch.nn.Module, train_data: Any, *, budget: int | str, config: Config | None = None,
-               trial_steps: int = 3, precisions=PRECISIONS, progress=None, **trainer_args: Any) -> Plan:
+               trial_steps: int = 3, precisions=PRECISIONS, progress=None,
+               syncs: dict[str, GradientSync] | None = None, **trainer_args: Any) -> Plan:
     """Plan micro-batch, activation checkpointing (gradwise's block stacks, or your model's repeated blocks) and
     precision for your model and data under `budget` (bytes, or text such as "2GiB"). `trainer_args` are
     Trainer's (loss_fn, collate_fn, count_fn, task, val_data, test_data, metrics): the same first-batch check
@@ -200,21 +236,31 @@ def plan_model(model: torch.nn.Module, train_data: Any, *, budget: int | str, co
     cfg = (config or Config()).thawed()
     cfg.memory.auto = False
     limit = parse_bytes(budget, "budget") if isinstance(budget, str) else int(budget)
-    trainer = Trainer(copy.deepcopy(model), train_data, config=cfg, **trainer_args)  # the checks, the pipeline
+    if syncs:  # a DataLoader's batch is per process: the group's global batch is N of them
+        world = next(iter(syncs.values())).world_size
+        pipeline = as_pipeline(train_data, "train_data", trainer_args.pop("collate_fn", None))
+        cfg, train_data = adopt_settings(cfg, pipeline, world), pipeline.dataset
+        trainer_args["collate_fn"] = pipeline.collate_fn
+    trainer = Trainer(copy.deepcopy(model), train_data, config=cfg, sync=SingleProcess(),  # the checks, the
+                      **trainer_args)  # pipeline (in this process: the trials run on the group, `syncs`)
     batch = trainer.data["train"].first_batch(trainer.cfg.train.batch_size)
     resolved, train_size = trainer.cfg, trainer.train_size
     del trainer  # not counted in the trials' memory
     rows, best = measure(model, batch, resolved, train_size, limit, trial_steps, precisions, progress=progress,
-                         loss_fn=trainer_args.get("loss_fn"), count_fn=trainer_args.get("count_fn"))
+                         loss_fn=trainer_args.get("loss_fn"), count_fn=trainer_args.get("count_fn"), syncs=syncs)
     return Plan(rows, best, apply_choice(config or Config(), best) if best else None)
 
 
 def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
-    lines = ["| accumulate | micro-batch | checkpoint | precision | memory | samples/s | fits |",
-             "|---|---|---|---|---|---|---|"]
+    """The rows as a markdown table (a strategy column when strategies were candidates; memory per process)."""
+    strategies = any("strategy" in r for r in rows)
+    lines = [f"|{' strategy |' if strategies else ''} accumulate | micro-batch | checkpoint | precision | memory | "
+             "samples/s | fits |", "|---" * (7 + strategies) + "|"]
     for r in rows:
         mark = " **best**" if r is best else ""
-        lines.append(f"| {r['accumulate']} | {r['micro_batch']} | {r['checkpoint']} | {r['precision']} | "
+        strategy = f" {r.get('strategy')} |" if strategies else ""
+        lines.append(f"|{strategy} {r['accumulate']} | "
+                     f"{r['micro_batch']} | {r['checkpoint']} | {r['precision']} | "
                      f"{format_bytes(r['memory_bytes'])} | {r['samples_per_s']:.0f} | "
                      f"{'yes' if r['fits'] else 'no'}{mark} |")
     return "\n".join(lines)
@@ -241,6 +287,8 @@ def apply_choice(cfg: Config, best: dict[str, Any]) -> Config:
         chosen.memory.checkpoint, chosen.memory.modules = "none", best["checkpoint"].split(",")
     chosen.memory.auto = False
     chosen.precision = best["precision"]
+    if "strategy" in best:
+        chosen.train.strategy = best["strategy"]
     return chosen
 
 
@@ -248,7 +296,8 @@ def setting_keys(row: dict[str, Any]) -> str:
     """A row's setting as the keys it sets."""
     checkpoint = (f"memory.checkpoint={row['checkpoint']}" if row["checkpoint"] in POLICIES
                   else f"memory.modules=[{row['checkpoint']}]")
-    return f"train.accumulate={row['accumulate']} {checkpoint} precision={row['precision']}"
+    strategy = f" train.strategy={row['strategy']}" if "strategy" in row else ""
+    return f"train.accumulate={row['accumulate']} {checkpoint} precision={row['precision']}{strategy}"
 
 
 def plan_config(cfg: Config, trial_steps: int = 3, run: Any = None) -> Config:

@@ -7,7 +7,8 @@ as `RunData` (train, val, test, collate_fn); `config_model(cfg, data)` the built
 `model.factory(**model.args)`; `config_loss(cfg)` the function `model.loss` names (None: the default). Every
 process builds from the same config, so a resumed run, another rank or node and an async worker rebuild the
 same objects from config.yaml. An import path is `package.module:callable` (the current directory is
-importable, as under `python -m`) or `path/to/file.py:callable` (its folder importable while it loads). A
+importable, after installed packages) or `path/to/file.py:callable` (made absolute when the config is read;
+its folder importable, as a script's is). A
 path that does not import, arguments the callable does not take, or a return of the wrong kind is a one-line
 ConfigError naming the key, the path and what was found.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gradwise.config import Config
 from gradwise.data import DataBundle, build_data
@@ -51,22 +52,25 @@ class RunData:
 
 
 def _import_file(key: str, path: str, file: str) -> Any:
+    """The module `file` holds, loaded once per process and importable by its name (its folder joins sys.path,
+    as a script's does: its sibling modules import, and a loader worker started by `spawn` finds its classes)."""
     resolved = Path(file).resolve()
     if not resolved.is_file():
-        raise ConfigError(f"config error: {key}={path!r}: there is no file {file} (looked in {os.getcwd()})")
+        raise ConfigError(f"config error: {key}={path!r}: there is no file {file}")
     if resolved not in _FILES:
-        name = f"gradwise_user_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+        taken = sys.modules.get(resolved.stem)
+        name = resolved.stem if taken is None or getattr(taken, "__file__", None) == str(resolved) else \
+            f"gradwise_user_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
         spec = importlib.util.spec_from_file_location(name, resolved)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        sys.path.insert(0, str(resolved.parent))  # its sibling modules import, as when it runs as a script
+        if str(resolved.parent) not in sys.path:
+            sys.path.append(str(resolved.parent))
         try:
             spec.loader.exec_module(module)
         except BaseException:
             del sys.modules[name]
             raise
-        finally:
-            sys.path.remove(str(resolved.parent))
         _FILES[resolved] = module
     return _FILES[resolved]
 
@@ -79,7 +83,7 @@ def load_callable(key: str, path: str) -> Callable:
             module = _import_file(key, path, where)
         else:
             if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.append(os.getcwd())  # a package in the current directory, as `python -m` finds it
+                sys.path.append(os.getcwd())  # a package in the current directory (after installed ones)
             module = importlib.import_module(where)
     except (ImportError, SyntaxError) as err:
         raise ConfigError(f"config error: {key}={path!r} does not import: {type(err).__name__}: {err}") from None
@@ -121,12 +125,13 @@ def call_factory(key: str, path: str, args: dict[str, Any]) -> Any:
 
 
 def _is_data(value: Any) -> bool:
-    """A Dataset, a DataLoader, or anything read like one (a Hugging Face `datasets.Dataset`)."""
+    """A Dataset (map-style or streaming), a DataLoader, or a sequence of samples read like one (a list, a Hugging
+    Face `datasets.Dataset`); not a tuple (`return train, val` meant a dict), a string or a mapping."""
     if isinstance(value, (Dataset, DataLoader)):
         return True
-    if isinstance(value, (str, bytes, Mapping)):
+    if isinstance(value, (tuple, str, bytes, Mapping)):
         return False
-    return hasattr(value, "__iter__") or (hasattr(value, "__getitem__") and hasattr(value, "__len__"))
+    return hasattr(value, "__getitem__") and hasattr(value, "__len__")
 
 
 def user_data(returned: Any, path: str) -> RunData:
@@ -135,6 +140,9 @@ def user_data(returned: Any, path: str) -> RunData:
     key = f"config error: data.factory={path!r} returned"
     if _is_data(returned):
         return RunData(train=returned)
+    if isinstance(returned, tuple):
+        raise ConfigError(f"{key} a tuple of {len(returned)}; return a dict naming the sets: {{'train': ..., "
+                          "'val': ..., 'test': ..., 'collate_fn': ...}")
     if not isinstance(returned, Mapping):
         raise ConfigError(f"{key} {a(returned)}; allowed: a Dataset, a DataLoader, or a dict of "
                           "train, val (or validation), test and collate_fn")
@@ -178,6 +186,21 @@ def config_model(cfg: Config, data: RunData) -> nn.Module:
         raise ConfigError(f"config error: model.factory={cfg.model.factory!r} returned {a(model)}, not a "
                           "torch.nn.Module")
     return model
+
+
+def checked_build(cfg: Config) -> RunData:
+    """Build the config's data (and a model of yours, to check it) before any process or actor starts, so that a
+    factory that fails, fails once, in one line."""
+    data = config_data(cfg)
+    if cfg.model.factory is not None:
+        config_model(cfg, data)
+    return data
+
+
+def train_samples(data: RunData) -> int | None:
+    """The training set's length (a DataLoader's dataset's); None for a stream."""
+    train = data.train.dataset if isinstance(data.train, DataLoader) else data.train
+    return None if isinstance(train, IterableDataset) else len(train)
 
 
 def config_loss(cfg: Config) -> Callable | None:
