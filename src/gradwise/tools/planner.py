@@ -174,7 +174,8 @@ def measure(initial: torch.nn.Module, batch: Any, cfg: Config, train_size: int |
                         prof = profile_step(engine, metering, local, steps=trial_steps)
                         prof.gathered_bytes = gathered
                         del engine, model, metering
-                        gc.collect()  # a trial's model, wrappers and their hooks go before the next is measured
+                        if prof.cuda_peak_bytes is not None:  # the allocator's peak must not hold the last trial
+                            gc.collect()  # (its wrappers' hooks are cycles); on CPU the figure counts live tensors
                         row = {**choice, "micro_batch": -(-batch_rows(local) // micro),
                                "memory_bytes": prof.total_bytes,
                                "samples_per_s": prof.samples_per_second * sync.world_size,
