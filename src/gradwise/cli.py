@@ -208,9 +208,9 @@ def _report_plan(args: argparse.Namespace, budget: int, rows: list, best: dict |
             write_json(args.json, {"budget_bytes": budget, "processes": processes, "rows": rows, "best": best})
     if best is None:
         raise no_fit_error(rows, args.budget)
-    how = f"train with them and --nproc {processes}" if processes > 1 else \
-        f"or train with memory.auto=true memory.budget={args.budget}"
     if shown:
+        how = f"train with them and --nproc {processes}" if processes > 1 else \
+            f"or train with memory.auto=true memory.budget={args.budget}"
         print(f"\nfastest that fits: {setting_keys(best)}  ({how})")
 
 

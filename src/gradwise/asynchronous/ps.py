@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.utils.data import IterableDataset
 
 from gradwise.asynchronous.server import PushedGradients
 from gradwise.asynchronous.worker import UserRun, Worker, training_set
@@ -34,7 +33,7 @@ from gradwise.tools.planner import plan_config
 from gradwise.train import Trainer
 from gradwise.train.factories import config_model
 from gradwise.train.metrics import Progress
-from gradwise.train.pipeline import adopt_settings, as_pipeline
+from gradwise.train.pipeline import adopt_settings
 from gradwise.train.randomness import seed_everything
 from gradwise.train.run_dir import refuse_existing_run
 
@@ -144,16 +143,15 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     check_async_config(cfg, workers)
     if out_dir is not None and not resume:
         refuse_existing_run(Path(out_dir))
-    train, _, data = training_set(cfg, user)  # as every actor builds it
-    if isinstance(train, IterableDataset):
+    pipeline, data = training_set(cfg, user)  # as every actor builds it
+    if pipeline.streaming:
         raise DataError(f"data error: the parameter server splits a map-style training set's rows between its "
-                        f"workers; got the streaming {type(train).__name__}; train it with the Trainer "
+                        f"workers; got the streaming {type(pipeline.dataset).__name__}; train it with the Trainer "
                         "(one process, or torchrun for data parallel)")
-    if data is not None:  # a DataLoader from data.factory: its batch size and loader settings, for every actor
-        cfg = adopt_settings(cfg, as_pipeline(data.train, "train_data", data.collate_fn))
-        if cfg.model.factory is not None:
-            config_model(cfg, data)  # a factory that fails, fails here, before Ray starts
-    train_size = len(train)
+    cfg = adopt_settings(cfg, pipeline)  # a DataLoader from data.factory: its batch and loader settings, for all
+    if cfg.model.factory is not None:
+        config_model(cfg, data)  # a factory that fails, fails here, before Ray starts
+    train_size = len(pipeline.dataset)
     if cfg.ps.worker_threads is None:  # the threads this process computes with, shared among the workers
         threads = max(1, torch.get_num_threads() // workers)
         cfg = validate(apply_overrides(cfg.to_dict(), [f"ps.worker_threads={threads}"]))

@@ -22,7 +22,7 @@ from gradwise.data.sampler import EpochBatches, Position
 from gradwise.errors import DataError
 from gradwise.train.batch import to_device
 from gradwise.train.factories import RunData, config_data, config_loss, config_model
-from gradwise.train.pipeline import BatchReader, as_pipeline
+from gradwise.train.pipeline import BatchReader, Pipeline, as_pipeline
 from gradwise.train.randomness import TRAIN_DATA, derived_seed, seed_everything
 from gradwise.train.step import NonFiniteStep, StepEngine
 
@@ -57,17 +57,15 @@ class UserRun:
         return train, test
 
 
-def training_set(cfg: Config, user: UserRun | None) -> tuple[Any, Callable | None, RunData | None]:
-    """(the training set, its collate function, the config's data) as every actor builds them, seeded by
-    `cfg.seed` (the same rows everywhere, even a seeded random split): `user`'s, else the config's (built-in, or
-    `data.factory`'s: a DataLoader stands for its dataset and collate function, its settings adopted by the
-    driver)."""
+def training_set(cfg: Config, user: UserRun | None) -> tuple[Pipeline, RunData | None]:
+    """(the training set as a Pipeline, the config's data) as every actor builds them, seeded by `cfg.seed` (the
+    same rows everywhere, even a seeded random split): `user`'s, else the config's (built-in, or `data.factory`'s:
+    a DataLoader stands for its dataset and collate function, its settings adopted by the driver)."""
     seed_everything(cfg.seed)
     if user is not None:
-        return user.datasets()[0], user.collate_fn, None
+        return as_pipeline(user.datasets()[0], "train_data", user.collate_fn), None
     data = config_data(cfg)
-    pipeline = as_pipeline(data.train, "train_data", data.collate_fn)
-    return pipeline.dataset, pipeline.collate_fn, data
+    return as_pipeline(data.train, "train_data", data.collate_fn), data
 
 
 def worker_shard(n: int, worker: int, workers: int) -> torch.Tensor:
@@ -116,7 +114,8 @@ class Worker:
         cfg = validate(cfg_dict)  # the driver's resolved config, the one the server trains with
         self.cfg, self.worker, self.server = cfg, worker, server
         torch.set_num_threads(cfg.ps.worker_threads or max(1, (os.cpu_count() or 1) // workers))
-        train, collate_fn, data = training_set(cfg, user)
+        pipeline, data = training_set(cfg, user)
+        train = pipeline.dataset
         rows = worker_shard(len(train), worker, workers)
         self.shard = TensorDataset(*(t[rows] for t in train.tensors)) if isinstance(train, TensorDataset) \
             else Subset(train, rows.tolist())
@@ -126,7 +125,7 @@ class Worker:
         # gradients only, in one process: the updates are the server's
         loss_fn = user.loss_fn if user else config_loss(cfg)
         self.engine = StepEngine(model, cfg, loss_fn=loss_fn, updates=False)
-        self.reader = BatchReader(self.shard, collate_fn, derived_seed(cfg.seed, TRAIN_DATA, worker))
+        self.reader = BatchReader(self.shard, pipeline.collate_fn, derived_seed(cfg.seed, TRAIN_DATA, worker))
 
     def pid(self) -> int:
         """This incarnation's process id (a restarted actor has a new one)."""
