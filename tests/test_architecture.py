@@ -79,8 +79,9 @@ LAYERS = [
     "optim", "memory", "diagnostics", "data", "nn", "resolve",  # the math, data and models; settling a config
     "checkpoint",                                               # the checkpoint format and sharded I/O
     "parallel",                                                 # the sync strategies the step calls
+    "arguments",                                                # the Python API's arguments, checked
     "train",                                                    # the step engine, the Trainer, sources, callbacks
-    "tools", "asynchronous", "launch", "report",                # the clients of the Trainer
+    "tools", "asynchronous", "launch", "report", "outputs",     # the clients of the Trainer
     "bench", "experiments", "cli", "__main__",                  # the front ends
 ]
 

@@ -163,9 +163,9 @@ def test_a_user_callback_logs_stops_and_resumes(tmp_path):
 
 
 def test_callbacks_must_be_callbacks():
-    from gradwise.errors import ConfigError
+    from gradwise.errors import ArgumentTypeError
 
-    with pytest.raises(ConfigError, match="subclass gradwise.Callback"):
+    with pytest.raises(ArgumentTypeError, match="callbacks must subclass it"):
         Trainer.from_config(small_config(), callbacks=[print])
 
 

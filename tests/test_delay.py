@@ -165,7 +165,7 @@ def test_ps_lr_scale_divides_the_lr_by_the_workers_for_rules_that_apply_stale_gr
     cfg = small_config(*SGD[:-1], f"ps.rule={rule}", f"ps.lr_scale={lr_scale}")
     trainer = Trainer.from_config(cfg, source=DelayedGradients(4))
     assert trainer.engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * factor)
-    assert PushedGradients(cfg, 4).lr_factor(cfg) == pytest.approx(factor)  # the Ray server's is the same
+    assert PushedGradients(cfg, 4).configure(cfg, 1) == pytest.approx(factor)  # the Ray server's is the same
 
 
 def test_a_users_optimizer_is_scaled_by_ps_lr_scale_like_the_configured_one():

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 import gradwise
 from gradwise.cli import main
 from gradwise.config import parse_bytes
-from gradwise.errors import ConfigError
+from gradwise.errors import ArgumentTypeError, ArgumentValueError
 from gradwise.train.checks import BatchError
 from gradwise.memory.checkpointing import repeated_blocks
 from gradwise.tools.planner import apply_choice, candidate_micro_batches, measure, plan
@@ -238,7 +238,9 @@ def test_a_recorded_plan_is_taken_only_from_gradwise_s_own_run_of_this_model(tmp
 
 
 def test_a_class_or_a_bad_factory_for_the_optimizer_is_one_line():
-    with pytest.raises(ConfigError, match="optimizer=SGD is a class"):
+    with pytest.raises(ArgumentTypeError, match="optimizer=SGD is a class"):
         Trainer(net(), rows(), config=small_config(), optimizer=torch.optim.SGD)
-    with pytest.raises(ConfigError, match="the optimizer factory <lambda> returned NoneType"):
+    with pytest.raises(ArgumentTypeError, match="the optimizer factory <lambda> returned NoneType"):
         Trainer(net(), rows(), config=small_config(), optimizer=lambda model: None)
+    with pytest.raises(ArgumentValueError, match="optimizer=ReLU failed when called with the model"):
+        Trainer(net(), rows(), config=small_config(), optimizer=torch.nn.ReLU())  # fuzz seed 3: a raw TypeError

@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from gradwise.checkpoint.sharded import export_model
+from gradwise.checkpoint.sharded import export_model, exported_before
 from gradwise.config import load_config, parse_bytes
 from gradwise.diagnostics.numerics import format_report as format_ranges
 from gradwise.errors import NonFiniteError, UserInputError, describe_os_error, os_error_status
 from gradwise.io import read_json, write_json, write_text
+from gradwise.outputs import check_output, head, html_page, json_with
 from gradwise.launch import LaunchOptions, check_group_fits, launch, run_rank
 from gradwise.parallel.ddp import launched_by_torchrun
 from gradwise.parallel.environment import group_sync
@@ -65,13 +66,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from gradwise.asynchronous.delay import DelayedGradients
 
         source = DelayedGradients(args.workers if args.workers is not None else 4)
+    if args.print_config:  # prints, never trains
+        cfg = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
+        print(cfg.to_yaml(), end="")
+        return 0
     if args.resume:
         trainer = Trainer.resume(args.resume, args.overrides, source=source)
     else:
         cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(cfg.to_yaml(), end="")
-            return 0
         trainer = Trainer.from_config(cfg, out_dir=args.out or _default_out_dir(), source=source)
     _report(trainer.out_dir, trainer.fit())
     return 0
@@ -173,6 +175,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserInputError(f"usage error: {err}") from None
     if args.trial_steps < 1:
         raise UserInputError(f"usage error: --trial-steps={args.trial_steps} must be at least 1")
+    if args.json:
+        check_output(args.json, "--json", json_with("budget_bytes", "rows"))
     cfg = load_config(args.config, args.overrides)
     dots = lambda row: print(".", end="", file=sys.stderr, flush=True)  # noqa: E731  (progress, a dot a trial)
     if launched_by_torchrun():  # a rank of `plan --nproc N`: every trial runs on the group, DDP and FSDP
@@ -237,12 +241,16 @@ def cmd_repro(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from gradwise.bench import run_benchmarks
 
+    if args.json:
+        check_output(args.json, "--json", json_with("machine", "benchmarks"))
+    if args.markdown:
+        check_output(args.markdown, "--markdown", lambda path: head(path, 9) == "Measured ")
     return run_benchmarks(args.names, json_out=args.json, steps=args.steps, repeats=args.repeats,
                           markdown_out=args.markdown)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
+    out = check_output(args.out or Path(args.run_dir) / "report.html", "--out", html_page)
     write_text(out, render_report(args.run_dir))
     print(f"wrote {out}")
     return 0
@@ -251,15 +259,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     if len(args.run_dirs) < 2:
         raise UserInputError("usage error: compare needs at least two run directories")
-    out = Path(args.out or "compare.html")
+    out = check_output(args.out or "compare.html", "--out", html_page)
     write_text(out, render_compare(args.run_dirs))
     print(f"wrote {out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else Path(args.run_dir) / "model.pt"
-    count = export_model(Path(args.run_dir), out)
+    run_dir = Path(args.run_dir)
+    out = check_output(args.out or run_dir / "model.pt", "--out", exported_before(run_dir))
+    count = export_model(run_dir, out)
     print(f"wrote {out} ({count} tensors: model.load_state_dict(torch.load('{out}', weights_only=True)))")
     return 0
 

@@ -5,22 +5,44 @@ is allowed; the CLI prints it without a traceback.
 """
 
 import errno
+import sys
+from typing import Any, Callable
 
 
 class UserInputError(Exception):
     """Bad input from the user: config, command line, data file or checkpoint."""
 
+    label = "input error"  # how its one-line message starts
 
-class ConfigError(UserInputError):
+
+class ConfigError(UserInputError, ValueError):
     """A config key or value is invalid."""
 
+    label = "config error"
 
-class DataError(UserInputError):
+
+class DataError(UserInputError, ValueError):
     """A data file is missing, unreadable or malformed."""
 
+    label = "data error"
 
-class CheckpointError(UserInputError):
+
+class CheckpointError(UserInputError, ValueError):
     """A checkpoint or run directory is unreadable, mismatched or would be overwritten."""
+
+    label = "checkpoint error"
+
+
+class ArgumentValueError(UserInputError, ValueError):
+    """A Python API argument has a value outside what is allowed (also a ValueError)."""
+
+    label = "argument error"
+
+
+class ArgumentTypeError(UserInputError, TypeError):
+    """A Python API argument has the wrong type (also a TypeError)."""
+
+    label = "argument error"
 
 
 class NonFiniteError(RuntimeError):
@@ -41,3 +63,21 @@ def describe_os_error(err: OSError) -> str:
     kind = "input error" if os_error_status(err) == 2 else "write error"
     where = f" '{err.filename}'" if err.filename else ""
     return f"{kind}:{where} {err.strerror or err}".replace("\n", " ")
+
+
+def run(main: Callable[[], Any]) -> Any:
+    """Call a script's `main()` as gradwise's command line runs a command: bad input that escapes it (any
+    UserInputError: a config, data, checkpoint or Python API argument error) prints its one line on stderr and
+    exits with status 2, a NonFiniteError prints one line and exits 1; anything else propagates as usual.
+
+        if __name__ == "__main__":
+            gradwise.run(main)
+    """
+    try:
+        return main()
+    except UserInputError as err:
+        print(f"gradwise: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteError as err:
+        print(f"gradwise: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

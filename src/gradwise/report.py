@@ -19,6 +19,7 @@ from typing import Any
 
 from gradwise.config import flatten, read_yaml
 from gradwise.errors import UserInputError
+from gradwise.io import read_json
 from gradwise.train.metrics import read_metrics
 
 # (title, y label, [(record kind, key)], log scale)
@@ -51,13 +52,13 @@ class Run:
         self.name = self.folder.name
         self.records = read_metrics(self.folder / "metrics.jsonl")
         summary = self.folder / "summary.json"
-        self.summary: dict[str, Any] = json.loads(summary.read_text()) if summary.is_file() else {}
+        self.summary: dict[str, Any] = read_json(summary) if summary.is_file() else {}
         self.config = read_yaml(self.folder / "config.yaml") if (self.folder / "config.yaml").is_file() else {}
 
     def series(self, kind: str, key: str) -> tuple[list[float], list[float]]:
         points = [(r["step"], r[key]) for r in self.records
-                  if r.get("kind") == kind and key in r and "restored_from_step" not in r
-                  and isinstance(r[key], (int, float))]
+                  if r.get("kind") == kind and "restored_from_step" not in r
+                  and all(isinstance(r.get(k), (int, float)) for k in ("step", key))]
         return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -146,9 +147,12 @@ text-align:left}th{background:#f3f3f3}.plots{display:flex;flex-wrap:wrap;gap:12p
 pre{background:#f7f7f7;padding:1em;font-size:12px;overflow:auto}"""
 
 
+HTML_MARK = '<meta name="generator" content="gradwise">'  # how `report`/`compare` know a page they may replace
+
+
 def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>\n")
 
 
 def _plots_html(figures: list[tuple[str, str]]) -> str:

@@ -17,14 +17,14 @@ weight versions are checkpointed, so a resumed simulation is exact; it runs in o
 from __future__ import annotations
 
 import collections
-import json
 import random
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from gradwise.errors import ConfigError, DataError
+from gradwise.errors import ConfigError, DataError, UserInputError
+from gradwise.io import read_json, read_jsonl
 from gradwise.optim.async_rules import apply_rule, async_lr_factor, rule_lambda, staleness_stats
 from gradwise.train.source import BatchSteps
 
@@ -38,11 +38,11 @@ def measured_staleness(spec: str) -> list[int]:
     path = path / "updates.jsonl" if path.is_dir() else path
     try:
         if path.suffix == ".json":
-            histogram = json.loads(path.read_text())["staleness_histogram"]
+            histogram = read_json(path, DataError)["staleness_histogram"]
             values = [int(k) for k, n in histogram.items() for _ in range(int(n))]
         else:
-            values = [int(json.loads(line)["staleness"]) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            values = [int(record["staleness"]) for record in read_jsonl(path, DataError)]
+    except (UserInputError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise DataError(f"data error: ps.delay={spec!r} is neither round-robin, uniform nor a readable Ray run's "
                         f"updates.jsonl / summary.json ({type(err).__name__}: {err})") from None
     if not values or min(values) < 0:
@@ -84,23 +84,17 @@ class DelayedGradients(BatchSteps):
         self.rule_state: dict[str, Any] = {}
         self.staleness: list[int] = []
         self.window: list[int] = []
-        self.loaded: dict | None = None
 
-    def lr_factor(self, cfg) -> float:
-        return async_lr_factor(cfg.ps.rule, cfg.ps.lr_scale, self.workers)
-
-    def on_fit_start(self, trainer) -> None:
-        cfg = trainer.cfg
+    def configure(self, cfg, world_size: int) -> float:
+        """The rule, the process count and `ps.delay` (a Ray run's file read here) checked; the delay stream set."""
         if cfg.ps.rule not in SIMULATED_RULES:
             raise ConfigError(f"config error: ps.rule={cfg.ps.rule} is not simulated (allowed with --strategy "
                               f"simulate: {', '.join(SIMULATED_RULES)}); train it with --strategy async")
-        if trainer.sync.world_size > 1:
+        if world_size > 1:
             raise ConfigError("config error: --strategy simulate runs in one process; drop --nproc / torchrun")
-        if self.draw is None:
-            self.rng.seed(cfg.seed)
-            self.draw, self.max_delay = delay_sampler(cfg.ps.delay, self.workers, self.rng)
-        if self.loaded is not None:
-            self._restore(self.loaded)
+        self.rng.seed(cfg.seed)
+        self.draw, self.max_delay = delay_sampler(cfg.ps.delay, self.workers, self.rng)
+        return async_lr_factor(cfg.ps.rule, cfg.ps.lr_scale, self.workers)
 
     def train_step(self, engine, batch: Any, global_count: torch.Tensor | None) -> torch.Tensor:
         cfg, params = engine.cfg, engine.params
@@ -147,16 +141,9 @@ class DelayedGradients(BatchSteps):
         self.rule_state = {k: [t.to(device) for t in v] if isinstance(v, list) else v
                            for k, v in state["rule_state"].items()}
         self.staleness = list(state["staleness"])
-        self.loaded = {**state, "history": [[t.to(device) for t in v] for v in state["history"]]}
-        if self.draw is not None:  # a rollback mid-fit; a resume restores at the fit's start
-            self._restore(self.loaded)
-
-    def _restore(self, saved: dict) -> None:
-        """The delay stream and the weight versions where the checkpoint left them."""
-        self.rng.setstate(saved["rng"])
-        versions = saved["history"]
+        self.rng.setstate(state["rng"])  # the delay stream and the weight versions where the checkpoint left them
+        versions = [[t.to(device) for t in v] for v in state["history"]]
         self.history = collections.deque(versions, maxlen=self.max_delay + 1) if versions else None
-        self.loaded = None
 
     def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
         super().on_fit_end(trainer, summary)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import signal
 import socket
 import threading
@@ -26,6 +27,7 @@ import torch
 
 from gradwise.asynchronous.server import PushedGradients
 from gradwise.asynchronous.worker import UserRun, Worker, training_set
+from gradwise.arguments import check_count, check_type, config_argument
 from gradwise.config import Config, apply_overrides, validate
 from gradwise.errors import ConfigError, DataError, NonFiniteError, UserInputError
 from gradwise.resolve import resolve_config
@@ -138,6 +140,10 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
 
     `user` (a `UserRun` of picklable factories) trains your own model and data instead of the built-in ones.
     """
+    cfg = config_argument("cfg", cfg)
+    check_count("workers", workers, optional=False)
+    check_type("out_dir", out_dir, (str, os.PathLike), "a folder path (str or pathlib.Path)")
+    check_type("user", user, UserRun, "a gradwise UserRun of picklable factories")
     if importlib.util.find_spec("ray") is None:
         raise ConfigError("config error: --strategy async needs Ray: pip install 'gradwise[async]'")
     check_async_config(cfg, workers)

@@ -70,7 +70,7 @@ class PushedGradients(StepSource):
         self.restarts: list[int] | None = None  # set by the driver when every worker is done
         self.update_log = None
 
-    def lr_factor(self, cfg: Config) -> float:
+    def configure(self, cfg: Config, world_size: int) -> float:
         return async_lr_factor(cfg.ps.rule, cfg.ps.lr_scale, self.workers)
 
     # -- the workers' calls (other threads) ---------------------------------------------------------------------

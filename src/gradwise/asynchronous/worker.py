@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from gradwise.arguments import check_callable, check_metrics
 from gradwise.config import Config, validate
 from gradwise.data.sampler import EpochBatches, Position
 from gradwise.errors import DataError
@@ -45,6 +46,13 @@ class UserRun:
     loss_fn: Callable | None = None
     collate_fn: Callable | None = None
     metrics: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        check_callable("UserRun.model", self.model, "a picklable function () -> nn.Module", optional=False)
+        check_callable("UserRun.data", self.data, "a picklable function () -> (train, test)", optional=False)
+        check_callable("UserRun.loss_fn", self.loss_fn, "a function loss_fn(output, target)")
+        check_callable("UserRun.collate_fn", self.collate_fn, "a function collate_fn(list of samples) -> batch")
+        check_metrics("UserRun.metrics", self.metrics)
 
     def datasets(self) -> tuple[Any, Any]:
         """`data()`'s (train, test), checked: datasets, not DataLoaders (their settings would not reach the

@@ -23,7 +23,7 @@ import hashlib
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -195,6 +195,20 @@ def by_name(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"state": {order[i]: value for i, value in state["state"].items()},
             "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
                              for group in state["param_groups"]]}
+
+
+def exported_before(run_dir: Path) -> Callable[[Path], bool]:
+    """Recognises a file `export_model` wrote for this run's model: a state dict of its names and shapes."""
+    def ours(path: Path) -> bool:
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - whatever the file is, it is not an export
+            return False
+        shapes = model_shapes(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+        return isinstance(old, dict) and all(isinstance(v, torch.Tensor) for v in old.values()) and \
+            {k: tuple(v.shape) for k, v in old.items()} == shapes
+
+    return ours
 
 
 def export_model(run_dir: Path, out: Path) -> int:

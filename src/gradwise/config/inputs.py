@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
 from gradwise.config.section import Section
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 
 # `package.module:callable` or `path/to/file.py:callable` (the callable may be an attribute path: `mod:Class.build`)
 IMPORT_PATH = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
@@ -53,7 +56,8 @@ class DataConfig(Section):
     num_samples: int = Field(5000, ge=10,
                              description="mnist1d: samples generated (train+test; at least 10, one per class)")
     train_split: float = Field(0.8, gt=0, lt=1, description="mnist1d: fraction used for training")
-    generator_seed: int = Field(42, description="mnist1d: generator seed (42 is the standard split)")
+    generator_seed: int = Field(42, ge=0, le=SEED_MAX, description="mnist1d: generator seed (42 is the standard "
+                                                                   "split); also the seed of every held-out split")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="digits/text/npz/csv: held-out fraction")
     val_fraction: float = Field(
         0.0, ge=0, lt=1, description="fraction of the training split held out for validation (never the test set)"
@@ -113,8 +117,8 @@ class ModelConfig(Section):
     depth: int = Field(2, ge=1, description="mlp: hidden layers")
     width: int = Field(256, ge=1, description="mlp: hidden units per layer")
     # 1-D CNN (MNIST-1D reference family: stride-2 convs then a linear head)
-    channels: list[int] = Field(default_factory=lambda: [96, 96, 96, 96], min_length=1)
-    kernel_sizes: list[int] = Field(default_factory=lambda: [5, 3, 3, 3], min_length=1)
+    channels: list[PositiveInt] = Field(default_factory=lambda: [96, 96, 96, 96], min_length=1)
+    kernel_sizes: list[PositiveInt] = Field(default_factory=lambda: [5, 3, 3, 3], min_length=1)
     # character transformer
     n_layer: int = Field(4, ge=1)
     d_model: int = Field(128, ge=1)

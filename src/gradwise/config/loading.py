@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from gradwise.config.schema import Config
 from gradwise.errors import ConfigError
+from gradwise.io import read_text
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -50,8 +52,79 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)
+MAX_YAML_VALUES = 100_000  # values a document may hold once its aliases are expanded (a config holds hundreds)
+MAX_YAML_DEPTH = 100  # levels of nesting (a config has three or four; deeper would exhaust Python's recursion)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node, where: str) -> None:
+    """Refuse a document whose aliases expand past MAX_YAML_VALUES values (a "billion laughs") or refer to
+    themselves, or that nests deeper than MAX_YAML_DEPTH, before anything builds or prints the expanded value."""
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        if closing:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            depths[id(node)] = 1 + max((depths[id(child)] for child in _children(node)), default=0)
+            if depths[id(node)] > MAX_YAML_DEPTH:
+                raise ConfigError(f"config error: {where} nests deeper than {MAX_YAML_DEPTH} levels; a config has "
+                                  "three or four")
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise ConfigError(f"config error: {where} expands (through its aliases) to more than "
+                                  f"{MAX_YAML_VALUES} values; a config holds far fewer")
+        elif id(node) not in sizes:
+            if id(node) in open_nodes:
+                raise ConfigError(f"config error: {where} has an alias that refers to itself")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+def yaml_load(text: str, where: str = "the YAML") -> Any:
+    """`text` read as YAML 1.2 (see _YamlLoader). A document nested past Python's limit, whose aliases expand
+    past MAX_YAML_VALUES or that holds a value YAML cannot build (an integer of thousands of digits) raises
+    ConfigError naming `where`; a syntax error raises yaml.YAMLError."""
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(f"config error: {where} is nested too deeply to read") from None
+    except ValueError as err:  # e.g. an integer past Python's 4300-digit conversion limit
+        reason = "a number too long to read" if "digits" in str(err) else f"a value YAML cannot build ({err})"
+        raise ConfigError(f"config error: {where} holds {reason}".replace("\n", " ")) from None
+    finally:
+        loader.dispose()
+
+
+class _ShortRepr(reprlib.Repr):
+    """Reprs of bounded length, whatever the value (an expanded alias, an integer of thousands of digits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 60, 60, 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        return super().repr_int(x, level) if x.bit_length() < 128 else f"<an integer of {x.bit_length()} bits>"
+
+
+short_repr = _ShortRepr().repr
 
 
 def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
@@ -76,7 +149,7 @@ def _format_validation_error(err: ValidationError) -> str:
         elif e["type"] == "value_error":  # our validators name their keys themselves
             parts.append(e["msg"].removeprefix("Value error, "))
         else:
-            parts.append(f"{key}={e.get('input')!r}: {e['msg']}")
+            parts.append(f"{key}={short_repr(e.get('input'))}: {e['msg']}")
     return "config error: " + "; ".join(parts)
 
 
@@ -96,7 +169,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not p for p in key.split(".")):
         raise ConfigError(f"config error: override '{text}' must look like key.sub=value")
     try:
-        parsed = yaml_load(value) if value != "" else None
+        parsed = yaml_load(value, f"the value of '{key}'") if value != "" else None
     except yaml.YAMLError:
         parsed = value
     return key.split("."), parsed
@@ -124,12 +197,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict (empty file -> {})."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config error: cannot read config file '{path}': it is a folder")
+    text = read_text(path, ConfigError)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"config error: cannot read config file '{path}': {err.strerror}") from None
-    try:
-        raw = yaml_load(text)
+        raw = yaml_load(text, f"'{path}'")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

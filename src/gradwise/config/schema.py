@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, model_validator
 
-from gradwise.config.inputs import DataConfig, LoaderConfig, ModelConfig
+from gradwise.config.inputs import SEED_MAX, DataConfig, LoaderConfig, ModelConfig
 from gradwise.config.section import Section
 from gradwise.config.units import parse_bytes
 
@@ -25,7 +25,7 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd and lars")
     nesterov: bool = Field(False, description="sgd only")
     weight_decay: float = Field(0.0, ge=0, description="not applied to excluded tensors (see exclude)")
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam/adamw/lamb: each in [0, 1)")
     eps: float = Field(1e-8, gt=0)
     trust_coefficient: float = Field(0.001, gt=0, description="lars: eta in eta*||w||/(||g||+wd*||w||)")
     trust_clip: Optional[float] = Field(None, gt=0, description="lars/lamb: cap on the trust ratio")
@@ -35,6 +35,8 @@ class OptimConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} must both lie in [0, 1) (torch's Adam refuses others)")
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
             raise ValueError("optim.nesterov=true needs optim.name=sgd and optim.momentum > 0")
         return self
@@ -45,7 +47,7 @@ class ScheduleConfig(Section):
 
     name: Literal["constant", "cosine", "poly", "step"] = "cosine"
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many updates")
-    warmup_epochs: Optional[float] = Field(None, gt=0, description="or: warmup over this many epochs")
+    warmup_epochs: Optional[float] = Field(None, gt=0, le=1e9, description="or: warmup over this many epochs")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/poly: final lr as a fraction of the peak")
     total_steps: Optional[int] = Field(
         None, gt=0, description="decay horizon; default: the run's length, fixed when the run starts"
@@ -277,7 +279,7 @@ class LogConfig(Section):
 class Config(Section):
     """The whole run: every key gradwise reads."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seeds every random draw (numpy's range: 0 to 2**32-1)")
     data: DataConfig = Field(default_factory=DataConfig)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

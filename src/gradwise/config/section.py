@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator
+from pydantic_core import PydanticCustomError
+
+LARGEST_INT = 2**63 - 1  # what torch and numpy hold in an int64: a count or size beyond it cannot work
+
+
+def _types(annotation: Any) -> set:
+    """The plain types an annotation admits (Optional[int] -> {int, NoneType}; list[int] -> {list})."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_types(a) for a in args))
+    if typing.get_origin(annotation) is typing.Literal:
+        return {type(a) for a in args}
+    return {typing.get_origin(annotation) or annotation}
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # no inf/nan anywhere
     _frozen: bool = PrivateAttr(default=False)  # set by Config.frozen(): a resolved config is read-only
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_value(cls, value: Any, info) -> Any:
+        """No boolean where a number is meant (`train.steps=true` is not 1 step) and no integer past int64,
+        in any key, before pydantic's own conversions see them."""
+        admits = _types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in admits and Any not in admits:
+            raise PydanticCustomError("not_bool", "a boolean where a number or a name is expected")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_INT:
+            raise PydanticCustomError("too_large", f"an integer beyond {LARGEST_INT} (the int64 range)")
+        return value
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name != "_frozen" and (getattr(self, "__pydantic_private__", None) or {}).get("_frozen"):

@@ -32,6 +32,9 @@ def classification_bundle(
     """Wrap arrays as float32 inputs and int64 labels."""
     xs = [torch.as_tensor(a, dtype=torch.float32) for a in (x_train, x_test)]
     ys = [torch.as_tensor(a, dtype=torch.int64) for a in (y_train, y_test)]
+    if not len(ys[0]):
+        raise DataError(f"data error: the training split of {(info or {}).get('source', 'the data')} is empty "
+                        f"({len(ys[1])} test samples); give it more samples or a larger training fraction")
     num_classes = int(max(int(ys[0].max()), int(ys[1].max()) if len(ys[1]) else 0)) + 1
     return DataBundle(
         train=TensorDataset(xs[0], ys[0]),
@@ -43,10 +46,15 @@ def classification_bundle(
     )
 
 
-def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded shuffle of range(n) cut into (train, test) index tensors."""
+def split_indices(n: int, test_fraction: float, seed: int, key: str = "data.test_fraction"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded shuffle of range(n) cut into (train, test) index tensors; a cut that leaves no training sample
+    is a DataError naming `key` (the fraction's config key)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(round(n * test_fraction)))
+    if n_test >= n:
+        raise DataError(f"data error: {key}={test_fraction} of {n} samples leaves no training samples (allowed: a "
+                        f"fraction below {(n - 1) / n:.4g} here)")
     return order[n_test:], order[:n_test]
 
 
@@ -57,9 +65,7 @@ def carve_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBund
     n = len(bundle.train)
     if n < 2:
         raise DataError(f"data error: data.val_fraction={fraction} needs at least 2 training samples, found {n}")
-    train_idx, val_idx = split_indices(n, fraction, seed)
-    if len(train_idx) == 0:
-        raise DataError(f"data error: data.val_fraction={fraction} leaves no training samples out of {n}")
+    train_idx, val_idx = split_indices(n, fraction, seed, "data.val_fraction")
     tensors = bundle.train.tensors
     bundle.train = TensorDataset(*(t[train_idx] for t in tensors))
     bundle.val = TensorDataset(*(t[val_idx] for t in tensors))

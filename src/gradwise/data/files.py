@@ -1,6 +1,7 @@
 """User data files: `.npz` with arrays `x`, `y` (optionally `x_test`, `y_test`) and numeric `.csv`.
 
-A CSV has one sample per row, an optional header row, and the integer label in
+A CSV has one sample per row, an optional header row (a name in every column: a
+first row mixing names and numbers is data, and refused as such), and the integer label in
 column `data.label_column` (default: the last). Without an explicit test split,
 `data.test_fraction` of the rows (seeded by `data.generator_seed`) is held out.
 """
@@ -15,6 +16,7 @@ import numpy as np
 from gradwise.config import DataConfig
 from gradwise.data.bundle import DataBundle, classification_bundle, split_indices
 from gradwise.errors import DataError
+from gradwise.io import read_text
 
 
 MAX_CLASSES = 100_000  # a label above this is not a class index (the output layer would have that many units)
@@ -23,7 +25,7 @@ MAX_CLASSES = 100_000  # a label above this is not a class index (the output lay
 def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
     if y.ndim != 1:
         raise DataError(f"data error: {where} labels must be 1-D, got shape {tuple(y.shape)}")
-    if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_) or np.iscomplexobj(y):
         raise DataError(f"data error: {where} labels must be numbers (class indices), got dtype {y.dtype}")
     if y.size and (not np.all(np.isfinite(y)) or np.any(y < 0) or np.any(y != np.round(y))):
         raise DataError(f"data error: {where} labels must be non-negative integers (class indices)")
@@ -40,8 +42,8 @@ def _check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
         raise DataError(f"data error: {where} has {len(x)} inputs but {len(y)} labels")
     if len(x) < 2:
         raise DataError(f"data error: {where} needs at least 2 samples, got {len(x)}")
-    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-        raise DataError(f"data error: {where} 'x' must be finite numbers")
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x) or not np.all(np.isfinite(x)):
+        raise DataError(f"data error: {where} 'x' must be finite real numbers, got dtype {x.dtype}")
 
 
 def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str) -> DataBundle:
@@ -52,10 +54,15 @@ def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str) -> DataBu
 
 def load_npz(path: Path, cfg: DataConfig) -> DataBundle:
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as f:
+                arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"data error: data.path='{path}' is not a readable .npz file ({type(err).__name__})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy (one array) under a .npz name
+        raise DataError(f"data error: data.path='{path}' holds a single {type(loaded).__name__}, not a .npz archive "
+                        "of named arrays; save it with np.savez(path, x=..., y=...)")
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(
@@ -75,17 +82,19 @@ def load_npz(path: Path, cfg: DataConfig) -> DataBundle:
     return _split(x, y, cfg, str(path))
 
 
-def load_csv(path: Path, cfg: DataConfig) -> DataBundle:
+def _number(cell: str) -> bool:
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"data error: data.path='{path}' is not a readable text file ({type(err).__name__})") from None
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def load_csv(path: Path, cfg: DataConfig) -> DataBundle:
+    lines = read_text(path, DataError).splitlines()
     rows = [line for line in lines if line.strip()]
-    if rows:
-        try:
-            [float(v) for v in rows[0].split(",")]
-        except ValueError:
-            rows = rows[1:]  # a header row
+    if rows and not any(_number(cell) for cell in rows[0].split(",")):
+        rows = rows[1:]  # a header row: names in every column (a row mixing names and numbers is a data row)
     if not rows:
         raise DataError(f"data error: data.path='{path}' has no data rows")
     width = len(rows[0].split(","))

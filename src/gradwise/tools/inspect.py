@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from gradwise.arguments import check_count, config_argument
 from gradwise.config import Config
 from gradwise.diagnostics.health import judge, layer_stats, weight_layers
 from gradwise.diagnostics.spectra import chain_jacobian, spectral_norms
@@ -23,7 +24,7 @@ from gradwise.train.randomness import isolated_rng
 
 def inspection_config(cfg: Config | None) -> Config:
     """The run as inspected: no progress bar, no health records, no compilation (a few steps, hooks)."""
-    cfg = (cfg or Config()).thawed()
+    cfg = config_argument("config", cfg).thawed()
     cfg.log.progress, cfg.diagnostics.every, cfg.train.compile = "off", 0, False
     cfg.train.eval_every = cfg.train.checkpoint_every = cfg.early_stopping.patience = None  # it never evaluates
     cfg.memory.auto = False  # the run as configured, not as a plan would change it
@@ -103,6 +104,8 @@ def inspect_model(model: nn.Module, train_data: Any, *, config: Config | None = 
                   probes: int = 8, **trainer_args: Any) -> dict[str, Any]:
     """Inspect your model on your data: `trainer_args` are Trainer's (loss_fn, collate_fn, count_fn, task, ...);
     the same first-batch check and one-line errors. The model trains for `steps` steps (pass a copy to keep it)."""
+    check_count("steps", steps)
+    check_count("probes", probes)
     recorder = LayerRecorder()
     cfg = inspection_config(config)
     with isolated_rng(cfg.seed):  # seeded by the config; the caller's generators are left as they were

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gradwise.arguments import budget_argument, check_count, config_argument
 from gradwise.config import Config, parse_bytes
 from gradwise.errors import UserInputError
 from gradwise.memory.measure import (
@@ -234,9 +235,11 @@ def plan_model(model: torch.nn.Module, train_data: Any, *, budget: int | str, co
     precision for your model and data under `budget` (bytes, or text such as "2GiB"). `trainer_args` are
     Trainer's (loss_fn, collate_fn, count_fn, task, val_data, test_data, metrics): the same first-batch check
     and one-line errors. The model is left as it was (trials train copies)."""
-    cfg = (config or Config()).thawed()
+    config = config_argument("config", config)
+    check_count("trial_steps", trial_steps)
+    cfg = config.thawed()
     cfg.memory.auto = False
-    limit = parse_bytes(budget, "budget") if isinstance(budget, str) else int(budget)
+    limit = budget_argument("budget", budget)
     if syncs:  # a DataLoader's batch is per process: the group's global batch is N of them
         world = next(iter(syncs.values())).world_size
         pipeline = as_pipeline(train_data, "train_data", trainer_args.pop("collate_fn", None))
@@ -249,7 +252,7 @@ def plan_model(model: torch.nn.Module, train_data: Any, *, budget: int | str, co
     del trainer  # not counted in the trials' memory
     rows, best = measure(model, batch, resolved, train_size, limit, trial_steps, precisions, progress=progress,
                          loss_fn=trainer_args.get("loss_fn"), count_fn=trainer_args.get("count_fn"), syncs=syncs)
-    return Plan(rows, best, apply_choice(config or Config(), best) if best else None)
+    return Plan(rows, best, apply_choice(config, best) if best else None)
 
 
 def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:

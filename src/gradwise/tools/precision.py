@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from gradwise.arguments import check_count, config_argument
 from gradwise.config import Config
 from gradwise.data.sampler import EpochBatches
 from gradwise.diagnostics.numerics import LayerRecord, analyse
@@ -102,7 +103,7 @@ def collect(trainer: Any, steps: int) -> dict[str, LayerRecord]:
 def precision_config(cfg: Config | None) -> Config:
     """The run as inspected: fp32, no progress bar or health records, eager, and micro-batches of at most
     INSPECT_MICRO_BATCH rows (the same gradients, a fraction of the activations)."""
-    cfg = (cfg or Config()).thawed()
+    cfg = config_argument("config", cfg).thawed()
     cfg.precision, cfg.log.progress, cfg.diagnostics.every, cfg.train.compile = "fp32", "off", 0, False
     cfg.memory.auto = False  # fp32 as configured, not as a plan would change it
     if cfg.train.micro_batch_size is None and cfg.train.accumulate == 1:
@@ -120,6 +121,7 @@ def inspect_precision_model(model: nn.Module, train_data: Any, *, config: Config
                             **trainer_args: Any) -> dict[str, Any]:
     """`gradwise.inspect_precision`: the range analysis for your model and data (`trainer_args` are Trainer's:
     loss_fn, collate_fn, count_fn, task, ...; the same first-batch check). The model trains `steps` steps."""
+    check_count("steps", steps)
     cfg = precision_config(config)
     with isolated_rng(cfg.seed):  # seeded by the config; the caller's generators are left as they were
         return report_of(Trainer(model, train_data, config=cfg, **trainer_args), steps)

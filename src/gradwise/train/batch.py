@@ -129,7 +129,11 @@ def count_items(batch: Any, count_fn: Callable | None = None) -> torch.Tensor:
     (e.g. `lambda target: target[1].sum()` for `(inputs, (y, weights))` with a weight-normalised loss).
     """
     if count_fn is not None and count_fn not in (item_count, shifted_label_count):
-        return count_fn(batch if isinstance(batch, Mapping) else target(batch))
+        count = count_fn(batch if isinstance(batch, Mapping) else target(batch))
+        if isinstance(count, bool) or not isinstance(count, (int, float, torch.Tensor)) or \
+                isinstance(count, torch.Tensor) and count.numel() != 1:
+            raise TypeError(f"count_fn returned {describe(count)}; it must return a number or a one-element tensor")
+        return torch.as_tensor(count)
     found = tensors(target(batch))
     if found:
         return (count_fn or item_count)(found[0])

@@ -17,13 +17,13 @@ import torch
 
 from gradwise.errors import UserInputError
 from gradwise.memory.precision import autocast
-from gradwise.train.batch import ACCEPTED, batch_loss, call_model, dataset_size, describe, to_device
+from gradwise.train.batch import ACCEPTED, batch_loss, call_model, count_items, dataset_size, describe, to_device
 from gradwise.train.evaluation import infer_task, metric_value, score_batch, split_metrics
 from gradwise.train.pipeline import Pipeline
 from gradwise.train.randomness import capture_rng, restore_rng
 
 
-class BatchError(UserInputError):
+class BatchError(UserInputError, ValueError):
     """The model, the batch and the loss do not fit together."""
 
 
@@ -54,6 +54,8 @@ def check_first_batch(engine, data: dict[str, Pipeline | None], task: str | None
             loss = batch_loss(output, batch, engine.loss_fn)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"the loss must be a one-element tensor, got {describe(loss)}")
+        stage = "count_fn"
+        count_items(batch, engine.count_fn)
         if trains:
             stage = "backward through the loss"
             loss.float().backward()

@@ -180,12 +180,41 @@ def config_model(cfg: Config, data: RunData) -> nn.Module:
     """The model `cfg` names: `model.factory`'s, else the built-in `model.name` shaped for `data`."""
     if cfg.model.factory is None:
         b = data.bundle
+        check_model_fits(cfg.model, b.input_shape, b.num_classes, b.task)
         return build_model(cfg.model, b.input_shape, b.num_classes, b.task)
     model = call_factory("model.factory", cfg.model.factory, cfg.model.args)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"config error: model.factory={cfg.model.factory!r} returned {a(model)}, not a "
                           "torch.nn.Module")
     return model
+
+
+TRAINING_COPIES = 4  # float32 values a parameter holds while it trains: itself, its gradient, Adam's two moments
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory on this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_model_fits(model_cfg, input_shape: tuple[int, ...], num_classes: int, task: str) -> None:
+    """Refuse a built-in model whose training state cannot fit in this machine's memory, from its parameter count
+    on the meta device (nothing allocated), before an allocation fails with a traceback or the machine swaps."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            params: int | None = sum(p.numel() for p in build_model(model_cfg, input_shape, num_classes,
+                                                                      task).parameters())
+    except RuntimeError:  # a shape whose size overflows int64
+        params = None
+    memory = machine_memory()
+    if params is None or params * 4 * TRAINING_COPIES > memory:
+        given = [f"model.{k}={getattr(model_cfg, k)}" for k in sorted(model_cfg.model_fields_set)] or ["defaults"]
+        size = "more parameters than int64 counts" if params is None else \
+            f"{params:,} parameters, about {params * 4 * TRAINING_COPIES / 2**30:,.1f} GiB to train"
+        raise ConfigError(f"config error: {' '.join(given)} makes a model of {size} (weights, gradients, optimizer "
+                          f"state), more than this machine's {memory / 2**30:.1f} GiB of memory; make it smaller")
 
 
 def checked_build(cfg: Config) -> RunData:

@@ -6,7 +6,6 @@ draws a tqdm bar on a terminal and prints plain lines otherwise.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -14,20 +13,13 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from gradwise.errors import ConfigError
+from gradwise.io import read_jsonl
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records of a metrics.jsonl (a torn last line is skipped)."""
-    records = []
+    """All complete records of a metrics.jsonl (a torn last line is skipped; other damage: one-line error)."""
     path = Path(path)
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_jsonl(path) if path.exists() else []
 
 
 def tensorboard_writer(folder: str | Path):

@@ -28,6 +28,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
                               SequentialSampler, TensorDataset, default_collate, get_worker_info)
 
 from gradwise.config import Config, validate
+from gradwise.arguments import check_data
 from gradwise.errors import DataError
 from gradwise.train.batch import fetch_batch, first_rows
 from gradwise.train.randomness import batch_rng, derived_seed
@@ -88,6 +89,7 @@ def as_pipeline(data: Any, role: str, collate_fn: Callable | None = None) -> Pip
     """`data` (a Dataset, a DataLoader or None) as a Pipeline; `collate_fn` is the Trainer's own."""
     if data is None or isinstance(data, Pipeline):
         return data
+    check_data(role, data)
     if not isinstance(data, DataLoader):
         return Pipeline(data, collate_fn)
     loader, kind = data, type(data).__name__

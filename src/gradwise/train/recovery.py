@@ -9,7 +9,7 @@ from pathlib import Path
 from gradwise.diagnostics.health import REMEDIES
 from gradwise.errors import CheckpointError, ConfigError, NonFiniteError
 from gradwise.train.callbacks import EarlyStop
-from gradwise.train.run_dir import check_same_trajectory
+from gradwise.train.run_dir import check_same_trajectory, checkpoint_path
 from gradwise.checkpoint.format import load_checkpoint
 from gradwise.train.step import NonFiniteStep
 
@@ -25,7 +25,7 @@ def resume_from(trainer, run_dir: str | Path, finished_ok: bool = False) -> bool
       run again, a restarted group) True is returned instead and nothing is loaded: the run is complete.
     """
     run_dir = Path(run_dir)
-    path = run_dir / "checkpoints" / "last.pt"
+    path = checkpoint_path(run_dir)
     if not path.is_file():
         if (run_dir / "summary.json").is_file():
             raise CheckpointError(f"checkpoint error: the run in '{run_dir}' finished, but has no checkpoint to "

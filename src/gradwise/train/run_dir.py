@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from gradwise.arguments import check_type
 from gradwise.config import Config, apply_overrides, flatten, read_yaml, validate
 from gradwise.checkpoint.sharded import remove_other_folders
 from gradwise.errors import CheckpointError, ConfigError
@@ -54,8 +55,11 @@ MARK = "# gradwise run: "  # config.yaml's first line: what tells gradwise's own
 
 
 def written_by_gradwise(config: Path) -> bool:
-    with open(config, errors="replace") as f:
-        return f.readline().startswith(MARK)
+    try:
+        with open(config, errors="replace") as f:
+            return f.readline().startswith(MARK)
+    except OSError:  # a folder, or unreadable: not a config.yaml gradwise wrote
+        return False
 
 
 def holds_run(folder: Path) -> bool:
@@ -164,17 +168,25 @@ def describe_run(model, data, size: int | None, configured: bool) -> tuple[str, 
     return line, sections
 
 
+def check_run_dir(out_dir: Path, fresh: bool) -> None:
+    """Refuse a run folder before anything is written into it (not even the lock): a file in its place, a run
+    there when this one is `fresh`, or a config.yaml or metrics.jsonl that no gradwise run wrote."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"checkpoint error: the run directory '{out_dir}' is a file, not a folder")
+    if fresh:
+        refuse_existing_run(out_dir)
+    foreign = [name for name in ("config.yaml", "metrics.jsonl") if (out_dir / name).exists()]
+    ours = (out_dir / "config.yaml").is_file() and written_by_gradwise(out_dir / "config.yaml")
+    if foreign and not ours:
+        raise CheckpointError(f"checkpoint error: '{out_dir}' has a {foreign[0]} that no gradwise run wrote; "
+                              "choose another --out (gradwise never replaces files it did not write)")
+
+
 def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool, about: tuple[str, dict | None] = ("", None)) -> None:
     """Make `out_dir` ready and write the resolved config.yaml (`about`, from `describe_run`: a line on what is
     trained, as a comment at its top, and the user's data and model sections). A fresh run refuses a folder
     that holds a run and replaces an attempt that crashed before its first checkpoint."""
-    if fresh:
-        refuse_existing_run(out_dir)
-    foreign = [name for name in ("config.yaml", "metrics.jsonl") if (out_dir / name).is_file()]
-    ours = (out_dir / "config.yaml").is_file() and written_by_gradwise(out_dir / "config.yaml")
-    if fresh and foreign and not ours:
-        raise CheckpointError(f"checkpoint error: '{out_dir}' has a {foreign[0]} that no gradwise run wrote; "
-                              "choose another --out (gradwise never replaces files it did not write)")
+    check_run_dir(out_dir, fresh)
     remove_stale_temp_files(out_dir)
     if fresh:
         clear_attempt(out_dir)
@@ -183,11 +195,23 @@ def prepare_run_dir(out_dir: Path, cfg: Config, fresh: bool, about: tuple[str, d
     write_text(out_dir / "config.yaml", f"{MARK}{line}\n" + text)
 
 
+def checkpoint_path(run_dir: Path) -> Path:
+    """RUN_DIR/checkpoints/last.pt, which may not exist yet; anything but a file in its place is an error (a resume
+    must not take a damaged run for one that has no checkpoint yet and start it over)."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if path.parent.exists() and not path.parent.is_dir() or path.exists() and not path.is_file():
+        raise CheckpointError(f"checkpoint error: '{path}' is not a checkpoint file (it or its folder is something "
+                              "else); restore it, or train a new run elsewhere")
+    return path
+
+
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
     """The config of the run in `run_dir` with `overrides` applied (only keys that keep its trajectory)."""
+    check_type("run_dir", run_dir, (str, os.PathLike), "a run folder (str or pathlib.Path)", optional=False)
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"checkpoint error: '{run_dir}' is not a run directory (no config.yaml)")
+    checkpoint_path(run_dir)
     overrides = list(overrides or [])
     for text in overrides:
         key = text.partition("=")[0]
@@ -196,6 +220,8 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
                 f"config error: '{key}' cannot change on --resume (allowed: {', '.join(RESUMABLE_KEYS)}*)"
             )
     raw = upgraded(read_yaml(run_dir / "config.yaml"))
+    if not all(isinstance(raw.get(section, {}), dict) for section in ("model", "train")):
+        return validate(raw)  # config.yaml edited to `model: 5`: the one-line error naming the key
     if (raw.get("model") or {}).get("name") == "user":
         raise CheckpointError(f"checkpoint error: '{run_dir}' trained a model of your own "
                               f"({raw['model'].get('class')}); continue it from Python with "

@@ -4,7 +4,9 @@ A source has `next_step(trainer) -> StepOutput`, `record_fields()` (extra
 fields for every train and eval record), `window_metrics()` (for train records:
 figures over the steps since the last one), `computes_gradients` (False for the
 parameter server, whose gradients arrive from workers: gradwise.asynchronous.server)
-and `lr_factor(cfg)` (the asynchronous sources' `ps.lr_scale`; 1 otherwise).
+and `configure(cfg, world_size)` (called once, when the Trainer is built: checks the
+run against the source before anything is written, and returns the lr factor: the
+asynchronous sources' `ps.lr_scale`, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ class StepSource(Callback):
     computes_gradients = True
     launch: dict[str, Any] = {"strategy": None, "workers": None}
 
-    def lr_factor(self, cfg) -> float:
-        """What the step engine multiplies the scaled optim.lr by (an asynchronous source's staleness policy)."""
+    def configure(self, cfg, world_size: int) -> float:
+        """Check the run against this source (a one-line error before anything is written); returns what the step
+        engine multiplies the scaled optim.lr by (an asynchronous source's staleness policy)."""
         return 1.0
 
     def record_fields(self) -> dict[str, Any]:

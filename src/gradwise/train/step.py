@@ -27,7 +27,7 @@ from torch import nn
 
 from gradwise.config import Config
 from gradwise.diagnostics.health import first_nonfinite_forward, last_nonfinite_grad
-from gradwise.errors import ConfigError
+from gradwise.errors import ArgumentTypeError, ArgumentValueError, ConfigError
 from gradwise.memory.accumulation import micro_batch_slices
 from gradwise.memory.checkpointing import apply_checkpointing
 from gradwise.memory.precision import Precision
@@ -81,13 +81,19 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float] | None:
 def made_by(factory: Callable, name: str, argument: Any, kind: type | tuple[type, ...]) -> Any:
     """What `factory(argument)` returns, checked to be a `kind` (one line naming the argument otherwise)."""
     what = getattr(factory, "__name__", type(factory).__name__)
+    given = "model" if name == "optimizer" else "optimizer"
     if isinstance(factory, type):
-        raise ConfigError(f"config error: {name}={what} is a class; pass an instance, or a factory such as "
-                          f"`lambda {'model' if name == 'optimizer' else 'optimizer'}: {what}(...)`")
-    made = factory(argument)
+        raise ArgumentTypeError(f"argument error: {name}={what} is a class; pass an instance, or a factory such as "
+                                f"`lambda {given}: {what}(...)`")
+    try:
+        made = factory(argument)
+    except Exception as err:  # noqa: BLE001 - the user's factory failing on the call is bad input, in one line
+        line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise ArgumentValueError(f"argument error: {name}={what} failed when called with the {given} "
+                                 f"({type(err).__name__}: {line}); pass a function {given} -> torch {name}") from None
     if not isinstance(made, kind):
-        raise ConfigError(f"config error: the {name} factory {what} returned {type(made).__name__}; it must "
-                          f"return a torch {name}")
+        raise ArgumentTypeError(f"argument error: the {name} factory {what} returned {type(made).__name__}; it must "
+                                f"return a torch {name}")
     return made
 
 

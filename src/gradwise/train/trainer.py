@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from gradwise.arguments import config_argument, fit_arguments, trainer_arguments
 from gradwise.config import Config, validate
 from gradwise.checkpoint.sharded import model_shapes
 from gradwise.parallel.environment import environment_sync
@@ -36,13 +37,14 @@ from gradwise.train.evaluation import evaluate, prepare_metrics, shares_evaluati
 from gradwise.train.pipeline import adopt_settings, as_pipeline, pipelines, report_adoption
 from gradwise.train.planning import settle_plan
 from gradwise.train.recovery import recover, reload_after_failure, resume_from
-from gradwise.train.run_dir import RunLock, describe_run, prepare_run_dir, resume_config
+from gradwise.train.run_dir import RunLock, check_run_dir, describe_run, prepare_run_dir, resume_config
 from gradwise.data.sampler import Position
 from gradwise.train.source import BatchSteps, StreamSteps, check_same_launch
 from gradwise.train.randomness import (EVAL, capture_rng, continue_training_stream, derived_seed, isolated_rng,
                                        restore_rng, seed_everything)
-from gradwise.checkpoint.format import check_model_state, params_sha256
+from gradwise.checkpoint.format import check_model_state
 from gradwise.train.step import NonFiniteStep, StepEngine
+from gradwise.train.summary import run_summary
 
 
 class Trainer:
@@ -66,14 +68,15 @@ class Trainer:
                  count_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, callbacks: list[Callback] = (),
                  sync: GradientSync | None = None, source: Any = None, configured: bool = False,
                  metrics: dict[str, Any] | None = None, collate_fn: Callable[[list], Any] | None = None):
+        config = trainer_arguments(locals())  # every argument checked: a one-line error naming the bad one
         self.collate_fn = collate_fn
         self.data = pipelines(collate_fn, train=train_data, val=val_data, test=test_data)
         self.train_data, self.val_data, self.test_data = (p and p.dataset for p in self.data.values())
         self.train_size = dataset_size(self.train_data)  # None: a streaming dataset
         if self.train_size == 0:
             raise ConfigError("config error: the training set is empty")
-        self.sync = sync or environment_sync((config or Config()).train.strategy)
-        config = adopt_settings(config or Config(), self.data["train"], self.sync.world_size)  # a DataLoader's
+        self.sync = sync or environment_sync(config.train.strategy)
+        config = adopt_settings(config, self.data["train"], self.sync.world_size)  # a DataLoader's
         self.out_dir = Path(out_dir) if out_dir is not None else None
         config = settle_plan(config, model, self.data, self.sync, type(self).planner, self.out_dir, self.train_size,
                              task, loss_fn, count_fn)  # memory.auto=true: the recorded plan, or plan this model
@@ -81,8 +84,9 @@ class Trainer:
         self.is_main = self.sync.is_main
         self.total_steps = run_length(self.cfg, self.train_size)[1]
         self.source = source or (BatchSteps() if self.train_size is not None else StreamSteps())
+        lr_factor = self.source.configure(self.cfg, self.sync.world_size)  # the source's checks, before any write
         self.engine = StepEngine(model, self.cfg, sync=self.sync, loss_fn=loss_fn, count_fn=count_fn,
-                                 optimizer=optimizer, scheduler=scheduler, lr_factor=self.source.lr_factor(self.cfg),
+                                 optimizer=optimizer, scheduler=scheduler, lr_factor=lr_factor,
                                  loss_scaling=self.source.computes_gradients)
         self.model = self.engine.model
         self.metrics = prepare_metrics(metrics, self.sync, shares_evaluation(self.sync, self.data))
@@ -110,6 +114,7 @@ class Trainer:
         (gradwise.train.factories), seeded by `cfg.seed`; `kwargs` are Trainer's. Every rank resolves the config
         (`planner`, default `Trainer.planner`, plans a built-in model; yours is planned on by the Trainer) and
         trains with rank 0's resolution; every rank builds the same model."""
+        cfg = config_argument("cfg", cfg)
         sync = sync or environment_sync(cfg.train.strategy)
         seed_everything(cfg.seed)
         data = config_data(cfg)
@@ -232,7 +237,11 @@ class Trainer:
         optimizer, schedule, data position, RNG), so a script run again picks up where it stopped (and,
         run again after it finished, returns the recorded summary).
         """
-        lock = RunLock(self.out_dir).acquire() if self.out_dir is not None and self.is_main else None
+        fit_arguments(max_steps, resume)
+        lock = None
+        if self.out_dir is not None and self.is_main:  # refusals first: a refused folder is left as it was
+            check_run_dir(self.out_dir, fresh=not resume and self.state.resumed_from is None and not self.records)
+            lock = RunLock(self.out_dir).acquire()
         try:
             return self._fit(max_steps, resume)
         finally:
@@ -284,17 +293,5 @@ class Trainer:
         return summary
 
     def summary(self) -> dict[str, Any]:
-        s, engine = self.state, self.engine
-        return {
-            "final_train_loss": s.last_train_loss, **s.last_eval, "steps": s.step,
-            "skipped_steps": engine.precision.skipped_steps, "epochs": self.epochs_done(),
-            **({"loss_scale": engine.precision.scale} if engine.precision.scale is not None else {}),
-            "wall_seconds": round(s.elapsed_seconds, 3),
-            "samples_per_second": s.samples_seen / max(s.elapsed_seconds, 1e-9),
-            "params_sha256": params_sha256(self.model),
-            "num_parameters": sum(p.numel() for p in self.model.parameters()), "task": self.task,
-            "model_class": type(self.model).__name__, "data_class": type(self.train_data).__name__,
-            "train_samples": self.train_size, "resumed_from": s.resumed_from, "rollbacks": s.rollbacks,
-            "world_size": self.sync.world_size, "restarts": self.sync.restarts, "health": s.health,
-            **({"penalty": float(engine.last_penalty)} if engine.last_penalty is not None else {}),
-        }
+        """The run's figures so far (summary.json's content): gradwise.train.summary."""
+        return run_summary(self)

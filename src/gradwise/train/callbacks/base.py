@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradwise.data.sampler import Position
-from gradwise.errors import ConfigError
+from gradwise.arguments import check_type
 
 EVENTS = ("on_fit_start", "on_step_start", "on_step_end", "on_train_end", "on_evaluate", "on_log", "on_message",
           "on_checkpoint_save", "on_checkpoint_load", "on_exception", "on_fit_end")
@@ -111,9 +111,10 @@ class CallbackList:
     """Fires an event on every callback that overrides it, in order (no call at all for the rest)."""
 
     def __init__(self, callbacks: list[Callback]):
-        for cb in callbacks:
+        for i, cb in enumerate(callbacks):
             if not isinstance(cb, Callback):
-                raise ConfigError(f"config error: callbacks must subclass gradwise.Callback; got {type(cb).__name__}")
+                check_type(f"callbacks[{i}]", cb, Callback, "a gradwise.Callback (callbacks must subclass it)",
+                           optional=False)
         self.callbacks = list(callbacks)
         self._by_event = {event: [getattr(cb, event) for cb in self.callbacks
                                   if getattr(type(cb), event) is not getattr(Callback, event)] for event in EVENTS}
