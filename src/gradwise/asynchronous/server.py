@@ -14,6 +14,9 @@ Bookkeeping that keeps the run honest:
   `train.steps` gradients are applied (ssgd: `steps / M` updates of M).
 - Exactly once: a push carries the worker's clock from its pull and is accepted
   only if it answers that pull; a retry or a zombie push is dropped.
+- Buffers: a push carries what the worker's forward did to the model's buffers
+  (BatchNorm's running statistics), folded into the server's model as a single
+  process would have updated them (gradwise.asynchronous.buffers).
 - Staleness: updates applied between a worker's pull and its push, logged per
   gradient (updates.jsonl) with the clocks, so SSP's bound can be checked.
 - SSP: a pull waits while the worker's clock is more than `ps.staleness` ahead
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from gradwise.asynchronous.buffers import fold_buffers
 from gradwise.config import Config
 from gradwise.io import write_text
 from gradwise.optim.async_rules import apply_rule, async_lr_factor, rule_lambda, staleness_stats
@@ -138,14 +142,16 @@ class PushedGradients(StepSource):
             return {"state": state, "version": self.version, "clock": self.clocks[worker]}
 
     def push(self, worker: int, clock: int, grads: list[torch.Tensor], loss: float, position: dict,
-             samples: int, compute_seconds: float) -> bool:
-        """Hand one gradient to the fit loop and wait until it is applied; False if it answers no current pull."""
+             samples: int, compute_seconds: float, buffers: dict | None = None) -> bool:
+        """Hand one gradient (and what its forward did to the buffers) to the fit loop and wait until it is
+        applied; False if it answers no current pull."""
         with self.cond:
             pulled = self.outstanding.get(worker)
             if self.closed or pulled is None or clock != self.clocks[worker] or pulled["clock"] != clock:
                 return False  # a duplicate, a push from before a restart, or the run has ended
             del self.outstanding[worker]
-            item = {"worker": worker, "clock": clock, "pulled": pulled, "grads": grads, "loss": loss,
+            item = {"worker": worker, "clock": clock, "pulled": pulled, "grads": grads, "buffers": buffers or {},
+                    "loss": loss,
                     "position": position, "samples": samples, "compute_seconds": compute_seconds, "done": False}
             self.queue.append(item)
             self.cond.notify_all()
@@ -168,6 +174,7 @@ class PushedGradients(StepSource):
         grads = [g.to(p.device, torch.float32) for g, p in zip(item["grads"], self.params)]
         optimizer = trainer.engine.optimizer
         lr, lrs = optimizer.param_groups[0]["lr"], group_lrs(optimizer)
+        fold_buffers(trainer.model, item["buffers"])  # BatchNorm statistics: the worker's batch folded in
         if self.rule == "ssgd":
             self.round.append(grads)
             if self._round_complete() or trainer.state.step + 1 >= self.budget:

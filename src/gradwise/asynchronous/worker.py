@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from gradwise.arguments import check_callable, check_metrics
+from gradwise.asynchronous.buffers import buffer_contributions, snapshot_buffers
 from gradwise.config import Config, validate
 from gradwise.data.sampler import EpochBatches, Position
 from gradwise.errors import DataError
@@ -90,6 +91,7 @@ class ServerLink:
         self.server, self.worker, self.slowdown = server, worker, slowdown
         self.clock, self.started = 0, 0.0
         self.pushed = 0
+        self.pulled_buffers: dict[str, torch.Tensor] = {}
 
     def pull(self, model: torch.nn.Module) -> bool:
         """Load the server's current weights into `model`; False when the run's budget is spent."""
@@ -97,18 +99,23 @@ class ServerLink:
         if pulled is None:
             return False
         model.load_state_dict(pulled["state"])
+        self.pulled_buffers = snapshot_buffers(model)
         self.clock, self.started = pulled["clock"], time.perf_counter()
         return True
 
-    def push(self, params: list[torch.Tensor], loss: torch.Tensor, position: dict, samples: int) -> None:
+    def push(self, model: torch.nn.Module, params: list[torch.Tensor], loss: torch.Tensor, position: dict,
+             samples: int) -> None:
+        """Push the gradient of `params` and what the forward did to `model`'s buffers
+        (gradwise.asynchronous.buffers)."""
         grads = [p.grad.detach().to("cpu", torch.float32).clone() if p.grad is not None else torch.zeros_like(p)
                  for p in params]
+        buffers = buffer_contributions(model, self.pulled_buffers)
         elapsed = time.perf_counter() - self.started
         if self.slowdown > 1:
             time.sleep(elapsed * (self.slowdown - 1))
             elapsed *= self.slowdown
         applied = ray.get(self.server.push.remote(self.worker, self.clock, grads, float(loss), position, samples,
-                                                  elapsed))
+                                                  elapsed, buffers))
         self.pushed += int(applied)
 
     def drop(self) -> None:
@@ -156,8 +163,8 @@ class Worker:
                 ray.get(self.server.fail.remote(self.worker, event.where, event.stage))
                 break
             if finite:
-                link.push(engine.params, loss, {"epoch": batches.position.epoch, "batch": batches.position.batch},
-                          len(idx))
+                where = {"epoch": batches.position.epoch, "batch": batches.position.batch}
+                link.push(engine.model, engine.params, loss, where, len(idx))
             else:
                 link.drop()
             engine.precision.settle(finite)  # the update is the server's; the loss scale is this worker's

@@ -210,7 +210,8 @@ def check_model_fits(model_cfg, input_shape: tuple[int, ...], num_classes: int, 
         params = None
     memory = machine_memory()
     if params is None or params * 4 * TRAINING_COPIES > memory:
-        given = [f"model.{k}={getattr(model_cfg, k)}" for k in sorted(model_cfg.model_fields_set)] or ["defaults"]
+        given = [f"model.{k}={getattr(model_cfg, k)}" for k, field in type(model_cfg).model_fields.items()
+                 if getattr(model_cfg, k) != field.get_default(call_default_factory=True)] or ["the defaults"]
         size = "more parameters than int64 counts" if params is None else \
             f"{params:,} parameters, about {params * 4 * TRAINING_COPIES / 2**30:,.1f} GiB to train"
         raise ConfigError(f"config error: {' '.join(given)} makes a model of {size} (weights, gradients, optimizer "
