@@ -17,7 +17,8 @@ import torch
 
 import metric_objects
 from conftest import SMALL, small_config
-from gradwise.optim.async_rules import adaptive_lambda, apply_rule, delay_compensated, staleness_aware
+from gradwise.optim.async_rules import (adaptive_lambda, apply_rule, delay_compensated, mean_square_key,
+                                        staleness_aware)
 from gradwise.train import Trainer
 
 
@@ -72,6 +73,29 @@ def test_dcasgd_adaptive_matches_the_paper_over_several_updates():
             assert ours[k].item() == pytest.approx(expected, rel=1e-10)
     lams, _ = adaptive_lambda(g, None, lam0, m, eps)
     assert lams[0][0].item() == pytest.approx(lam0 / math.sqrt((1 - m) * g[0][0].item() ** 2 + eps))
+
+
+def test_dcasgd_adaptive_keeps_one_mean_square_per_worker_when_asked():
+    """ps.mean_square=per-worker (Microsoft's Multiverso keeps MeanSquare per worker): each worker's gradients
+    update only its own MS; the global MS sees them all. Against an element-by-element reference."""
+    lam0, m, eps = 2.0, 0.95, 1e-7
+    per_worker, shared = {}, {}
+    ms_ref = {0: [0.0] * 3, 1: [0.0] * 3}
+    global_ref = [0.0] * 3
+    for step, worker in enumerate([0, 1, 1, 0, 1]):
+        g, w, b = tensors(40 + step, (3,)), tensors(50 + step, (3,)), tensors(60 + step, (3,))
+        (ours,) = apply_rule("dcasgd-a", g, w, b, 2, per_worker, lam0, m, eps, mean_square_key(True, worker))
+        (theirs,) = apply_rule("dcasgd-a", g, w, b, 2, shared, lam0, m, eps, mean_square_key(False, worker))
+        for k in range(3):
+            gk = g[0][k].item()
+            ms_ref[worker][k] = m * ms_ref[worker][k] + (1 - m) * gk * gk
+            global_ref[k] = m * global_ref[k] + (1 - m) * gk * gk
+            drift = w[0][k].item() - b[0][k].item()
+            assert ours[k].item() == pytest.approx(gk + lam0 / math.sqrt(ms_ref[worker][k] + eps) * gk * gk * drift,
+                                                   rel=1e-10)
+            assert theirs[k].item() == pytest.approx(gk + lam0 / math.sqrt(global_ref[k] + eps) * gk * gk * drift,
+                                                     rel=1e-10)
+    assert set(per_worker) == {"mean_square/0", "mean_square/1"} and set(shared) == {"mean_square"}
 
 
 def test_staleness_aware_divides_by_the_staleness_and_asgd_is_the_identity():

@@ -177,3 +177,10 @@ def test_a_users_optimizer_is_scaled_by_ps_lr_scale_like_the_configured_one():
     assert mine.param_groups[0]["lr"] == pytest.approx(0.05) and trainer.engine.scheduler.base_lrs == [0.05]
     trainer.fit()
     assert mine.param_groups[0]["lr"] == pytest.approx(0.05)  # constant schedule: the scaled rate throughout
+
+
+def test_the_simulator_keeps_a_mean_square_per_simulated_worker_when_asked():
+    source = DelayedGradients(3)
+    cfg = small_config("ps.rule=dcasgd-a", "ps.mean_square=per-worker", "train.steps=6", "optim.name=sgd")
+    Trainer.from_config(cfg, source=source).fit()
+    assert sorted(source.rule_state) == ["mean_square/0", "mean_square/1", "mean_square/2"]  # the workers' turns

@@ -63,8 +63,8 @@ def as_text(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
 
 
-overrides = st.lists(st.tuples(st.sampled_from(KEYS + UNKNOWN), values).map(lambda kv: f"{kv[0]}={as_text(kv[1])}"),
-                     min_size=1, max_size=4)
+keys = st.sampled_from(KEYS + UNKNOWN) | st.text(max_size=8)  # text: control characters, dots, '=' in a key
+overrides = st.lists(st.tuples(keys, values).map(lambda kv: f"{kv[0]}={as_text(kv[1])}"), min_size=1, max_size=4)
 
 
 @fuzz(600)

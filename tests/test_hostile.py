@@ -53,6 +53,9 @@ BOMB = textwrap.dedent("""\
     """)
 
 
+HUGE_HISTOGRAM = '{"staleness_histogram": {"1": 1e400}}'
+
+
 def _npy(path: Path) -> Path:
     with open(path, "wb") as f:
         np.save(f, np.ones((4, 4)))
@@ -164,6 +167,43 @@ CASES = [
         "train", *SMALL, "data.name=npz",
         f"data.path={_npz(ws / 'c.npz', x=np.ones((8, 4), np.complex64), y=np.arange(8) % 2)}",
         "--out", str(ws / "new")], 2, "real numbers"),
+    # found by a hostile-input probe of the first version of this suite
+    ("a newline in an override's key", lambda ws, run: ["train", "optim.l\nr=1"], 2, "optim.l\\nr"),
+    ("a newline in --config's path", lambda ws, run: ["train", "--config", "no\nsuch.yaml"], 2, "no\\nsuch"),
+    ("a NUL in data.cache_dir", lambda ws, run: ["train", *SMALL, 'data.cache_dir="a\\0b"', "--out",
+                                                  str(ws / "new")], 2, "NUL"),
+    ("bytes in model.args", lambda ws, run: ["train", *SMALL, "model.args.x=!!binary /w==", "--print-config"],
+     2, "bytes"),
+    ("a compile backend that is not installed", lambda ws, run: ["train", *SMALL, "train.compile=true",
+                                                                 "train.compile_backend=tvm", "--out",
+                                                                 str(ws / "new")], 2, "tvm"),
+    ("resume with a compile backend that is not installed", lambda ws, run: [
+        "train", "--resume", str(run), "train.steps=8", "train.compile=true", "train.compile_backend=tvm"], 2, "tvm"),
+    ("a refused resume leaves no lock", lambda ws, run: [(run / ".gradwise.lock").unlink(),
+                                                         _write(run / "metrics.jsonl", b"\xff\xfe"),
+                                                         "train", "--resume", str(run), "train.steps=8"][2:],
+     2, "metrics.jsonl"),
+    ("npz values beyond float32", lambda ws, run: [
+        "train", *SMALL, "data.name=npz",
+        f"data.path={_npz(ws / 'big.npz', x=np.full((20, 4), 1e300), y=np.arange(20) % 2)}",
+        "--out", str(ws / "new")], 2, "float32"),
+    ("a CSV value beyond float32", lambda ws, run: [
+        "train", *SMALL, "data.name=csv", f"data.path={_write(ws / 'big.csv', '1e39,2,0' + chr(10) + '1,2,1')}",
+        "--out", str(ws / "new")], 2, "float32"),
+    ("npz features of width 0", lambda ws, run: [
+        "train", *SMALL, "model.name=mlp", "data.name=npz",
+        f"data.path={_npz(ws / 'w0.npz', x=np.ones((20, 0), np.float32), y=np.arange(20) % 2)}",
+        "--out", str(ws / "new")], 2, "no features"),
+    ("export over a user's state dict of the same shapes", lambda ws, run: [
+        torch.save({k: torch.zeros_like(v) for k, v in torch.load(run / "checkpoints/last.pt",
+                                                                    weights_only=True)["model"].items()},
+                   ws / "mine.pt"), "export", str(run), "--out", str(ws / "mine.pt")][1:], 2, "did not write"),
+    ("--rdzv-timeout nan", lambda ws, run: ["train", *SMALL, "--nproc", "2", "--rdzv-timeout", "nan", "--out",
+                                            str(ws / "new")], 2, "--rdzv-timeout"),
+    ("a staleness histogram of 1e400 gradients", lambda ws, run: [
+        "train", *SMALL, "--strategy", "simulate",
+        f"ps.delay={_write(ws / 'summary.json', HUGE_HISTOGRAM)}",
+        "--out", str(ws / "new")], 2, "ps.delay"),
     ("a zip that is not an npz", lambda ws, run: [
         zipfile.ZipFile(ws / "z.npz", "w").writestr("readme.txt", "hi"), "train", *SMALL, "data.name=npz",
         f"data.path={ws / 'z.npz'}", "--out", str(ws / "new")][1:], 2, "lacks"),
@@ -209,6 +249,14 @@ def test_export_and_report_replace_only_what_they_wrote(finished_run, tmp_path, 
         assert run_cli(argv, capsys)[0] == 0  # run again: its own earlier output is replaced
     state = torch.load(tmp_path / "m.pt", weights_only=True)
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+class _BadLength(torch.utils.data.Dataset):
+    def __getitem__(self, i):
+        return torch.zeros(6), 0
+
+    def __len__(self):
+        return -1
 
 
 def _api_cases():
@@ -258,6 +306,27 @@ def _api_cases():
         ("inspect_precision(config=5)", lambda out: gradwise.inspect_precision(model(), data, config=5),
          ArgumentTypeError),
         ("UserRun(model=None)", lambda out: UserRun(model=None, data=lambda: (data, None)), ArgumentTypeError),
+        # found by a hostile-input probe of the first version of this suite
+        ("a generator as train_data", lambda out: Trainer(model(), (r for r in data), out_dir=out),
+         ArgumentTypeError),
+        ("a dataset whose __len__ is -1", lambda out: Trainer(model(), _BadLength(), out_dir=out), ArgumentValueError),
+        ("evaluate(a set of the wrong width)", lambda out: Trainer(model(), data, config=cfg).evaluate(narrow),
+         BatchError),
+        ("evaluate(prefix=5)", lambda out: Trainer(model(), data, config=cfg).evaluate(data, prefix=5),
+         ArgumentValueError),
+        ("source=5", lambda out: Trainer(model(), data, source=5, out_dir=out), ArgumentTypeError),
+        ("out_dir=''", lambda out: Trainer(model(), data, out_dir=""), ArgumentValueError),
+        ("out_dir with a NUL", lambda out: Trainer(model(), data, out_dir="a\x00b"), ArgumentValueError),
+        ("load_config(5)", lambda out: gradwise.load_config(5), ArgumentTypeError),
+        ("load_config(None, [5])", lambda out: gradwise.load_config(None, [5]), ArgumentTypeError),
+        ("Trainer.resume(run, [5])", lambda out: Trainer.resume(out, [5]), ArgumentTypeError),
+        ("inspect(callbacks=5)", lambda out: gradwise.inspect(model(), data, callbacks=5), ArgumentTypeError),
+        ("plan(precisions=['fp64'])", lambda out: gradwise.plan(model(), data, budget="1GiB", precisions=["fp64"]),
+         ArgumentValueError),
+        ("plan(budget=2**80)", lambda out: gradwise.plan(model(), data, budget=2**80), ArgumentValueError),
+        ("a nan in the first batch", lambda out: Trainer(model(), TensorDataset(torch.full((8, 6), float("nan")),
+                                                                             torch.zeros(8, dtype=torch.long)),
+                                                         out_dir=out), BatchError),
         ("train_async(workers=0)", lambda out: __import__("gradwise.asynchronous.ps", fromlist=["x"]).train_async(
             gradwise.Config(), 0, out), ArgumentValueError),
     ]
@@ -277,3 +346,13 @@ def test_each_bad_python_argument_raises_gradwises_one_line_error(tmp_path, call
     assert isinstance(caught.value, TypeError if isinstance(caught.value, ArgumentTypeError) else ValueError)
     assert "\n" not in str(caught.value)
     assert not out.exists()  # refused before the run folder was made
+
+
+def test_report_plots_only_numbers_a_plot_can_place(finished_run, tmp_path, capsys):
+    """A damaged but parseable metrics.jsonl (a 400-digit step, an infinite loss) still gives a report."""
+    run = copy_run(finished_run, tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 1%s, "train_loss": 1}\n{"kind": "train", "step": 5, "train_loss": 1e999}\n'
+                % ("0" * 400))
+    code, _, err = run_cli(["report", str(run), "--out", str(tmp_path / "r.html")], capsys)
+    assert code == 0 and "Traceback" not in err and not err.strip(), err

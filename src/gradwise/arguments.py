@@ -29,6 +29,18 @@ def check_type(name: str, value: Any, types: type | tuple[type, ...], allowed: s
         raise _refuse(name, value, allowed + (" or None" if optional else ""))
 
 
+def check_path(name: str, value: Any, optional: bool = True) -> None:
+    """A file or folder path: a non-empty str or os.PathLike without a NUL character (or None when `optional`)."""
+    check_type(name, value, (str, os.PathLike), "a path (str or pathlib.Path)", optional)
+    if value is not None and (not str(value) or "\x00" in str(value)):
+        raise _refuse(name, value, "a non-empty path without NUL characters", ArgumentValueError)
+
+
+def check_overrides(name: str, value: Any) -> None:
+    if not isinstance(value, (list, tuple, type(None))) or not all(isinstance(o, str) for o in value or []):
+        raise _refuse(name, value, "a list of 'key.sub=value' strings, or None")
+
+
 def check_callable(name: str, value: Any, allowed: str, optional: bool = True) -> None:
     if not (value is None and optional) and not callable(value):
         raise _refuse(name, value, allowed + (", or None" if optional else ""))
@@ -64,9 +76,20 @@ def check_data(name: str, value: Any, optional: bool = True) -> None:
                                    "Trainer.from_config with data.name=npz/csv data.path=FILE)")
     if isinstance(value, Mapping):
         raise _refuse(name, value, f"one split, a Dataset or DataLoader (pass e.g. {name}=splits['train'])")
-    if not (hasattr(value, "__getitem__") and hasattr(value, "__len__") or isinstance(value, Iterable)):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if isinstance(value, (DataLoader, IterableDataset)):
+        return
+    if not (hasattr(value, "__getitem__") and hasattr(value, "__len__")):
+        hint = " (wrap an iterator or generator in a torch.utils.data.IterableDataset)" \
+            if isinstance(value, Iterable) else ""
         raise _refuse(name, value, "a Dataset (map-style: __getitem__ and __len__; or an IterableDataset) or a "
-                                   "DataLoader" + (", or None" if optional else ""))
+                                   "DataLoader" + (", or None" if optional else "") + hint)
+    try:
+        len(value)
+    except Exception as err:  # noqa: BLE001 - a __len__ of the user's that fails or returns nonsense
+        raise _refuse(name, value, f"a dataset whose len() works (it raised {type(err).__name__}: {err})",
+                      ArgumentValueError) from None
 
 
 def check_model(name: str, model: Any) -> None:
@@ -118,12 +141,14 @@ def trainer_arguments(args: dict[str, Any]) -> Config:
                              "(default: the config's schedule.name)")):
         if args[key] is not None and not isinstance(args[key], kind) and not callable(args[key]):
             raise _refuse(key, args[key], what + ", or None")
-    check_type("out_dir", args["out_dir"], (str, os.PathLike), "a folder path (str or pathlib.Path)")
+    check_path("out_dir", args["out_dir"])
     check_type("task", args["task"], str, f"a name ({', '.join(TASKS)}: accuracy or bits per character reported; "
                                           "another: the loss alone), or None (inferred from the first batch)")
     check_callbacks("callbacks", args["callbacks"])
     check_metrics("metrics", args["metrics"])
     check_type("sync", args["sync"], GradientSync, "a gradwise GradientSync (gradwise.parallel)")
+    if args["source"] is not None and not all(hasattr(args["source"], a) for a in ("next_step", "configure")):
+        raise _refuse("source", args["source"], "a gradwise StepSource (gradwise.train.source), or None")
     return config_argument("config", args["config"])
 
 
@@ -131,13 +156,12 @@ def budget_argument(name: str, value: Any) -> int:
     """A memory budget: bytes (an int > 0) or text with a unit ("2GiB", "500MB")."""
     from gradwise.config import parse_bytes
 
-    if isinstance(value, str):
-        try:
-            return parse_bytes(value, name)
-        except ValueError as err:
-            raise ArgumentValueError(f"argument error: {err}") from None
-    check_count(name, value, optional=False)
-    return value
+    if not isinstance(value, str):
+        check_count(name, value, optional=False)
+    try:
+        return parse_bytes(str(value), name)
+    except ValueError as err:
+        raise ArgumentValueError(f"argument error: {err}") from None
 
 
 def fit_arguments(max_steps: Any, resume: Any) -> None:

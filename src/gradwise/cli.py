@@ -15,7 +15,7 @@ from pathlib import Path
 from gradwise.checkpoint.sharded import export_model, exported_before
 from gradwise.config import load_config, parse_bytes
 from gradwise.diagnostics.numerics import format_report as format_ranges
-from gradwise.errors import NonFiniteError, UserInputError, describe_os_error, os_error_status
+from gradwise.errors import NonFiniteError, UserInputError, describe_os_error, one_line, os_error_status
 from gradwise.io import read_json, write_json, write_text
 from gradwise.outputs import check_output, head, html_page, json_with
 from gradwise.launch import LaunchOptions, check_group_fits, launch, run_rank
@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"gradwise: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        print(f"gradwise: error: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -128,8 +128,9 @@ def _launch(args: argparse.Namespace) -> int:
             raise UserInputError(f"usage error: --{flag}={getattr(args, flag)} must be at least 1")
     if args.max_restarts < 0:
         raise UserInputError(f"usage error: --max-restarts={args.max_restarts} must be 0 or more")
-    if args.rdzv_timeout <= 0:
-        raise UserInputError(f"usage error: --rdzv-timeout={args.rdzv_timeout} must be positive")
+    if not args.rdzv_timeout > 0 or args.rdzv_timeout == float("inf"):
+        raise UserInputError(f"usage error: --rdzv-timeout={args.rdzv_timeout} must be a positive, finite number "
+                             "of seconds")
     if args.print_config:
         raise UserInputError("usage error: --print-config does not launch processes; drop --nproc")
     cfg, out = _launch_target(args)
@@ -267,7 +268,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    out = check_output(args.out or run_dir / "model.pt", "--out", exported_before(run_dir))
+    out = check_output(args.out or run_dir / "model.pt", "--out", exported_before)
     count = export_model(run_dir, out)
     print(f"wrote {out} ({count} tensors: model.load_state_dict(torch.load('{out}', weights_only=True)))")
     return 0
@@ -374,13 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserInputError as err:
-        print(f"gradwise: {err}", file=sys.stderr)
+        print(f"gradwise: {one_line(err)}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
-        print(f"gradwise: {err}", file=sys.stderr)
+        print(f"gradwise: {one_line(err)}", file=sys.stderr)
         return 1
     except OSError as err:
-        print(f"gradwise: {describe_os_error(err)}", file=sys.stderr)
+        print(f"gradwise: {one_line(describe_os_error(err))}", file=sys.stderr)
         return os_error_status(err)
     except KeyboardInterrupt:
         print("gradwise: interrupted", file=sys.stderr)

@@ -5,14 +5,25 @@ is allowed; the CLI prints it without a traceback.
 """
 
 import errno
+import re
 import sys
 from typing import Any, Callable
 
 
+def one_line(err: BaseException | str) -> str:
+    """A message as exactly one printable line: control characters a user's input carried (a newline in a key
+    or a path, a NUL) shown escaped, as Python writes them in a string."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(err).strip())
+
+
 class UserInputError(Exception):
-    """Bad input from the user: config, command line, data file or checkpoint."""
+    """Bad input from the user: config, command line, data file or checkpoint. Its message is one line, whatever
+    the input it quotes (see `one_line`)."""
 
     label = "input error"  # how its one-line message starts
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(one_line(str(message)), *args)
 
 
 class ConfigError(UserInputError, ValueError):
@@ -76,8 +87,8 @@ def run(main: Callable[[], Any]) -> Any:
     try:
         return main()
     except UserInputError as err:
-        print(f"gradwise: {err}", file=sys.stderr)
+        print(f"gradwise: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteError as err:
-        print(f"gradwise: {err}", file=sys.stderr)
+        print(f"gradwise: {one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None

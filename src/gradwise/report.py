@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,16 @@ SUMMARY_KEYS = ["model_class", "data_class", "train_samples", "task", "final_tra
                 "params_sha256"]
 
 
+def _plottable(value: Any) -> bool:
+    """A number a plot can place: finite once a float (a damaged record's 400-digit integer is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) < 1e300
+    except OverflowError:
+        return False
+
+
 class Run:
     """A run directory's config, summary and metrics records."""
 
@@ -57,8 +68,8 @@ class Run:
 
     def series(self, kind: str, key: str) -> tuple[list[float], list[float]]:
         points = [(r["step"], r[key]) for r in self.records
-                  if r.get("kind") == kind and "restored_from_step" not in r
-                  and all(isinstance(r.get(k), (int, float)) for k in ("step", key))]
+                  if r.get("kind") == kind and "restored_from_step" not in r and _plottable(r.get("step"))
+                  and _plottable(r.get(key))]
         return [p[0] for p in points], [p[1] for p in points]
 
 

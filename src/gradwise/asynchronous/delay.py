@@ -25,9 +25,10 @@ import torch
 
 from gradwise.errors import ConfigError, DataError, UserInputError
 from gradwise.io import read_json, read_jsonl
-from gradwise.optim.async_rules import apply_rule, async_lr_factor, rule_lambda, staleness_stats
+from gradwise.optim.async_rules import apply_rule, async_lr_factor, mean_square_key, rule_lambda, staleness_stats
 from gradwise.train.source import BatchSteps
 
+MAX_DELAYS = 10_000_000  # staleness values a Ray run's summary may list (a run of that many gradients)
 SIMULATED_RULES = ("asgd", "staleness-aware", "dcasgd-c", "dcasgd-a")
 
 
@@ -38,11 +39,13 @@ def measured_staleness(spec: str) -> list[int]:
     path = path / "updates.jsonl" if path.is_dir() else path
     try:
         if path.suffix == ".json":
-            histogram = read_json(path, DataError)["staleness_histogram"]
-            values = [int(k) for k, n in histogram.items() for _ in range(int(n))]
+            histogram = {int(k): int(n) for k, n in read_json(path, DataError)["staleness_histogram"].items()}
+            if not 0 < sum(histogram.values()) <= MAX_DELAYS or min(histogram.values()) < 0:
+                raise ValueError(f"its counts must be >= 0 and add up to 1..{MAX_DELAYS}")
+            values = [k for k, n in histogram.items() for _ in range(n)]
         else:
             values = [int(record["staleness"]) for record in read_jsonl(path, DataError)]
-    except (UserInputError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except (UserInputError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as err:
         raise DataError(f"data error: ps.delay={spec!r} is neither round-robin, uniform nor a readable Ray run's "
                         f"updates.jsonl / summary.json ({type(err).__name__}: {err})") from None
     if not values or min(values) < 0:
@@ -110,9 +113,10 @@ class DelayedGradients(BatchSteps):
         if finite:
             unused = [p.grad is None for p in params]  # stay without a gradient: the optimizer skips them
             grads = [torch.zeros_like(p) if none else p.grad for p, none in zip(params, unused)]
+            worker = len(self.staleness) % self.workers  # the simulated workers push in turn
             corrected = apply_rule(cfg.ps.rule, grads, current, stale, tau, self.rule_state,
-                                   rule_lambda(cfg.ps.rule, cfg.ps.dc_lambda),
-                                   cfg.ps.ms_momentum, cfg.ps.eps)
+                                   rule_lambda(cfg.ps.rule, cfg.ps.dc_lambda), cfg.ps.ms_momentum, cfg.ps.eps,
+                                   mean_square_key(cfg.ps.mean_square == "per-worker", worker))
             for p, g, none in zip(params, corrected, unused):
                 p.grad = None if none else g
         engine.update(finite)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import signal
 import socket
 import threading
@@ -27,7 +26,7 @@ import torch
 
 from gradwise.asynchronous.server import PushedGradients
 from gradwise.asynchronous.worker import UserRun, Worker, training_set
-from gradwise.arguments import check_count, check_type, config_argument
+from gradwise.arguments import check_count, check_path, check_type, config_argument
 from gradwise.config import Config, apply_overrides, validate
 from gradwise.errors import ConfigError, DataError, NonFiniteError, UserInputError
 from gradwise.resolve import resolve_config
@@ -142,7 +141,7 @@ def train_async(cfg: Config, workers: int, out_dir: str | Path | None, ray_addre
     """
     cfg = config_argument("cfg", cfg)
     check_count("workers", workers, optional=False)
-    check_type("out_dir", out_dir, (str, os.PathLike), "a folder path (str or pathlib.Path)")
+    check_path("out_dir", out_dir)
     check_type("user", user, UserRun, "a gradwise UserRun of picklable factories")
     if importlib.util.find_spec("ray") is None:
         raise ConfigError("config error: --strategy async needs Ray: pip install 'gradwise[async]'")

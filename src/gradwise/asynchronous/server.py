@@ -35,7 +35,7 @@ import torch
 from gradwise.asynchronous.buffers import fold_buffers
 from gradwise.config import Config
 from gradwise.io import write_text
-from gradwise.optim.async_rules import apply_rule, async_lr_factor, rule_lambda, staleness_stats
+from gradwise.optim.async_rules import apply_rule, async_lr_factor, mean_square_key, rule_lambda, staleness_stats
 from gradwise.train.callbacks import StepOutput
 from gradwise.train.source import StepSource
 from gradwise.train.step import NonFiniteStep, group_lrs
@@ -182,7 +182,8 @@ class PushedGradients(StepSource):
         else:
             weights = [p.detach() for p in self.params]
             self._apply(apply_rule(self.rule, grads, weights, pulled["backup"], staleness, self.rule_state,
-                                   self.lam, self.cfg.ps.ms_momentum, self.cfg.ps.eps))
+                                   self.lam, self.cfg.ps.ms_momentum, self.cfg.ps.eps,
+                                   mean_square_key(self.cfg.ps.mean_square == "per-worker", worker)))
         self.clocks[worker] += 1
         self.positions[worker] = item["position"]
         self.samples[worker] += item["samples"]

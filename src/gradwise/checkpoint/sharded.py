@@ -19,11 +19,12 @@ are sharded like the model and travel with it. Optimizer state is keyed by param
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -197,18 +198,16 @@ def by_name(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
                              for group in state["param_groups"]]}
 
 
-def exported_before(run_dir: Path) -> Callable[[Path], bool]:
-    """Recognises a file `export_model` wrote for this run's model: a state dict of its names and shapes."""
-    def ours(path: Path) -> bool:
-        try:
-            old = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - whatever the file is, it is not an export
-            return False
-        shapes = model_shapes(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
-        return isinstance(old, dict) and all(isinstance(v, torch.Tensor) for v in old.values()) and \
-            {k: tuple(v.shape) for k, v in old.items()} == shapes
+EXPORT_MARK = {"gradwise": {"export": 1}}  # in an export's `_metadata` (what load_state_dict reads, ignores here)
 
-    return ours
+
+def exported_before(path: Path) -> bool:
+    """Whether `path` is a file `export_model` wrote (its state dict carries EXPORT_MARK)."""
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - whatever the file is, it is not an export
+        return False
+    return isinstance(old, dict) and (getattr(old, "_metadata", None) or {}).get("gradwise") == EXPORT_MARK["gradwise"]
 
 
 def export_model(run_dir: Path, out: Path) -> int:
@@ -221,6 +220,7 @@ def export_model(run_dir: Path, out: Path) -> int:
             break
     if "shards" in payload:
         check_shards(Path(payload["shards"]["path"]), payload["shards"]["files"])
-    model_state = full_states(payload)[0]
+    model_state = collections.OrderedDict(full_states(payload)[0])
+    model_state._metadata = collections.OrderedDict(EXPORT_MARK)  # type: ignore[attr-defined]
     write_with(out, lambda handle: torch.save(model_state, handle))
     return len(model_state)

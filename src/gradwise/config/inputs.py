@@ -53,7 +53,7 @@ class DataConfig(Section):
     path: Optional[str] = Field(
         None, description="npz/csv file, or a text file or folder (text; default: the Python stdlib sources)"
     )
-    num_samples: int = Field(5000, ge=10,
+    num_samples: int = Field(5000, ge=10, le=10_000_000,
                              description="mnist1d: samples generated (train+test; at least 10, one per class)")
     train_split: float = Field(0.8, gt=0, lt=1, description="mnist1d: fraction used for training")
     generator_seed: int = Field(42, ge=0, le=SEED_MAX, description="mnist1d: generator seed (42 is the standard "
@@ -114,13 +114,13 @@ class ModelConfig(Section):
     )
     dropconnect_samples: int = Field(32, gt=0, description="gaussian inference: samples per unit")
     # MLP
-    depth: int = Field(2, ge=1, description="mlp: hidden layers")
+    depth: int = Field(2, ge=1, le=10_000, description="mlp: hidden layers")
     width: int = Field(256, ge=1, description="mlp: hidden units per layer")
     # 1-D CNN (MNIST-1D reference family: stride-2 convs then a linear head)
-    channels: list[PositiveInt] = Field(default_factory=lambda: [96, 96, 96, 96], min_length=1)
-    kernel_sizes: list[PositiveInt] = Field(default_factory=lambda: [5, 3, 3, 3], min_length=1)
+    channels: list[PositiveInt] = Field(default_factory=lambda: [96, 96, 96, 96], min_length=1, max_length=10_000)
+    kernel_sizes: list[PositiveInt] = Field(default_factory=lambda: [5, 3, 3, 3], min_length=1, max_length=10_000)
     # character transformer
-    n_layer: int = Field(4, ge=1)
+    n_layer: int = Field(4, ge=1, le=10_000)
     d_model: int = Field(128, ge=1)
     n_head: int = Field(4, ge=1)
     context: int = Field(128, ge=2, description="transformer: tokens per window")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import reprlib
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from gradwise.config.schema import Config
-from gradwise.errors import ConfigError
+from gradwise.errors import ArgumentTypeError, ConfigError
 from gradwise.io import read_text
 
 
@@ -215,5 +216,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then the overrides, validated once."""
+    if path is not None and (not isinstance(path, (str, os.PathLike)) or not str(path) or "\x00" in str(path)):
+        raise ArgumentTypeError(f"argument error: path={short_repr(path)}; allowed: a YAML file's path (str or "
+                                "pathlib.Path, no NUL characters) or None")
+    if not isinstance(overrides, (list, tuple, type(None))) or not all(isinstance(o, str) for o in overrides or []):
+        raise ArgumentTypeError(f"argument error: overrides={short_repr(overrides)}; allowed: a list of "
+                                "'key.sub=value' strings or None")
     raw = read_yaml(path) if path is not None else {}
     return validate(apply_overrides(raw, overrides or []))

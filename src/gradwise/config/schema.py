@@ -10,7 +10,7 @@ import re
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gradwise.config.inputs import SEED_MAX, DataConfig, LoaderConfig, ModelConfig
 from gradwise.config.section import Section
@@ -154,7 +154,12 @@ class MemoryConfig(Section):
         default_factory=list, description="class names of modules to checkpoint (a user's own model)"
     )
     auto: bool = Field(False, description="let the planner pick micro-batch, checkpointing and precision")
-    budget: Optional[str] = Field(None, description="memory budget for memory.auto, e.g. 2GiB, 500MB")
+    budget: Optional[str] = Field(None, description="memory budget for memory.auto, e.g. 2GiB, 500MB, or bytes")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # a bare number
 
     @model_validator(mode="after")
     def _check(self) -> "MemoryConfig":
@@ -216,6 +221,9 @@ class PSConfig(Section):
                                        "a smaller step; docs/async.md); none: optim.lr as given"
     )
     ms_momentum: float = Field(0.95, ge=0, lt=1, description="dcasgd-a: mean-square smoothing m")
+    mean_square: Literal["global", "per-worker"] = Field(
+        "global", description="dcasgd-a: one mean square MS for every worker's gradients, or one per worker (as "
+                              "Microsoft's Multiverso keeps it); the simulator's workers take turns")
     eps: float = Field(1e-7, gt=0, description="dcasgd-a: epsilon in lambda0 / sqrt(MS + eps)")
     slowdown: Optional[str] = Field(None, description='stragglers: "W:F[,W:F]" makes worker W F times slower')
     delay: str = Field("round-robin", description="--strategy simulate: each gradient's staleness: round-robin "

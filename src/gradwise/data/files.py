@@ -19,6 +19,7 @@ from gradwise.errors import DataError
 from gradwise.io import read_text
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_CLASSES = 100_000  # a label above this is not a class index (the output layer would have that many units)
 
 
@@ -44,6 +45,11 @@ def _check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
         raise DataError(f"data error: {where} needs at least 2 samples, got {len(x)}")
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x) or not np.all(np.isfinite(x)):
         raise DataError(f"data error: {where} 'x' must be finite real numbers, got dtype {x.dtype}")
+    if not x[0].size:
+        raise DataError(f"data error: {where} 'x' has no features (shape {tuple(x.shape)})")
+    if x.size and float(np.abs(x).max()) > FLOAT32_MAX:
+        raise DataError(f"data error: {where} 'x' holds {float(np.abs(x).max()):.3g}, beyond float32's largest "
+                        f"({FLOAT32_MAX:.3g}), the precision training reads inputs in; rescale it")
 
 
 def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str) -> DataBundle:
@@ -115,8 +121,9 @@ def load_csv(path: Path, cfg: DataConfig) -> DataBundle:
         raise DataError(f"data error: data.label_column={col} is out of range for {width} columns")
     col %= width
     y = _check_labels(table[:, col], f"'{path}' column {col}")
-    x = np.delete(table, col, axis=1).astype(np.float32)
+    x = np.delete(table, col, axis=1)
     _check_pair(x, y, f"'{path}'")
+    x = x.astype(np.float32)
     return _split(x, y, cfg, str(path))
 
 

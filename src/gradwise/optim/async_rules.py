@@ -11,7 +11,9 @@ that pull):
     staleness-aware  g / max(1, tau)                      (lr / tau; Zhang et al. 2016)
     dcasgd-c         g + lambda * g * g * (w - w_bak)     (Zheng et al. 2017, constant lambda)
     dcasgd-a         g + lambda_t * g * g * (w - w_bak),  lambda_t = lambda0 / sqrt(MS + eps),
-                     MS <- m * MS + (1 - m) * g * g       (adaptive lambda; MS per element, updated first)
+                     MS <- m * MS + (1 - m) * g * g       (adaptive lambda; MS per element, updated first;
+                                                          one MS for all workers, or one per worker as
+                                                          Microsoft's Multiverso keeps it: ps.mean_square)
     ssgd             the mean of one gradient per worker, all computed at the same weights
 
 The product g * g * (w - w_bak) is the diagonal approximation of the Hessian
@@ -80,10 +82,16 @@ def adaptive_lambda(grads: list[torch.Tensor], mean_square: list[torch.Tensor] |
     return [lambda0 / torch.sqrt(ms + eps) for ms in updated], updated
 
 
+def mean_square_key(per_worker: bool, worker: int) -> str:
+    """Where `state` keeps DC-ASGD-a's mean square: one for all workers, or worker `worker`'s own."""
+    return f"mean_square/{worker}" if per_worker else "mean_square"
+
+
 def apply_rule(rule: str, grads: list[torch.Tensor], weights: list[torch.Tensor], backup: list[torch.Tensor] | None,
-               staleness: int, state: dict, lam: float, momentum: float = 0.95, eps: float = 1e-7
-               ) -> list[torch.Tensor]:
-    """The gradient the optimizer should apply under `rule`; `state` carries DC-ASGD-a's mean square."""
+               staleness: int, state: dict, lam: float, momentum: float = 0.95, eps: float = 1e-7,
+               ms_key: str = "mean_square") -> list[torch.Tensor]:
+    """The gradient the optimizer should apply under `rule`; `state[ms_key]` carries DC-ASGD-a's mean square
+    (`mean_square_key`: the global one, or the pushing worker's)."""
     if rule in ("asgd", "ssp", "ssgd"):
         return grads
     if rule == "staleness-aware":
@@ -91,6 +99,6 @@ def apply_rule(rule: str, grads: list[torch.Tensor], weights: list[torch.Tensor]
     if rule == "dcasgd-c":
         return delay_compensated(grads, weights, backup, lam)
     if rule == "dcasgd-a":
-        lams, state["mean_square"] = adaptive_lambda(grads, state.get("mean_square"), lam, momentum, eps)
+        lams, state[ms_key] = adaptive_lambda(grads, state.get(ms_key), lam, momentum, eps)
         return delay_compensated(grads, weights, backup, lams)
     raise ValueError(f"unknown parameter-server rule {rule!r}; allowed: {', '.join(RULES)}")

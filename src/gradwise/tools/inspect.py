@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from gradwise.arguments import check_count, config_argument
+from gradwise.arguments import check_callbacks, check_count, config_argument
 from gradwise.config import Config
 from gradwise.diagnostics.health import judge, layer_stats, weight_layers
 from gradwise.diagnostics.spectra import chain_jacobian, spectral_norms
@@ -106,10 +106,11 @@ def inspect_model(model: nn.Module, train_data: Any, *, config: Config | None = 
     the same first-batch check and one-line errors. The model trains for `steps` steps (pass a copy to keep it)."""
     check_count("steps", steps)
     check_count("probes", probes)
+    check_callbacks("callbacks", trainer_args.setdefault("callbacks", []))
     recorder = LayerRecorder()
     cfg = inspection_config(config)
     with isolated_rng(cfg.seed):  # seeded by the config; the caller's generators are left as they were
-        trainer = Trainer(model, train_data, config=cfg, callbacks=[*trainer_args.pop("callbacks", []), recorder],
+        trainer = Trainer(model, train_data, config=cfg, callbacks=[*trainer_args.pop("callbacks"), recorder],
                           **trainer_args)
         return inspect_trainer(trainer, recorder, steps, probes)
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from gradwise.arguments import budget_argument, check_count, config_argument
+from gradwise.arguments import budget_argument, check_callable, check_count, check_type, config_argument
 from gradwise.config import Config, parse_bytes
-from gradwise.errors import UserInputError
+from gradwise.errors import ArgumentValueError, UserInputError
 from gradwise.memory.measure import (
     ActivationMeter,
     cuda_peak,
@@ -237,6 +237,12 @@ def plan_model(model: torch.nn.Module, train_data: Any, *, budget: int | str, co
     and one-line errors. The model is left as it was (trials train copies)."""
     config = config_argument("config", config)
     check_count("trial_steps", trial_steps)
+    if isinstance(precisions, str) or not isinstance(precisions, (list, tuple)) or \
+            not set(precisions) <= set(PRECISIONS) or not precisions:
+        raise ArgumentValueError(f"argument error: precisions={precisions!r}; allowed: a list of "
+                                 f"{', '.join(PRECISIONS)}")
+    check_callable("progress", progress, "a function progress(row) called after each trial")
+    check_type("syncs", syncs, dict, "a dict {'ddp': GradientSync, 'fsdp': GradientSync} (under torchrun)")
     cfg = config.thawed()
     cfg.memory.auto = False
     limit = budget_argument("budget", budget)

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from gradwise.errors import UserInputError
+from gradwise.errors import ArgumentValueError, UserInputError
 from gradwise.memory.precision import autocast
-from gradwise.train.batch import ACCEPTED, batch_loss, call_model, count_items, dataset_size, describe, to_device
+from gradwise.train.batch import (ACCEPTED, batch_loss, call_model, count_items, dataset_size, describe, tensors,
+                                  to_device)
 from gradwise.train.evaluation import infer_task, metric_value, score_batch, split_metrics
-from gradwise.train.pipeline import Pipeline
+from gradwise.train.pipeline import Pipeline, as_pipeline
 from gradwise.train.randomness import capture_rng, restore_rng
 
 
@@ -47,6 +48,8 @@ def check_first_batch(engine, data: dict[str, Pipeline | None], task: str | None
     try:
         train = data["train"]
         batch = to_device(train.first_batch(), engine.device)
+        if any(t.is_floating_point() and t.isnan().any() for t in tensors(batch)):  # (inf: an additive mask's)
+            raise ValueError("it holds nan values (training would stop at its first step)")
         stage = "the model's forward"
         with autocast(engine.cfg.precision, engine.device), torch.set_grad_enabled(trains):
             output = call_model(model, batch)
@@ -66,14 +69,7 @@ def check_first_batch(engine, data: dict[str, Pipeline | None], task: str | None
                 continue
             stage, batch = f"evaluation ({role})", None
             batch = to_device(pipe.first_batch(), engine.device)
-            with torch.no_grad():
-                for metric in objects.values():
-                    metric.reset()
-                score_batch(model, batch, engine.loss_fn, task, engine.count_fn,
-                            torch.zeros(5 + len(per_batch), dtype=torch.float64, device=engine.device),
-                            per_batch, objects)
-                for name, metric in objects.items():
-                    metric_value(name, metric)
+            _score_first(engine, batch, task, per_batch, objects)
     except UserInputError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure here is a bad combination, reported in one line
@@ -86,3 +82,43 @@ def check_first_batch(engine, data: dict[str, Pipeline | None], task: str | None
         model.train(was_training)
         restore_rng(rng)
     return task
+
+
+def _score_first(engine, batch: Any, task: str, per_batch: dict, objects: dict) -> None:
+    with torch.no_grad():
+        for metric in objects.values():
+            metric.reset()
+        score_batch(engine.model, batch, engine.loss_fn, task, engine.count_fn,
+                    torch.zeros(5 + len(per_batch), dtype=torch.float64, device=engine.device), per_batch, objects)
+        for name, metric in objects.items():
+            metric_value(name, metric)
+
+
+def checked_evaluation(trainer, data: Any, prefix: Any) -> Pipeline | None:
+    """`Trainer.evaluate(data, prefix)`'s arguments: the prefix a name, and `data` a pipeline whose first batch
+    scores (model, loss, metrics) in one line of error otherwise, as the first-batch check does for every set."""
+    if not isinstance(prefix, str) or not prefix.isidentifier():
+        raise ArgumentValueError(f"argument error: prefix={prefix!r}; allowed: a name (letters, digits, _) that "
+                                 "starts the result's keys, e.g. 'test'")
+    if isinstance(data, Pipeline):  # one of the trainer's own sets, checked when it was built
+        return data
+    pipeline = as_pipeline(data, "data", trainer.collate_fn)
+    if pipeline is None or dataset_size(pipeline.dataset) == 0:
+        return pipeline
+    engine, was_training = trainer.engine, trainer.engine.model.training
+    per_batch, objects = split_metrics(trainer.metrics)
+    batch: Any = None
+    try:
+        batch = to_device(pipeline.first_batch(), engine.device)
+        engine.model.eval()
+        _score_first(engine, batch, trainer.task, per_batch, objects)
+    except UserInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - as the first-batch check: one line naming what was received
+        raise BatchError(f"batch error: evaluating data failed on its first batch, {describe(batch)}: "
+                         f"{error_line(err)}; accepted: {ACCEPTED}") from None
+    finally:
+        for metric in objects.values():
+            metric.reset()
+        engine.model.train(was_training)
+    return pipeline

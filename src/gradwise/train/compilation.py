@@ -8,12 +8,18 @@ compiled run resumes an eager one and back. The first step of each fit traces an
 
 from __future__ import annotations
 
+import importlib.util
+
 from torch import nn
 
 from gradwise.config.schema import TrainConfig
 from gradwise.errors import ConfigError
 
 DEBUG_BACKENDS = ("eager", "aot_eager")  # trace only / trace and differentiate, no code generation
+# backends torch lists whose compiler is a package of its own: checked before training, not at its first step
+BACKEND_PACKAGES = {"tvm": "tvm", "openxla": "torch_xla", "openxla_eval": "torch_xla", "onnxrt": "onnxruntime",
+                    "tensorrt": "torch_tensorrt", "torch_tensorrt": "torch_tensorrt",
+                    "ipex": "intel_extension_for_pytorch"}
 
 
 def compile_forward(module: nn.Module, tc: TrainConfig) -> nn.Module:
@@ -24,5 +30,9 @@ def compile_forward(module: nn.Module, tc: TrainConfig) -> nn.Module:
     if tc.compile_backend not in allowed:
         raise ConfigError(f"config error: train.compile_backend={tc.compile_backend!r} is not a torch.compile "
                           f"backend here (allowed: {', '.join(sorted(allowed))})")
+    package = BACKEND_PACKAGES.get(tc.compile_backend)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"config error: train.compile_backend={tc.compile_backend!r} needs the {package} package, "
+                          "which is not installed (inductor, the default, needs nothing more)")
     mode = None if tc.compile_mode == "default" else tc.compile_mode
     return torch.compile(module, mode=mode, backend=tc.compile_backend)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from gradwise.arguments import check_type
+from gradwise.arguments import check_overrides, check_path
 from gradwise.config import Config, apply_overrides, flatten, read_yaml, validate
 from gradwise.checkpoint.sharded import remove_other_folders
 from gradwise.errors import CheckpointError, ConfigError
@@ -21,6 +22,10 @@ LOCK = ".gradwise.lock"
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
                   "train.checkpoint_every", "train.strategy", "train.shard_modules", "train.compile",
                   "train.compile_mode", "train.compile_backend", "ps.worker_threads", "log.", "loader.")
+
+
+def allowed_on_resume() -> str:
+    return ", ".join(f"{k}*" if k.endswith(".") else k for k in RESUMABLE_KEYS)
 
 
 def _resumable(key: str) -> bool:
@@ -43,12 +48,14 @@ def check_same_trajectory(saved: dict, current: dict, where: str) -> None:
     """Refuse a config that differs from the checkpoint's in a key that would change the run's trajectory
     (config.yaml edited by hand, or a script passing another config), as an override on --resume is refused."""
     before, now = flatten(upgraded(saved)), flatten(current)
+    # a key added to gradwise since the checkpoint was written holds its default there
+    before = {**{k: v for k, v in flatten(Config().to_dict()).items() if k not in before}, **before}
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and not _resumable(k))
     if changed:
         key = changed[0]
         raise ConfigError(f"config error: '{key}' is {now.get(key)!r} now but {before.get(key)!r} in the checkpoint "
                           f"'{where}'{f' (and {len(changed) - 1} more keys)' if len(changed) > 1 else ''}; it cannot "
-                          f"change on resume (allowed: {', '.join(RESUMABLE_KEYS)}*)")
+                          f"change on resume (allowed: {allowed_on_resume()})")
 
 
 MARK = "# gradwise run: "  # config.yaml's first line: what tells gradwise's own attempt from a user's file
@@ -112,11 +119,14 @@ class RunLock:
 
     def __init__(self, folder: Path):
         self.folder, self.fd = Path(folder), None
+        self.made: list[Path] = []
 
     def acquire(self, mark: bool = True) -> "RunLock":
         """Take the lock (an error naming the holder if another process has it); `mark`: write our PID in it."""
         if self.folder.exists() and not self.folder.is_dir():
             raise CheckpointError(f"checkpoint error: the run directory '{self.folder}' is a file, not a folder")
+        self.made = [] if self.folder.exists() else [self.folder]  # what `release(undo=True)` removes again
+        self.made += [] if (self.folder / LOCK).exists() else [self.folder / LOCK]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -141,18 +151,22 @@ class RunLock:
         self.fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, undo: bool = False) -> None:
         """Unlock, then close. The unlock matters: loader workers forked while the lock was held share its
-        open file, and the lock lasts until every holder of that file closes it, unless it is unlocked."""
+        open file, and the lock lasts until every holder of that file closes it, unless it is unlocked.
+        `undo`: the run was refused; the lock file (and the folder, if still empty) this lock made are removed."""
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+            for path in reversed(self.made if undo else []):
+                with contextlib.suppress(OSError):
+                    path.unlink() if path.name == LOCK else path.rmdir()
 
     def check_free(self) -> None:
         """Raise the same error as `acquire` if another process holds the lock (for a launcher, before it starts
         the processes that will take it)."""
-        self.acquire(mark=False).release()
+        self.acquire(mark=False).release(undo=True)
 
 
 def describe_run(model, data, size: int | None, configured: bool) -> tuple[str, dict[str, dict] | None]:
@@ -207,7 +221,8 @@ def checkpoint_path(run_dir: Path) -> Path:
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
     """The config of the run in `run_dir` with `overrides` applied (only keys that keep its trajectory)."""
-    check_type("run_dir", run_dir, (str, os.PathLike), "a run folder (str or pathlib.Path)", optional=False)
+    check_path("run_dir", run_dir, optional=False)
+    check_overrides("overrides", overrides)
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"checkpoint error: '{run_dir}' is not a run directory (no config.yaml)")
@@ -217,7 +232,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
         key = text.partition("=")[0]
         if not _resumable(key):
             raise ConfigError(
-                f"config error: '{key}' cannot change on --resume (allowed: {', '.join(RESUMABLE_KEYS)}*)"
+                f"config error: '{key}' cannot change on --resume (allowed: {allowed_on_resume()})"
             )
     raw = upgraded(read_yaml(run_dir / "config.yaml"))
     if not all(isinstance(raw.get(section, {}), dict) for section in ("model", "train")):

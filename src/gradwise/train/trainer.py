@@ -26,15 +26,15 @@ from gradwise.config import Config, validate
 from gradwise.checkpoint.sharded import model_shapes
 from gradwise.parallel.environment import environment_sync
 from gradwise.parallel.strategy import GradientSync
-from gradwise.errors import CheckpointError, ConfigError
+from gradwise.errors import CheckpointError, ConfigError, UserInputError
 from gradwise.io import read_json, write_json
 from gradwise.resolve import resolve_config, run_length
 from gradwise.train.callbacks import Callback, CallbackList, RunState, builtin_callbacks
-from gradwise.train.checks import check_first_batch
+from gradwise.train.checks import check_first_batch, checked_evaluation
 from gradwise.train.batch import dataset_size
 from gradwise.train.factories import config_data, config_loss, config_model
 from gradwise.train.evaluation import evaluate, prepare_metrics, shares_evaluation
-from gradwise.train.pipeline import adopt_settings, as_pipeline, pipelines, report_adoption
+from gradwise.train.pipeline import adopt_settings, pipelines, report_adoption
 from gradwise.train.planning import settle_plan
 from gradwise.train.recovery import recover, reload_after_failure, resume_from
 from gradwise.train.run_dir import RunLock, check_run_dir, describe_run, prepare_run_dir, resume_config
@@ -213,7 +213,7 @@ class Trainer:
     def evaluate(self, data: Dataset | DataLoader | None = None, prefix: str = "test") -> dict[str, float]:
         """Mean loss (and accuracy or bits-per-char, and `metrics`) over `data` (default: the test set), keys
         `prefix_*`. Evaluation draws from a stream of its own: it never moves the training RNG."""
-        pipeline = self.data["test"] if data is None else as_pipeline(data, "data", self.collate_fn)
+        pipeline = self.data["test"] if data is None else checked_evaluation(self, data, prefix)
         if pipeline is None:
             return {}
         with isolated_rng(derived_seed(self.cfg.seed, EVAL)):
@@ -238,15 +238,18 @@ class Trainer:
         run again after it finished, returns the recorded summary).
         """
         fit_arguments(max_steps, resume)
-        lock = None
+        lock, undo = None, False
         if self.out_dir is not None and self.is_main:  # refusals first: a refused folder is left as it was
             check_run_dir(self.out_dir, fresh=not resume and self.state.resumed_from is None and not self.records)
             lock = RunLock(self.out_dir).acquire()
         try:
             return self._fit(max_steps, resume)
+        except UserInputError:
+            undo = True  # refused (a damaged run file met on resume): the lock file, folder, this fit made go again
+            raise
         finally:
             if lock is not None:
-                lock.release()
+                lock.release(undo)
 
     def _fit(self, max_steps: int | None, resume: bool) -> dict[str, Any]:
         if resume and self.out_dir is not None and (self.state.resumed_from is None or self.interrupted):

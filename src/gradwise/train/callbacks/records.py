@@ -63,24 +63,25 @@ class MetricsFile(_HeldForOneFit):
     written before its checkpoint was (their count is in the checkpoint)."""
 
     def __init__(self):
-        self.resumed_records: int | None = None
+        self.kept: list[dict[str, Any]] | None = None  # a resume's records, read when its checkpoint loads
 
     def on_fit_start(self, trainer) -> None:
         out = trainer.out_dir
         if out is None or not trainer.is_main:
             return
         path = out / "metrics.jsonl"
-        if trainer.state.resumed_from is not None and not trainer.records:  # the first fit of a resumed run
-            kept = read_metrics(path)[:self.resumed_records]
-            write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-            trainer.records[:0] = kept
+        if self.kept is not None and not trainer.records:  # the first fit of a resumed run
+            write_text(path, "".join(json.dumps(r) + "\n" for r in self.kept))
+            trainer.records[:0], self.kept = self.kept, None
         self.held = open(path, "a")
 
     def state_dict(self, trainer) -> dict[str, Any]:
         return {"records": len(trainer.records)}
 
     def load_state_dict(self, trainer, state: dict[str, Any] | None) -> None:
-        self.resumed_records = (state or {}).get("records")
+        """A resume reads its records here, before anything is written: a damaged metrics.jsonl refuses it."""
+        if trainer.out_dir is not None and trainer.is_main and not trainer.records:
+            self.kept = read_metrics(trainer.out_dir / "metrics.jsonl")[:(state or {}).get("records")]
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:
         if self.held is not None:
