@@ -34,7 +34,7 @@ import torch
 
 from gradwise.asynchronous.buffers import fold_buffers
 from gradwise.config import Config
-from gradwise.io import write_text
+from gradwise.io import read_jsonl, write_text
 from gradwise.optim.async_rules import apply_rule, async_lr_factor, mean_square_key, rule_lambda, staleness_stats
 from gradwise.train.callbacks import StepOutput
 from gradwise.train.source import StepSource
@@ -256,9 +256,8 @@ class PushedGradients(StepSource):
         self.positions, self.staleness = list(state["positions"]), list(state["staleness"])
         self.rule_state = state.get("rule_state") or {}
         log = trainer.out_dir / UPDATE_LOG
-        kept = [line for line in log.read_text().splitlines()
-                if json.loads(line)["gradient"] <= self.tickets] if log.exists() else []
-        write_text(log, "".join(line + "\n" for line in kept))  # drop what the crash lost
+        kept = [r for r in (read_jsonl(log) if log.exists() else []) if r.get("gradient", 0) <= self.tickets]
+        write_text(log, "".join(json.dumps(r) + "\n" for r in kept))  # drop what the crash lost
 
     def on_exception(self, trainer, error: BaseException) -> None:
         self.close()
