@@ -134,6 +134,34 @@ def test_one_worker_asgd_equals_single_process_sgd_exactly(tmp_path):
     assert stats and all(torch.equal(server[k], v) for k, v in stats.items())  # running stats, batch counts
 
 
+def test_folded_buffers_equal_one_process_seeing_the_batches_in_push_order():
+    """Two workers pull the same state; B pushes one batch, then A pushes two forwards (accumulation): the
+    server's running statistics are those of one BatchNorm that saw B's batch, then A's two, and a flag buffer
+    takes the latest value."""
+    from gradwise.asynchronous.buffers import buffer_contributions, fold_buffers, snapshot_buffers
+
+    def net():
+        model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+        model.register_buffer("ready", torch.tensor(False))
+        return model
+
+    torch.manual_seed(0)
+    xs = [torch.randn(8, 3) for _ in range(3)]
+    server, a, b, reference = net(), net(), net(), net()
+    pulled_a, pulled_b = snapshot_buffers(a), snapshot_buffers(b)
+    b(xs[2])
+    b.ready.fill_(True)
+    fold_buffers(server, buffer_contributions(b, pulled_b))
+    a(xs[0])
+    a(xs[1])
+    fold_buffers(server, buffer_contributions(a, pulled_a))
+    for x in (xs[2], xs[0], xs[1]):
+        reference(x)
+    for stat in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(server[0], stat), getattr(reference[0], stat), rtol=1e-6, atol=1e-7)
+    assert int(server[0].num_batches_tracked) == 3 and bool(server.ready)
+
+
 def _recomputed_statistics(model, data) -> None:
     """Replace every BatchNorm's running statistics with those of the whole training set under these weights."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -165,7 +193,9 @@ def test_batchnorm_statistics_are_learned_under_two_async_workers(tmp_path):
     assert max(gaps) < 0.25, gaps  # an average of recent batches under moving weights, against the exact one
     recomputed = trainer.evaluate()
     assert ran["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
-    assert abs(ran["test_accuracy"] - recomputed["test_accuracy"]) <= 0.03, (ran, recomputed)
+    # 100 test samples, an early model: a few samples either way (before, with initial statistics: 0.198 vs 0.9)
+    assert abs(ran["test_loss"] - recomputed["test_loss"]) <= 0.05 * recomputed["test_loss"], (ran, recomputed)
+    assert abs(ran["test_accuracy"] - recomputed["test_accuracy"]) <= 0.05, (ran, recomputed)
 
 
 @pytest.mark.parametrize("bound", [0, 1])

@@ -6,7 +6,8 @@ new): the server's buffer b becomes scale * b + (new - scale * old), and simply 
 (no other push moved it since this worker's pull: one worker gives the sequential run's buffers, bit for bit).
 For a BatchNorm running statistic with momentum m, an exponential average of batch statistics, the worker's
 update was new = (1 - m) * old + m * batch, so scale = 1 - m folds that batch's statistic into the server's
-average as a single process would have; any other buffer adds what the forward added (scale 1). The
+average as a single process would have ((1 - m) ** k after k forwards: accumulation, recomputation); a
+counter adds what the forward added (scale 1); a flag (bool, uint8) takes the latest value. The
 server's buffers are its model's, so checkpoints, resume, evaluation and `gradwise export` carry them.
 """
 
@@ -23,26 +24,34 @@ def snapshot_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: b.detach().clone() for name, b in model.named_buffers()}
 
 
-def _averaged(model: nn.Module) -> dict[str, float]:
-    """{buffer name: momentum} for the running statistics of BatchNorm layers that keep an exponential average."""
+def _averaged(model: nn.Module) -> dict[str, tuple[float, str]]:
+    """{buffer name: (momentum, its layer's batch counter)} for the running statistics of BatchNorm layers that
+    keep an exponential average."""
     found = {}
     for prefix, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
+            where = f"{prefix}." if prefix else ""
             for stat in ("running_mean", "running_var"):
-                found[f"{prefix}.{stat}" if prefix else stat] = float(module.momentum)
+                found[where + stat] = (float(module.momentum), where + "num_batches_tracked")
     return found
 
 
 def buffer_contributions(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, Contribution]:
     """What a forward did to each buffer since `before`, as (scale, old, new) on the CPU (see the module
     docstring); buffers it left alone are left out."""
-    momentum = _averaged(model)
+    averaged = _averaged(model)
+    buffers = dict(model.named_buffers())
     out: dict[str, Contribution] = {}
-    for name, buf in model.named_buffers():
+    for name, buf in buffers.items():
         old = before.get(name)
         if old is None or torch.equal(buf, old):
             continue
-        out[name] = (1.0 - momentum.get(name, 0.0), old.cpu(), buf.detach().clone().cpu())
+        scale = 1.0
+        if name in averaged:  # k forwards (accumulation, recomputation) averaged k batches in: (1 - m) ** k
+            m, counter = averaged[name]
+            k = int(buffers[counter] - before[counter]) if counter in buffers and counter in before else 1
+            scale = (1.0 - m) ** max(k, 1)
+        out[name] = (scale, old.cpu(), buf.detach().clone().cpu())
     return out
 
 
@@ -53,7 +62,9 @@ def fold_buffers(model: nn.Module, contributions: dict[str, Contribution]) -> No
     for name, (scale, old, new) in contributions.items():
         buf = buffers[name]
         old, new = old.to(buf.device), new.to(buf.device)
-        if torch.equal(buf, old):
+        if buf.shape != new.shape:
+            continue  # a buffer that changed shape (a cache): the server keeps its own
+        if torch.equal(buf, old) or buf.dtype in (torch.bool, torch.uint8):  # no push since the pull; a flag
             buf.copy_(new)
         elif scale == 1.0:
             buf.add_(new - old)

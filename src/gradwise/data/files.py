@@ -112,7 +112,9 @@ def load_csv(path: Path, cfg: DataConfig) -> DataBundle:
         try:
             values.append([float(c) for c in cells])
         except ValueError:
-            raise DataError(f"data error: '{path}' data row {lineno} has a non-numeric value: {line[:60]!r}") from None
+            hint = " (if it is a header, give every column a name, e.g. x0,x1,label)" if lineno == 1 else ""
+            raise DataError(f"data error: '{path}' data row {lineno} has a non-numeric value: {line[:60]!r}"
+                            f"{hint}") from None
     table = np.asarray(values, dtype=np.float64)
     if width < 2:
         raise DataError(f"data error: '{path}' needs at least one feature column and a label column")

@@ -105,7 +105,7 @@ def checked_evaluation(trainer, data: Any, prefix: Any) -> Pipeline | None:
     pipeline = as_pipeline(data, "data", trainer.collate_fn)
     if pipeline is None or dataset_size(pipeline.dataset) == 0:
         return pipeline
-    engine, was_training = trainer.engine, trainer.engine.model.training
+    engine, was_training, rng = trainer.engine, trainer.engine.model.training, capture_rng()
     per_batch, objects = split_metrics(trainer.metrics)
     batch: Any = None
     try:
@@ -121,4 +121,5 @@ def checked_evaluation(trainer, data: Any, prefix: Any) -> Pipeline | None:
         for metric in objects.values():
             metric.reset()
         engine.model.train(was_training)
+        restore_rng(rng)  # evaluation never moves the training streams
     return pipeline
