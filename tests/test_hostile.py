@@ -288,6 +288,8 @@ def _api_cases():
         ("callbacks=[1]", lambda out: Trainer(model(), data, callbacks=[1], out_dir=out), ArgumentTypeError),
         ("out_dir=123", lambda out: Trainer(model(), data, out_dir=123), ArgumentTypeError),
         ("metrics a list", lambda out: Trainer(model(), data, metrics=["acc"], out_dir=out), ArgumentTypeError),
+        ("a metric named 'top 5'", lambda out: Trainer(model(), data, metrics={"top 5": lambda o, t: o.sum()},
+                                                      out_dir=out), ArgumentValueError),
         ("task=3", lambda out: Trainer(model(), data, task=3, out_dir=out), ArgumentTypeError),
         ("fit(max_steps='abc')", lambda out: Trainer(model(), data, config=cfg, out_dir=out).fit(max_steps="abc"),
          ArgumentTypeError),
@@ -356,3 +358,16 @@ def test_report_plots_only_numbers_a_plot_can_place(finished_run, tmp_path, caps
                 % ("0" * 400))
     code, _, err = run_cli(["report", str(run), "--out", str(tmp_path / "r.html")], capsys)
     assert code == 0 and "Traceback" not in err and not err.strip(), err
+
+
+def test_names_with_dashes_and_slashes_stay_allowed():
+    """Metric names and result prefixes are keys, not identifiers: 'top-5' and 'val/ood' are fine."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from gradwise import Trainer
+
+    data = TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    trainer = Trainer(nn.Linear(6, 3), data, metrics={"top-5": lambda o, t: (o.argmax(1) == t).float().mean()},
+                      config={"log": {"progress": "off"}})
+    assert "val/ood_top-5" in trainer.evaluate(data, prefix="val/ood")

@@ -67,8 +67,14 @@ def config_argument(name: str, value: Any) -> Config:
     raise _refuse(name, value, "a gradwise Config (gradwise.load_config(...)), a dict of config keys, or None")
 
 
+def a_name(value: Any) -> bool:
+    """A non-empty name without spaces or control characters (a metric's, a result prefix): it starts keys."""
+    return isinstance(value, str) and bool(value) and not any(c.isspace() or not c.isprintable() for c in value)
+
+
 def check_data(name: str, value: Any, optional: bool = True) -> None:
-    """A Dataset, a DataLoader, or a dataset of another library (indexable with a length, or iterable)."""
+    """A Dataset, a DataLoader (or a torch IterableDataset), or a map-style dataset of another library (indexable,
+    with a length that works: a Hugging Face `datasets.Dataset`)."""
     if value is None and optional:
         return
     if isinstance(value, (str, bytes, os.PathLike)):
@@ -114,8 +120,8 @@ def check_metrics(name: str, value: Any) -> None:
     if not isinstance(value, Mapping):
         raise _refuse(name, value, "a dict of name -> function(output, target) or metric object, or None")
     for key, metric in value.items():
-        if not isinstance(key, str) or not key.isidentifier():
-            raise _refuse(f"{name} key", key, "a name of letters, digits and _ (it becomes val_NAME, test_NAME)",
+        if not a_name(key):
+            raise _refuse(f"{name} key", key, "a name without spaces (it becomes val_NAME, test_NAME)",
                           ArgumentValueError)
         if not (callable(metric) or all(hasattr(metric, a) for a in ("update", "compute", "reset"))):
             raise _refuse(f"{name}[{key!r}]", metric, "a function(output, target) or an object with update, "

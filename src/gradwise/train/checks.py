@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from gradwise.arguments import a_name
 from gradwise.errors import ArgumentValueError, UserInputError
 from gradwise.memory.precision import autocast
 from gradwise.train.batch import (ACCEPTED, batch_loss, call_model, count_items, dataset_size, describe, tensors,
@@ -97,9 +98,9 @@ def _score_first(engine, batch: Any, task: str, per_batch: dict, objects: dict) 
 def checked_evaluation(trainer, data: Any, prefix: Any) -> Pipeline | None:
     """`Trainer.evaluate(data, prefix)`'s arguments: the prefix a name, and `data` a pipeline whose first batch
     scores (model, loss, metrics) in one line of error otherwise, as the first-batch check does for every set."""
-    if not isinstance(prefix, str) or not prefix.isidentifier():
-        raise ArgumentValueError(f"argument error: prefix={prefix!r}; allowed: a name (letters, digits, _) that "
-                                 "starts the result's keys, e.g. 'test'")
+    if not a_name(prefix):
+        raise ArgumentValueError(f"argument error: prefix={prefix!r}; allowed: a name without spaces that starts "
+                                 "the result's keys, e.g. 'test'")
     if isinstance(data, Pipeline):  # one of the trainer's own sets, checked when it was built
         return data
     pipeline = as_pipeline(data, "data", trainer.collate_fn)
