@@ -31,49 +31,43 @@ def test_repro_large_batch_quick_writes_results(tmp_path, capsys):
     assert main(["repro", "large-batch", "--quick", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert (out / "accuracy_vs_batch.png").stat().st_size > 100
-    batches = results["settings"]["batches"]
-    assert {(r["optimizer"], r["batch_size"]) for r in results["best"]} == {
-        (o, b) for o in ("sgd+momentum", "adam", "lars", "lamb") for b in batches}
+    s = results["settings"]
+    optimizers = ("sgd+momentum", "adam", "lars eta=1e-3", "lars eta=1e-2", "lamb")
+    assert {(c["optimizer"], c["batch_size"]) for c in results["chosen"]} == {(o, b) for o in optimizers
+                                                                              for b in s["batches"]}
+    # every lr is chosen on the validation split at the first seed: the chosen run is the best of its grid
+    for c in results["chosen"]:
+        rivals = [r for r in results["runs"] if (r["optimizer"], r["batch_size"], r["seed"])
+                  == (c["optimizer"], c["batch_size"], s["seeds"][0])]
+        assert c["val_accuracy"] == max(r["val_accuracy"] for r in rivals)
+    # the two largest batches train every seed at the chosen lr; the rest one seed
+    seeded = {(r["optimizer"], r["batch_size"]): r["test_accuracy"] for r in results["seeded"]}
+    assert set(seeded) == {(o, b) for o in optimizers for b in s["batches"][-2:]}
+    assert all(len(v) == len(s["seeds"]) for v in seeded.values())
+    # equal epochs: the update count falls with the batch
+    updates = [results["updates"][str(b)] for b in s["batches"]]
+    assert updates == sorted(updates, reverse=True) and updates[0] > updates[-1]
     # the layer-wise optimizers report a trust ratio per adapted (2-D+) tensor, none for biases
     lamb = next(r for r in results["runs"] if r["optimizer"] == "lamb")
     assert lamb["trust_ratios"] and all(name.endswith("weight") for name in lamb["trust_ratios"])
+    assert set(results["verdicts"]) == {f"{o}@{b}" for o in ("lars", "lamb") for b in s["batches"][-2:]}
     md = (out / "results.md").read_text()
-    assert "| batch | sgd+momentum | adam | lars | lamb |" in md
-    # every lr is chosen on the validation split: the reported best is the best by validation accuracy
-    for best in results["best"]:
-        rivals = [r for r in results["runs"]
-                  if (r["optimizer"], r["batch_size"]) == (best["optimizer"], best["batch_size"])]
-        assert best["val_accuracy"] == max(r["val_accuracy"] for r in rivals)
-    # part two: LARS at both trust coefficients, each also with pytorch-optimizer's LARS, and LAMB, over seeds
-    recipes = {(c["recipe"], c["batch_size"]): c for c in results["recipe"]}
-    batch = results["settings"]["recipe_batches"][0]
-    names = ("lars eta=1e-3", "lars eta=1e-2", "lars eta=1e-3 (pytorch-optimizer)", "lars eta=1e-2 (pytorch-optimizer)",
-             "lamb")
-    assert set(recipes) == {(name, batch) for name in names}
-    assert all(len(c["test_accuracy"]) == len(results["settings"]["recipe_seeds"]) for c in recipes.values())
-    peer = [r for r in results["recipe_runs"] if "pytorch-optimizer" in r["recipe"]]
-    assert peer and not any(r["trust_ratios"] for r in peer)  # the peer's optimizer, not gradwise's, ran them
-    ours = [r for r in results["recipe_runs"] if r["recipe"] == "lars eta=1e-2"]
-    assert ours and all(r["lr"] * 1e-2 == pytest.approx(r["rate"]) for r in ours)  # lr = rate / eta
-    assert "## Part two" in md and "## Verdict" in md
+    assert "| batch | updates | " + " | ".join(optimizers) + " |" in md and "## Verdict" in md
 
 
-def test_large_batch_reuses_only_runs_finished_with_the_same_settings(tmp_path):
-    from gradwise.experiments.large_batch import finished_runs, one_run, settings, settings_record
+def test_large_batch_reuses_only_runs_finished_with_the_same_settings(tmp_path, monkeypatch):
+    from gradwise.experiments import large_batch
 
-    s = settings(quick=True)
-    done = {"optimizer": "adam", "batch_size": 256, "lr_multiplier": 1.0, "val_accuracy": 0.5, "seed": 0}
-    previous = tmp_path / "results.json"
-    previous.write_text(json.dumps({"settings": settings_record(s), "runs": [done], "recipe_runs": []}))
-    cache = finished_runs(previous, s)
-    assert one_run("adam", 256, 1.0, s, cache) == {**done, "reused": True}  # read back, not trained
-    previous.write_text(json.dumps({"settings": {**settings_record(s), "epochs": 99}, "runs": [done]}))
-    assert finished_runs(previous, s) == {}  # another budget: nothing is reused
-    other_lr = settings_record(s)
-    other_lr["optimizers"]["adam"]["base_lr"] = 0.5  # the same multiplier would now mean another lr
-    previous.write_text(json.dumps({"settings": other_lr, "runs": [done]}))
-    assert finished_runs(previous, s) == {}
-    assert finished_runs(tmp_path / "absent.json", s) == {}
+    s = {**large_batch.settings(quick=True), "num_samples": 640, "epochs": 1}
+    first = large_batch.one_run("adam", 256, 1.0, 0, s, tmp_path)
+    assert not first.get("reused")
+    monkeypatch.setattr(large_batch, "train_one", lambda overrides: pytest.fail("a finished run was retrained"))
+    assert large_batch.one_run("adam", 256, 1.0, 0, s, tmp_path) == {**first, "reused": True}
+    monkeypatch.setattr(large_batch, "train_one", lambda overrides: {**first, "trained": True})
+    assert large_batch.one_run("adam", 256, 1.0, 0, {**s, "epochs": 2}, tmp_path)["trained"]  # another budget
+    changed = {**large_batch.RECIPES, "adam": (["optim.name=adam"], *large_batch.RECIPES["adam"][1:])}
+    monkeypatch.setattr(large_batch, "RECIPES", changed)  # the same multiplier would now mean another run
+    assert large_batch.one_run("adam", 256, 1.0, 0, s, tmp_path)["trained"]
 
 
 def test_target_loss_stops_at_the_first_step_whose_trailing_mean_reaches_the_target():
@@ -131,21 +125,38 @@ def test_repro_async_quick_writes_results(tmp_path, capsys):
     out = tmp_path / "async"
     assert main(["repro", "async", "--quick", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
+    s = results["settings"]
     assert (out / "error_vs_workers.png").stat().st_size > 100
-    methods = {(r["method"], r["workers"], r["ray"]) for r in results["table"]}
-    assert methods == {("sequential SGD", 1, False), ("sequential SGD, momentum 0", 1, False), ("SSGD", 2, False),
-                       ("ASGD", 2, False), ("DC-ASGD-a", 2, False), ("ASGD", 2, True)}
-    chosen = {(c["method"], c["workers"]): c["lr"] for c in results["chosen_lr"]}
-    for key, lr in chosen.items():  # each lr is the grid point with the best validation accuracy
-        tried = [r for r in results["selection"] if (r["method"], r["workers"]) == key]
-        assert len(tried) >= 2 and lr == max(tried, key=lambda r: (r["val_accuracy"], -r["lr"]))["lr"]
-    runs = {(r["method"], r["ray"]): r for r in results["runs"] + results["ray_runs"] if r["workers"] == 2}
-    assert runs[("SSGD", False)]["updates"] * 2 == runs[("ASGD", False)]["updates"]  # equal gradients
-    assert runs[("ASGD", False)]["staleness_mean"] > 0 and runs[("ASGD", True)]["staleness_mean"] > 0
-    assert [r["lambda"] for r in results["lambda_sweep"]] == [0.5, 2.0]
+    # the staleness the simulator draws from is what a Ray run of M workers measured
+    assert [p["workers"] for p in results["probes"]] == s["workers"]
+    assert all(sum(p["histogram"].values()) == s["probe_gradients"] for p in results["probes"])
+    # each arm's own lr is the best of its (extended) grid on validation at the selection seed
+    for own in results["own_lr"]:
+        tried = [r for r in results["selection"] if (r["method"], r["workers"]) == (own["method"], own["workers"])
+                 and r["lambda"] in (None, 2.0)]
+        assert len(tried) >= 2 and own["lr"] == max(tried, key=lambda r: (r["val_accuracy"], -r["lr"]))["lr"]
+        assert all(r["seed"] == s["select_seed"] for r in tried)
+    assert results["shared_lr"] in s["lr_grid"]
+    shared = results["runs"]["one lr for every arm"]
+    assert {r["lr"] for r in shared} == {results["shared_lr"]}
+    assert {(r["method"], r["staleness"]) for r in shared} == {
+        ("sequential SGD", "none"), ("ASGD", "ray"), ("ASGD", "round-robin"), ("DC-ASGD-a", "ray"),
+        ("DC-ASGD-a", "round-robin")}
+    # paired seeds: every arm trains every seed; the chosen lambda0 is used by every DC-ASGD-a run
+    assert {r["seed"] for r in shared} == set(s["seeds"])
+    assert {r["lambda"] for r in shared if r["method"] == "DC-ASGD-a"} == {results["lambda0"]}
+    round_robin = [r for r in shared if r["staleness"] == "round-robin"]
+    assert all(r["staleness_mean"] == pytest.approx(r["workers"] - 1, abs=0.5) for r in round_robin)
+    assert results["pilot"]["gradients"] == 2 * s["gradients"] and len(results["pilot"]["runs"]) == len(s["seeds"])
+    assert {(r["method"], r["workers"]) for r in results["ray_runs"]} == {
+        (m, w) for m in ("ASGD", "DC-ASGD-a") for w in s["ray_check"]}
+    assert all(r["ray"] and r["staleness_mean"] >= 0 for r in results["ray_runs"])
+    assert len(results["claims"]) == 3 * len(s["workers"])
     md = (out / "results.md").read_text()
-    assert "## Does delay compensation win back what asynchrony costs?" in md and "Wall time:" in md
-    assert "## The simulator against real Ray workers" in md
+    for heading in ("## Budget (pilot)", "## Protocol 1: one lr for every method and M", "## Protocol 2",
+                    "## Does delay compensation win back what asynchrony costs?",
+                    "## The simulator against real Ray workers"):
+        assert heading in md
 
 
 def test_repro_async_keeps_a_diverged_grid_point_and_reuses_finished_runs(tmp_path):
@@ -154,12 +165,31 @@ def test_repro_async_keeps_a_diverged_grid_point_and_reuses_finished_runs(tmp_pa
     s = {**async_ps.settings(quick=True), "gradients": 6}
     diverged = async_ps.one_run("sequential SGD", 1, 0, 1e30, s, tmp_path)
     assert diverged["diverged"] and diverged["val_accuracy"] == 0.0 and diverged["test_error"] == 1.0
-    trained = async_ps.one_run("ASGD", 2, 0, 0.05, s, tmp_path)
+    trained = async_ps.one_run("ASGD", 2, 0, 0.05, s, tmp_path, staleness="round-robin")
     marker = next((tmp_path / "runs").glob("ASGD-*")) / "metrics.jsonl"
     before = marker.stat().st_mtime_ns
-    again = async_ps.one_run("ASGD", 2, 0, 0.05, s, tmp_path)  # read back, not retrained
+    again = async_ps.one_run("ASGD", 2, 0, 0.05, s, tmp_path, staleness="round-robin")  # read back, not retrained
     assert marker.stat().st_mtime_ns == before and again["test_error"] == trained["test_error"]
     assert async_ps.one_run("sequential SGD", 1, 0, 1e30, s, tmp_path)["diverged"] == diverged["diverged"]
+
+
+def test_async_verdict_reads_paired_differences():
+    from gradwise.experiments.async_ps import verdict
+
+    def arm(errors):  # an error of 1 is a diverged run
+        return [{"seed": i, "test_error": e, "diverged": "non-finite" if e == 1 else None}
+                for i, e in enumerate(errors)]
+
+    seq = arm([0.05, 0.06, 0.07])
+    assert verdict(seq, arm([0.05, 0.06, 0.07]), arm([0.05, 0.06, 0.07]))[0].startswith("nothing to win back")
+    assert verdict(seq, arm([0.10, 0.11, 0.12]), arm([0.05, 0.06, 0.07]))[0] == "held"
+    assert verdict(seq, arm([0.15, 0.16, 0.17]), arm([0.10, 0.11, 0.12]))[0].startswith("held partly")
+    assert verdict(seq, arm([0.10, 0.11, 0.12]), arm([0.10, 0.115, 0.12]))[0] == "not held"
+    assert verdict(seq, arm([0.10, 0.11, 0.12]), arm([0.05, 0.115, 0.12]))[0].startswith("not shown")
+    # divergence is weighed by count, which an interval over 3 seeds cannot do
+    word, text = verdict(seq, arm([1.0, 0.06, 1.0]), arm([0.05, 0.06, 0.07]))
+    assert word == "held" and text.endswith("diverged: 2 of 3 ASGD")
+    assert verdict(seq, arm([1.0, 0.06, 1.0]), arm([1.0, 0.06, 0.07]))[0].startswith("held partly")
 
 
 def test_repro_precision_quick_writes_results(tmp_path, capsys):
