@@ -179,9 +179,14 @@ def verdict(seq: list, asgd: list, dc: list) -> tuple[str, str]:
 
 
 def _cell(mine: list[dict[str, Any]], note: str = "") -> str:
-    err, ci = mean_ci([r["test_error"] for r in mine])
-    diverged = sum(bool(r["diverged"]) for r in mine)
-    return f"{err:.3f} ± {ci:.3f}{note}" + (f", {diverged} diverged" if diverged else "")
+    """Mean ± 95% interval of the seeds that trained; how many diverged, if any."""
+    trained = [r["test_error"] for r in mine if not r["diverged"]]
+    if not trained:
+        return f"all {len(mine)} diverged{note}"
+    err, ci = mean_ci(trained)
+    lost = len(mine) - len(trained)
+    shown = f"{err:.3f} ± {ci:.3f}" if len(trained) > 1 else f"{err:.3f}"
+    return shown + note + (f", {lost} of {len(mine)} diverged (the rest shown)" if lost else "")
 
 
 def _plot(protocols: dict[str, dict], workers: list[int], out: Path) -> None:
