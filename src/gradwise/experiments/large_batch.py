@@ -165,9 +165,13 @@ def verdicts(small: float, chosen: dict, seeded: dict, batches: list[int]) -> tu
             else:
                 verdict = "not held"
             out[f"{family}@{batch}"] = verdict
+            base_mean, base_half = mean_ci([r["test_accuracy"] for r in seeded[(base, batch)]])
+            kept = "keeps it too" if base_mean - base_half >= bar else "loses it" if base_mean + base_half < bar \
+                else "spans the bar"
             lines.append(f"- batch {batch}, {layerwise}: {mean:.3f} ± {half:.3f} against the bar {bar:.3f} (best "
-                         f"small-batch accuracy {small:.3f} - 1 point); {layerwise} - {base} at this batch "
-                         f"{gain * 100:+.1f} ± {gain_ci * 100:.1f} points (paired): **{verdict}**")
+                         f"small-batch accuracy {small:.3f} - 1 point); {base} {base_mean:.3f} ± {base_half:.3f} "
+                         f"({kept}); {layerwise} - {base} {gain * 100:+.1f} ± {gain_ci * 100:.1f} points "
+                         f"(paired): **{verdict}**")
     return lines, out
 
 
