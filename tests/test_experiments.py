@@ -35,12 +35,13 @@ def test_repro_large_batch_quick_writes_results(tmp_path, capsys):
     optimizers = ("sgd+momentum", "adam", "lars eta=1e-3", "lars eta=1e-2", "lamb")
     assert {(c["optimizer"], c["batch_size"]) for c in results["chosen"]} == {(o, b) for o in optimizers
                                                                               for b in s["batches"]}
-    # every lr is chosen on the validation split at the first seed: the chosen run is the best of its grid
+    # every lr is chosen on the validation split at the selection seed: the chosen run is the best of its grid
     for c in results["chosen"]:
         rivals = [r for r in results["runs"] if (r["optimizer"], r["batch_size"], r["seed"])
-                  == (c["optimizer"], c["batch_size"], s["seeds"][0])]
+                  == (c["optimizer"], c["batch_size"], s["select_seed"])]
         assert c["val_accuracy"] == max(r["val_accuracy"] for r in rivals)
-    # the two largest batches train every seed at the chosen lr; the rest one seed
+    # the two largest batches train every seed at the chosen lr (seeds other than the selection seed); the rest one
+    assert s["select_seed"] not in s["seeds"]
     seeded = {(r["optimizer"], r["batch_size"]): r["test_accuracy"] for r in results["seeded"]}
     assert set(seeded) == {(o, b) for o in optimizers for b in s["batches"][-2:]}
     assert all(len(v) == len(s["seeds"]) for v in seeded.values())
@@ -166,7 +167,7 @@ def test_repro_async_keeps_a_diverged_grid_point_and_reuses_finished_runs(tmp_pa
     diverged = async_ps.one_run("sequential SGD", 1, 0, 1e30, s, tmp_path)
     assert diverged["diverged"] and diverged["val_accuracy"] == 0.0 and diverged["test_error"] == 1.0
     trained = async_ps.one_run("ASGD", 2, 0, 0.05, s, tmp_path, staleness="round-robin")
-    marker = next((tmp_path / "runs").glob("ASGD-*")) / "metrics.jsonl"
+    marker = next(tmp_path.glob("runs-*/ASGD-*")) / "metrics.jsonl"
     before = marker.stat().st_mtime_ns
     again = async_ps.one_run("ASGD", 2, 0, 0.05, s, tmp_path, staleness="round-robin")  # read back, not retrained
     assert marker.stat().st_mtime_ns == before and again["test_error"] == trained["test_error"]

@@ -3,7 +3,7 @@
 
 The paper's regime on this machine: a batch-normalised residual CNN on MNIST-1D (3,600 train / 400 validation
 / 1,000 test), every arm trained with one optimizer (momentum-free SGD, batch 128 per gradient, cosine decay,
-the same number of gradients) for a budget the pilot shows converged (doubling it moves sequential SGD by
+the same number of gradients) for a budget that a pilot checks (doubling it should move sequential SGD by
 less than a point). ASGD and DC-ASGD-a run on the delay simulator at M = 4, 8, 16 with each gradient's
 staleness drawn from what a short Ray run of M workers measured on this machine, and with the round-robin
 M - 1 for contrast. Two lr protocols: one lr for every method and M (the paper's; the grid point with the best
@@ -27,7 +27,8 @@ from gradwise.bench import describe_machine
 from gradwise.config import load_config
 from gradwise.errors import NonFiniteError
 from gradwise.experiments.selection import at_edge, extend_grid
-from gradwise.experiments.stats import mean_ci
+from gradwise.experiments.reuse import runs_dir
+from gradwise.experiments.stats import mean_ci, paired
 from gradwise.io import write_json, write_text, write_with
 from gradwise.train import Trainer
 
@@ -40,6 +41,7 @@ SEQ = "sequential SGD"
 PAPER_LAMBDA = 2.0  # DC-ASGD-a's lambda0 in the paper
 PAPER = ("CIFAR-10, ResNet-20 (Zheng et al. 2017): sequential SGD 8.65% test error; ASGD 9.27% (M=4) and "
          "10.26% (M=8); DC-ASGD-a 8.19% and 8.57%")
+HELD_MARGIN = 0.01  # "held": DC-ASGD-a within 1 point of sequential on average (and its interval reaching 0)
 STALENESS = {"ray": "as a Ray run of M workers measured it", "round-robin": "round-robin, exactly M - 1"}
 
 
@@ -62,12 +64,12 @@ def one_run(method: str, workers: int, seed: int, lr: float, s: dict[str, Any], 
     overrides = [*BASE, f"model.channels={s['channels']}", f"model.kernel_sizes={s['kernel_sizes']}", f"seed={seed}",
                  f"optim.lr={lr:.6g}", f"train.steps={gradients}", f"train.eval_every={gradients}"]
     if method in RULES:
-        delay = str(probe_dir(out, workers)) if staleness == "ray" else "round-robin"
+        delay = str(probe_dir(out, workers, s)) if staleness == "ray" else "round-robin"
         overrides += [f"ps.rule={RULES[method]}", f"ps.delay={delay}", *([f"ps.dc_lambda={lam}"] if lam else [])]
     tag = "" if method == SEQ else "-ray" if ray else f"-sim-{staleness}"
     slug = "".join(c for c in method.replace(" ", "_") if c.isalnum() or c in "_-")
-    run_dir = out / "runs" / (f"{slug}-M{workers}{tag}-lr{lr:.4g}{'' if lam is None else f'-lam{lam:g}'}"
-                              f"-g{gradients}-s{seed}")
+    name = f"{slug}-M{workers}{tag}-lr{lr:.4g}{'' if lam is None else f'-lam{lam:g}'}-g{gradients}-s{seed}"
+    run_dir = runs_dir(out, {"settings": s, "base": BASE}) / name
     summary = _train(load_config(None, overrides), method, workers, run_dir, ray)
     r = {"method": method, "workers": workers, "staleness": "none" if method == SEQ else staleness, "seed": seed,
          "lr": lr, "lambda": lam, "ray": ray, "gradients": gradients, "val_accuracy": summary.get("val_accuracy", 0.0),
@@ -81,8 +83,8 @@ def one_run(method: str, workers: int, seed: int, lr: float, s: dict[str, Any], 
     return r
 
 
-def probe_dir(out: Path, workers: int) -> Path:
-    return out / "runs" / f"probe-M{workers}-ray"
+def probe_dir(out: Path, workers: int, s: dict[str, Any]) -> Path:
+    return runs_dir(out, {"settings": s, "base": BASE}) / f"probe-M{workers}-ray"
 
 
 def _train(cfg, method: str, workers: int, run_dir: Path, ray: bool) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def probe(workers: int, s: dict[str, Any], out: Path) -> dict[str, Any]:
     cfg = load_config(None, [*BASE, f"model.channels={s['channels']}", f"model.kernel_sizes={s['kernel_sizes']}",
                              "ps.rule=asgd", f"optim.lr={min(s['lr_grid'])}", f"seed={s['select_seed']}",
                              f"train.steps={s['probe_gradients']}", f"train.eval_every={s['probe_gradients']}"])
-    summary = _train(cfg, "ASGD", workers, probe_dir(out, workers), ray=True)
+    summary = _train(cfg, "ASGD", workers, probe_dir(out, workers, s), ray=True)
     histogram = {int(k): n for k, n in summary.get("staleness_histogram", {}).items()}
     print(f"async: probe M={workers}: Ray staleness mean {summary.get('staleness_mean', 0):.2f}, max "
           f"{summary.get('staleness_max', 0)}", flush=True)
@@ -147,23 +149,19 @@ def select(s: dict[str, Any], out: Path, runs: list) -> tuple[dict, float, float
     return own, shared, lam["lambda"]
 
 
-def paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, float]:
-    """Mean and 95% half-width of test error a - b, seed by seed."""
-    by_seed = {r["seed"]: r["test_error"] for r in b}
-    return mean_ci([r["test_error"] - by_seed[r["seed"]] for r in a])
-
-
 def verdict(seq: list, asgd: list, dc: list) -> tuple[str, str]:
-    """The claim at one M: asynchrony costs accuracy (ASGD - sequential > 0) and DC-ASGD-a wins it back. A
+    """The claim at one M: asynchrony costs accuracy (ASGD - sequential > 0) and DC-ASGD-a wins it back (ends
+    within HELD_MARGIN of sequential; short of that but ahead of ASGD: held partly). A
     diverged run is a categorical failure that an interval over 3 seeds cannot weigh: an arm that diverged in
     more seeds than another counts as worse than it."""
-    (cost, cost_ci), (gain, gain_ci), (left, left_ci) = paired(asgd, seq), paired(asgd, dc), paired(dc, seq)
+    (cost, cost_ci), (gain, gain_ci), (left, left_ci) = (paired(x, y, "test_error")
+                                                          for x, y in ((asgd, seq), (asgd, dc), (dc, seq)))
     lost = {name: sum(bool(r["diverged"]) for r in arm) for name, arm in (("seq", seq), ("asgd", asgd), ("dc", dc))}
     costs = cost - cost_ci > 0 or lost["asgd"] > lost["seq"]
     wins = gain - gain_ci > 0 or lost["asgd"] > lost["dc"]
     if not costs:
         word = "nothing to win back (no cost of asynchrony detected)"
-    elif wins and left - left_ci <= 0 and lost["dc"] <= lost["seq"]:
+    elif wins and left <= HELD_MARGIN and left - left_ci <= 0 and lost["dc"] <= lost["seq"]:
         word = "held"
     elif wins:
         word = "held partly (DC-ASGD-a better than ASGD, short of sequential)"
@@ -258,7 +256,7 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     for r in selection:
         if r["lambda"] in (None, PAPER_LAMBDA) or r["method"] != "DC-ASGD-a":
             grids.setdefault((r["method"], r["workers"]), []).append(r["lr"])
-    pilot_diff = paired(pilot, protocols["each arm's own lr"][(SEQ, 1, "none")])
+    pilot_diff = paired(pilot, protocols["each arm's own lr"][(SEQ, 1, "none")], "test_error")
     tables, claims = {}, {}
     for title, arms in protocols.items():
         header = ["| method | staleness | " + " | ".join(f"M={m}" for m in s["workers"]) + " |",
@@ -286,7 +284,7 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     ray_check = []
     for (method, m), rs in ray_runs.items():
         sim = protocols["one lr for every arm"][(method, m, "ray")]
-        diff, ci = paired(rs, sim)
+        diff, ci = paired(rs, sim, "test_error")
         ray_check.append({"method": method, "workers": m, "difference": diff, "ci95": ci})
         ray_table.append(f"| {method} | {m} | {_cell(sim)} | {_cell(rs)} | "
                          f"{statistics.fmean(r['staleness_mean'] for r in rs):.2f} | {diff:+.3f} ± {ci:.3f} | "
@@ -329,7 +327,7 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
         f"Sequential SGD at its lr ({own[(SEQ, 1)]:.3g}): {_cell(own_seq)} "
         f"test error at {s['gradients']} gradients, {_cell(pilot)} at {2 * s['gradients']}: doubling the budget "
         f"moves it by {pilot_diff[0] * 100:+.2f} ± {pilot_diff[1] * 100:.2f} points (paired)"
-        f"{' (under 1 point: converged)' if abs(pilot_diff[0]) < 0.01 else ' (1 point or more: not converged)'}.",
+        f"{' (under 1 point on average)' if abs(pilot_diff[0]) < 0.01 else ' (1 point or more)'}.",
         "",
         "## Staleness Ray produces here", "", *probe_lines, "",
         "## Protocol 1: one lr for every method and M (the paper's)", "",
@@ -342,8 +340,9 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
         f"## lambda0 (DC-ASGD-a, M={s['lambda_workers']}, validation, seed {s['select_seed']})", "", *lam_table, "",
         "## Does delay compensation win back what asynchrony costs? (the seed's claim)", "",
         "Per protocol, M and staleness; differences of test error, paired by seed (a diverged run counts as "
-        "error 1). **held**: ASGD worse than sequential, DC-ASGD-a better than ASGD and not worse than "
-        "sequential (paired intervals; an arm that diverged in more seeds than another is worse than it); "
+        "error 1). **held**: ASGD worse than sequential, DC-ASGD-a better than ASGD and within 1 point of "
+        "sequential on average, its interval reaching 0 (an arm that diverged in more seeds than another is worse "
+        "than it); "
         "**held partly**: better than ASGD, still short of sequential; **not shown**: ahead of ASGD on average, "
         "the interval spans 0; **not held**: not ahead of ASGD.", "",
         *claim_lines, "",

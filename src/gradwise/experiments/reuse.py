@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,3 +14,10 @@ def previous_results(path: Path, settings: dict[str, Any]) -> dict[str, Any] | N
         return None
     old = json.loads(path.read_text())
     return old if old.get("settings") == json.loads(json.dumps(settings)) else None
+
+
+def runs_dir(out: Path, record: dict[str, Any]) -> Path:
+    """Where an experiment keeps its finished runs: a folder per settings record (a hash of it), so a rerun into
+    the same folder reuses exactly the runs finished with the same settings."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    return out / f"runs-{digest}"

@@ -1,4 +1,4 @@
-"""The interval the experiments report: the mean and its 95% t interval over seeds."""
+"""The intervals the experiments report: a mean and its 95% t interval over seeds, and a paired difference."""
 
 from __future__ import annotations
 
@@ -13,3 +13,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     m = statistics.fmean(values)
     return m, (T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
                if len(values) > 1 else 0.0)
+
+
+def paired(a: list[dict], b: list[dict], key: str) -> tuple[float, float]:
+    """Mean and 95% half-width of `key` in runs `a` minus runs `b`, seed by seed."""
+    by_seed = {r["seed"]: r[key] for r in b}
+    return mean_ci([r[key] - by_seed[r["seed"]] for r in a])
