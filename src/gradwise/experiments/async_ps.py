@@ -42,7 +42,7 @@ PAPER_LAMBDA = 2.0  # DC-ASGD-a's lambda0 in the paper
 PAPER = ("CIFAR-10, ResNet-20 (Zheng et al. 2017): sequential SGD 8.65% test error; ASGD 9.27% (M=4) and "
          "10.26% (M=8); DC-ASGD-a 8.19% and 8.57%")
 HELD_MARGIN = 0.01  # "held": DC-ASGD-a within 1 point of sequential on average (and its interval reaching 0)
-STALENESS = {"ray": "as a Ray run of M workers measured it", "round-robin": "round-robin, exactly M - 1"}
+STALENESS = ("ray", "round-robin")  # drawn from a Ray run of M workers; exactly M - 1
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -128,8 +128,13 @@ def _score(r: dict[str, Any]) -> tuple[float, float]:
     return r["val_accuracy"], -r["lr"]  # ties: the smaller lr
 
 
-def select(s: dict[str, Any], out: Path, runs: list) -> tuple[dict, float, float]:
-    """(each arm's own lr, the one lr for every arm, lambda0), all on validation at the selection seed."""
+def _lambda_score(r: dict[str, Any]) -> tuple[float, float]:
+    return r["val_accuracy"], -abs(math.log(r["lambda"] / PAPER_LAMBDA))  # ties: the nearer the paper's
+
+
+def select(s: dict[str, Any], out: Path, runs: list) -> tuple[dict, dict, float, float]:
+    """(each arm's own lr, the lrs each arm tried, the one lr for every arm, lambda0), all on validation at the
+    selection seed."""
     arms = [(SEQ, 1), *((method, m) for m in s["workers"] for method in RULES)]
     seen: dict[tuple[str, int], dict[float, dict[str, Any]]] = {}
     for method, m in arms:
@@ -142,11 +147,10 @@ def select(s: dict[str, Any], out: Path, runs: list) -> tuple[dict, float, float
     shared = max(s["lr_grid"], key=lambda lr: (statistics.fmean(t[lr]["val_accuracy"] for t in seen.values()), -lr))
     m = s["lambda_workers"]
     lam_runs = extend_grid(lambda la: one_run("DC-ASGD-a", m, s["select_seed"], own[("DC-ASGD-a", m)], s, out,
-                                              lam=la), s["lambda_grid"], s["extensions"], 4.0,
-                           lambda r: (r["val_accuracy"], -abs(math.log(r["lambda"] / PAPER_LAMBDA))))
+                                              lam=la), s["lambda_grid"], s["extensions"], 4.0, _lambda_score)
     runs.extend(r for r in lam_runs.values() if r not in runs)
-    lam = max(lam_runs.values(), key=lambda r: (r["val_accuracy"], -abs(math.log(r["lambda"] / PAPER_LAMBDA))))
-    return own, shared, lam["lambda"]
+    lam = max(lam_runs.values(), key=_lambda_score)["lambda"]
+    return own, {arm: list(tried) for arm, tried in seen.items()}, shared, lam
 
 
 def verdict(seq: list, asgd: list, dc: list) -> tuple[str, str]:
@@ -228,7 +232,7 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
     with ray_instance():
         probes = [probe(m, s, out) for m in s["workers"]]
     selection: list[dict[str, Any]] = []
-    own, shared, lam = select(s, out, selection)
+    own, grids, shared, lam = select(s, out, selection)
     lams = {"DC-ASGD-a": lam}
     protocols: dict[str, dict] = {"one lr for every arm": {}, "each arm's own lr": {}}
     for seed in s["seeds"]:
@@ -252,10 +256,6 @@ def run(out_dir: str, quick: bool = False) -> dict[str, Any]:
                                                           *(r for rs in ray_runs.values() for r in rs)]}
     run_seconds = sum(r["seconds"] for r in unique.values()) + sum(p["seconds"] for p in probes)
 
-    grids: dict[tuple[str, int], list[float]] = {}
-    for r in selection:
-        if r["lambda"] in (None, PAPER_LAMBDA) or r["method"] != "DC-ASGD-a":
-            grids.setdefault((r["method"], r["workers"]), []).append(r["lr"])
     pilot_diff = paired(pilot, protocols["each arm's own lr"][(SEQ, 1, "none")], "test_error")
     tables, claims = {}, {}
     for title, arms in protocols.items():
